@@ -1,0 +1,365 @@
+//! Reading and writing cgroup v1 memory files: limits, usage, `memory.stat`, tasks, ids.
+//!
+//! The kernel's files are the truth: everything here re-reads them, nothing caches.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Where the cgroup v1 memory hierarchy is mounted on a standard node.
+pub const DEFAULT_MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
+
+/// `memory.limit_in_bytes` at or above this means "no limit" (the kernel reports
+/// `PAGE_COUNTER_MAX` pages rounded down, 9223372036854771712 on 4 KiB pages).
+pub const UNLIMITED: u64 = 1 << 62;
+
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} does not hold a number: {text:?}")]
+    Parse { path: PathBuf, text: String },
+    #[error("no memory line in {0}")]
+    NoMemoryLine(String),
+}
+
+impl CgroupError {
+    /// True when the error means the cgroup (or the process) is gone.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            CgroupError::Read { source, .. } | CgroupError::Write { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOENT) | Some(libc::ENODEV)
+                ) || source.kind() == io::ErrorKind::NotFound
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CgroupError>;
+
+pub fn read_string(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn read_u64(path: &Path) -> Result<u64> {
+    let text = read_string(path)?;
+    text.trim().parse().map_err(|_| CgroupError::Parse {
+        path: path.to_path_buf(),
+        text,
+    })
+}
+
+/// Writes `value` in a single `write(2)`, as cgroupfs expects.
+pub fn write_str(path: &Path, value: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| CgroupError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    f.write_all(value.as_bytes())
+        .map_err(|source| CgroupError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// One memory cgroup directory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemCgroup {
+    pub path: PathBuf,
+}
+
+impl MemCgroup {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.file("memory.usage_in_bytes").exists()
+    }
+
+    /// The cgroup id: the directory's inode number, which memcg tracepoints call `id`.
+    pub fn id(&self) -> Result<u64> {
+        fs::metadata(&self.path)
+            .map(|m| m.ino())
+            .map_err(|source| CgroupError::Read {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn limit(&self) -> Result<u64> {
+        read_u64(&self.file("memory.limit_in_bytes"))
+    }
+
+    /// The limit, or `None` when the cgroup has none.
+    pub fn finite_limit(&self) -> Result<Option<u64>> {
+        Ok(Some(self.limit()?).filter(|l| *l < UNLIMITED))
+    }
+
+    pub fn set_limit(&self, bytes: u64) -> Result<()> {
+        write_str(&self.file("memory.limit_in_bytes"), &bytes.to_string())
+    }
+
+    pub fn usage(&self) -> Result<u64> {
+        read_u64(&self.file("memory.usage_in_bytes"))
+    }
+
+    pub fn max_usage(&self) -> Result<u64> {
+        read_u64(&self.file("memory.max_usage_in_bytes"))
+    }
+
+    pub fn failcnt(&self) -> Result<u64> {
+        read_u64(&self.file("memory.failcnt"))
+    }
+
+    pub fn stat(&self) -> Result<MemStat> {
+        read_string(&self.file("memory.stat")).map(|t| MemStat::parse(&t))
+    }
+
+    pub fn oom_control(&self) -> Result<OomControl> {
+        read_string(&self.file("memory.oom_control")).map(|t| OomControl::parse(&t))
+    }
+
+    /// Asks the kernel to reclaim everything it can from this cgroup. Synchronous: the
+    /// kernel loops in the writer until usage is 0 or reclaim stops making progress, and
+    /// returns `EINTR` when the writer gets a signal (see [`crate::reclaim`]).
+    pub fn force_empty(&self) -> Result<()> {
+        write_str(&self.file("memory.force_empty"), "0")
+    }
+
+    /// Process ids directly in this cgroup.
+    pub fn procs(&self) -> Result<Vec<i32>> {
+        let text = read_string(&self.file("cgroup.procs"))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Moves a process into this cgroup.
+    pub fn add_proc(&self, pid: i32) -> Result<()> {
+        write_str(&self.file("cgroup.procs"), &pid.to_string())
+    }
+
+    /// Child cgroups (directories), not recursive.
+    pub fn children(&self) -> Result<Vec<MemCgroup>> {
+        let rd = fs::read_dir(&self.path).map_err(|source| CgroupError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in rd.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.push(MemCgroup::new(entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// This cgroup and every descendant, parents before children. Cgroups that vanish
+    /// during the walk are skipped.
+    pub fn subtree(&self) -> Vec<MemCgroup> {
+        let mut out = vec![self.clone()];
+        let mut i = 0;
+        while i < out.len() {
+            if let Ok(kids) = out[i].children() {
+                out.extend(kids);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Process ids in this cgroup and all its descendants (the kernel's memcg OOM candidates).
+    pub fn subtree_procs(&self) -> Vec<(MemCgroup, i32)> {
+        let mut out = Vec::new();
+        for cg in self.subtree() {
+            if let Ok(pids) = cg.procs() {
+                out.extend(pids.into_iter().map(|p| (cg.clone(), p)));
+            }
+        }
+        out
+    }
+}
+
+/// Parsed `memory.stat`, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct MemStat(pub BTreeMap<String, u64>);
+
+impl MemStat {
+    pub fn parse(text: &str) -> Self {
+        let mut m = BTreeMap::new();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            if let (Some(k), Some(v), None) = (it.next(), it.next(), it.next())
+                && let Ok(v) = v.parse()
+            {
+                m.insert(k.to_string(), v);
+            }
+        }
+        MemStat(m)
+    }
+
+    pub fn get(&self, key: &str) -> u64 {
+        self.0.get(key).copied().unwrap_or(0)
+    }
+
+    /// Page cache the kernel can reclaim without swap: file pages on the LRU lists of this
+    /// cgroup and its descendants (`total_inactive_file + total_active_file`). Unlike
+    /// `total_cache` this leaves out shmem/tmpfs, which needs swap to be reclaimed.
+    pub fn reclaimable_cache(&self) -> u64 {
+        self.get("total_inactive_file") + self.get("total_active_file")
+    }
+}
+
+/// Parsed `memory.oom_control`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomControl {
+    pub oom_kill_disable: bool,
+    pub under_oom: bool,
+    /// Tasks the kernel OOM killer killed in this cgroup (kernel 4.13+).
+    pub oom_kill: u64,
+}
+
+impl OomControl {
+    pub fn parse(text: &str) -> Self {
+        let st = MemStat::parse(text);
+        OomControl {
+            oom_kill_disable: st.get("oom_kill_disable") != 0,
+            under_oom: st.get("under_oom") != 0,
+            oom_kill: st.get("oom_kill"),
+        }
+    }
+}
+
+/// The memory cgroup of a process, as the path relative to the hierarchy's root
+/// (`/proc/PID/cgroup`'s `N:memory:/path` line, or `N:...,memory,...:/path`).
+pub fn memory_cgroup_of(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let ctrls = parts.next()?;
+        let path = parts.next()?;
+        ctrls.split(',').any(|c| c == "memory").then_some(path)
+    })
+}
+
+/// The memory cgroup (absolute directory) of process `pid` (`"self"` for us).
+pub fn cgroup_of_pid(memory_root: &Path, pid: &str) -> Result<MemCgroup> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text = read_string(Path::new(&file))?;
+    let rel = memory_cgroup_of(&text).ok_or(CgroupError::NoMemoryLine(file))?;
+    Ok(MemCgroup::new(
+        memory_root.join(rel.trim_start_matches('/')),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cache 1048576\nrss 8388608\nrss_huge 0\nshmem 4096\nmapped_file 0\n\
+dirty 0\nwriteback 0\ninactive_anon 0\nactive_anon 8388608\ninactive_file 524288\n\
+active_file 520192\nhierarchical_memory_limit 33554432\ntotal_cache 2097152\n\
+total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_file 1040384\n";
+
+    #[test]
+    fn memory_stat_parses_and_reclaimable_excludes_shmem() {
+        let s = MemStat::parse(STAT);
+        assert_eq!(s.get("rss"), 8 << 20);
+        assert_eq!(s.get("hierarchical_memory_limit"), 32 << 20);
+        assert_eq!(s.get("nonexistent"), 0);
+        assert_eq!(s.reclaimable_cache(), 1048576 + 1040384);
+        assert!(s.reclaimable_cache() < s.get("total_cache"));
+    }
+
+    #[test]
+    fn memory_stat_ignores_malformed_lines() {
+        let s = MemStat::parse("cache x\nrss 5\nbad\nthree a b\n");
+        assert_eq!(s.0.len(), 1);
+        assert_eq!(s.get("rss"), 5);
+    }
+
+    #[test]
+    fn oom_control_parses() {
+        let o = OomControl::parse("oom_kill_disable 0\nunder_oom 1\noom_kill 3\n");
+        assert!(!o.oom_kill_disable);
+        assert!(o.under_oom);
+        assert_eq!(o.oom_kill, 3);
+    }
+
+    #[test]
+    fn memory_line_of_proc_cgroup() {
+        let text = "12:pids:/a\n4:memory:/process_api/abc\n3:cpu,cpuacct:/x\n0::/unified\n";
+        assert_eq!(memory_cgroup_of(text), Some("/process_api/abc"));
+        assert_eq!(memory_cgroup_of("5:cpu,memory:/k\n"), Some("/k"));
+        assert_eq!(memory_cgroup_of("0::/only-v2\n"), None);
+        assert_eq!(memory_cgroup_of("7:memoryx:/no\n"), None);
+    }
+}
+
+/// The mount point of the cgroup v1 memory hierarchy that holds `dir`, from
+/// `/proc/self/mountinfo` (mount point is field 5; after the `-` come fstype, source and the
+/// super options, which name the controllers).
+pub fn memory_mount_for(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let _source = r.next()?;
+            let opts = r.next()?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
+                .then(|| PathBuf::from(mount_point))
+        })
+        .filter(|m| dir.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+}
+
+#[cfg(test)]
+mod mount_tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_memory_mount() {
+        let mi = "30 25 0:26 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            memory_mount_for(mi, Path::new("/sys/fs/cgroup/memory/kubepods")),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            memory_mount_for(mi, Path::new("/sys/fs/cgroup/unified/x")),
+            None
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Command-line flags (upstream names where the upstream agent has them), defaults and
+//! validation. Bad input never starts a half-configured agent: [`RunArgs::validate`] turns
+//! the flags into a [`Config`] or one clear error.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup};
+use crate::size::Size;
+use crate::threshold::Margins;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oomguard",
+    version,
+    about = "Kill a memory cgroup's offender before the kernel's memcg OOM killer has to"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Guard every memory cgroup with a limit below --root.
+    Run(RunArgs),
+    /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Kill one whole container through its runtime.
+    Container,
+    /// Kill the task with the highest OOM score, like the kernel's memcg OOM killer.
+    Process,
+    /// Log what would be killed; kill nothing.
+    Noop,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Container => "container",
+            Policy::Process => "process",
+            Policy::Noop => "noop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// eBPF when it loads, else pure eventfd (with one warning).
+    Auto,
+    /// Require eBPF; refuse to start without it.
+    Ebpf,
+    /// Threshold eventfds only (the 3.10-compatible path).
+    Eventfd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Top of the subtree to guard (a directory of the cgroup v1 memory hierarchy).
+    #[arg(long, default_value = DEFAULT_MEMORY_ROOT)]
+    pub root: PathBuf,
+    /// What to do when a cgroup crosses its threshold.
+    #[arg(long, value_enum, default_value_t = Policy::Container)]
+    pub policy: Policy,
+    /// margin = clamp(limit * ratio, min, max); threshold = limit - margin.
+    #[arg(long, default_value_t = 0.02)]
+    pub margin_ratio: f64,
+    /// Smallest margin; a bare number is MiB.
+    #[arg(long, default_value = "1M")]
+    pub min_margin: Size,
+    /// Largest margin; a bare number is MiB.
+    #[arg(long, default_value = "50M")]
+    pub max_margin: Size,
+    /// Skip the kill while reclaimable page cache (total_inactive_file + total_active_file in
+    /// memory.stat) is at least this fraction of the limit: the kernel can still reclaim it.
+    #[arg(long, default_value_t = 0.1)]
+    pub cache_skip_ratio: f64,
+    /// eBPF or eventfd signals.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Seconds between full rescans of --root (a safety net behind inotify).
+    #[arg(long, alias = "walkIntervalSeconds", default_value_t = 277)]
+    pub walk_interval: u64,
+    /// While a cgroup stays at or above its threshold, re-check it this often (ms).
+    #[arg(long, default_value_t = 50)]
+    pub guard_ms: u64,
+    /// After acting on a cgroup, wait this long (ms) before acting on it again unless its usage
+    /// first fell below the threshold (memory still being freed must not cause a second kill).
+    #[arg(long, default_value_t = 1000)]
+    pub cooldown_ms: u64,
+    /// How long (ms) a killed task may take to exit before the next candidate is killed.
+    #[arg(long, default_value_t = 500)]
+    pub kill_timeout_ms: u64,
+    /// Bound (ms) on one background memory.force_empty.
+    #[arg(long, default_value_t = 2000)]
+    pub reclaim_timeout_ms: u64,
+    /// Minimum interval (ms) between two force_empty runs on one cgroup.
+    #[arg(long, default_value_t = 10_000)]
+    pub reclaim_interval_ms: u64,
+    /// SCHED_FIFO priority of the guard thread (1-99); 0 keeps normal scheduling.
+    #[arg(long, default_value_t = 10)]
+    pub rt_priority: u8,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Node name for reports (default: $NODE_NAME, else the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// containerd socket of the docker runtime (containerd namespace "moby").
+    #[arg(long, default_value = "/run/docker/containerd/docker-containerd.sock")]
+    pub docker_containerd_sock: PathBuf,
+    /// containerd socket of the containerd runtime (namespace "k8s.io").
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub containerd_sock: PathBuf,
+}
+
+/// A validated configuration: everything the agent needs, nothing half-checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub root: MemCgroup,
+    pub policy: Policy,
+    pub margins: Margins,
+    pub cache_skip_ratio: f64,
+    pub mode: Mode,
+    pub walk_interval: Duration,
+    pub guard_interval: Duration,
+    pub cooldown: Duration,
+    pub kill_timeout: Duration,
+    pub reclaim_timeout: Duration,
+    pub reclaim_interval: Duration,
+    pub rt_priority: u8,
+    pub log_format: LogFormat,
+    pub node_name: String,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("--margin-ratio must be in (0, 1), got {0}")]
+    MarginRatio(f64),
+    #[error("--cache-skip-ratio must be in [0, 1], got {0}")]
+    CacheRatio(f64),
+    #[error("--min-margin ({min}) is larger than --max-margin ({max})")]
+    MinAboveMax { min: Size, max: Size },
+    #[error("--min-margin must be at least one page (4K), got {0}")]
+    MinTooSmall(Size),
+    #[error("--{flag} must be greater than 0")]
+    Zero { flag: &'static str },
+    #[error("--rt-priority must be 0 (off) or 1-99, got {0}")]
+    RtPriority(u8),
+    #[error("--root {0} is not a cgroup v1 memory directory (no readable memory.limit_in_bytes)")]
+    Root(String),
+}
+
+impl RunArgs {
+    /// Checks every flag; `hostname` is the fallback node name.
+    pub fn validate(&self, hostname: &str) -> Result<Config, ConfigError> {
+        if !(self.margin_ratio > 0.0 && self.margin_ratio < 1.0) {
+            return Err(ConfigError::MarginRatio(self.margin_ratio));
+        }
+        if !(0.0..=1.0).contains(&self.cache_skip_ratio) {
+            return Err(ConfigError::CacheRatio(self.cache_skip_ratio));
+        }
+        if self.min_margin > self.max_margin {
+            return Err(ConfigError::MinAboveMax {
+                min: self.min_margin,
+                max: self.max_margin,
+            });
+        }
+        if self.min_margin.bytes() < 4096 {
+            return Err(ConfigError::MinTooSmall(self.min_margin));
+        }
+        for (flag, v) in [
+            ("walk-interval", self.walk_interval),
+            ("guard-ms", self.guard_ms),
+            ("kill-timeout-ms", self.kill_timeout_ms),
+            ("reclaim-timeout-ms", self.reclaim_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if self.rt_priority > 99 {
+            return Err(ConfigError::RtPriority(self.rt_priority));
+        }
+        let root = MemCgroup::new(&self.root);
+        if root.limit().is_err() {
+            return Err(ConfigError::Root(self.root.display().to_string()));
+        }
+        Ok(Config {
+            root,
+            policy: self.policy,
+            margins: Margins {
+                ratio: self.margin_ratio,
+                min: self.min_margin.bytes(),
+                max: self.max_margin.bytes(),
+            },
+            cache_skip_ratio: self.cache_skip_ratio,
+            mode: self.mode,
+            walk_interval: Duration::from_secs(self.walk_interval),
+            guard_interval: Duration::from_millis(self.guard_ms),
+            cooldown: Duration::from_millis(self.cooldown_ms),
+            kill_timeout: Duration::from_millis(self.kill_timeout_ms),
+            reclaim_timeout: Duration::from_millis(self.reclaim_timeout_ms),
+            reclaim_interval: Duration::from_millis(self.reclaim_interval_ms),
+            rt_priority: self.rt_priority,
+            log_format: self.log_format,
+            node_name: self
+                .node_name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| hostname.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["oomguard", "run", "--root", "/proc/self"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        // /proc/self has no memory.limit_in_bytes: validation of everything before the
+        // root check is what these tests pin down.
+        run.validate("host")
+    }
+
+    #[test]
+    fn defaults_are_upstream() {
+        let cli = Cli::try_parse_from(["oomguard", "run"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.root, PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(run.policy, Policy::Container);
+        assert_eq!(run.margin_ratio, 0.02);
+        assert_eq!(run.min_margin, Size(1 << 20));
+        assert_eq!(run.max_margin, Size(50 << 20));
+        assert_eq!(run.mode, Mode::Auto);
+        assert_eq!(
+            run.docker_containerd_sock,
+            PathBuf::from("/run/docker/containerd/docker-containerd.sock")
+        );
+        assert_eq!(
+            run.containerd_sock,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+    }
+
+    #[test]
+    fn upstream_bare_numbers_are_mib() {
+        let cli =
+            Cli::try_parse_from(["oomguard", "run", "--min-margin=1", "--max-margin=30"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.max_margin, Size(30 << 20));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert_eq!(
+            parse(&["--margin-ratio", "0"]).unwrap_err(),
+            ConfigError::MarginRatio(0.0)
+        );
+        assert_eq!(
+            parse(&["--margin-ratio", "1"]).unwrap_err(),
+            ConfigError::MarginRatio(1.0)
+        );
+        assert!(matches!(
+            parse(&["--min-margin", "60M"]).unwrap_err(),
+            ConfigError::MinAboveMax { .. }
+        ));
+        assert!(matches!(
+            parse(&["--min-margin", "1B"]).unwrap_err(),
+            ConfigError::MinTooSmall(_)
+        ));
+        assert_eq!(
+            parse(&["--guard-ms", "0"]).unwrap_err(),
+            ConfigError::Zero { flag: "guard-ms" }
+        );
+        assert_eq!(
+            parse(&["--rt-priority", "100"]).unwrap_err(),
+            ConfigError::RtPriority(100)
+        );
+        assert_eq!(
+            parse(&["--cache-skip-ratio", "1.5"]).unwrap_err(),
+            ConfigError::CacheRatio(1.5)
+        );
+        assert!(matches!(parse(&[]).unwrap_err(), ConfigError::Root(_)));
+    }
+
+    #[test]
+    fn unknown_policy_is_a_parse_error() {
+        assert!(Cli::try_parse_from(["oomguard", "run", "--policy", "reboot"]).is_err());
+    }
+}

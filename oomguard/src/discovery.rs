@@ -1,0 +1,281 @@
+//! Discovery: the initial walk of `--root`, inotify on every cgroup directory (new cgroups,
+//! removed cgroups, changed limits), and a periodic full rescan as the safety net. It keeps
+//! the registry of guarded cgroups and tells the guard thread what to arm and disarm.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::cgroup::MemCgroup;
+use crate::config::Config;
+use crate::guard::{Armed, Cmd, GuardHandle};
+use crate::threshold::{Notifier, Thresholds, arm};
+
+/// What the registry knows of one guarded cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub limit: u64,
+    pub thresholds: Thresholds,
+}
+
+pub struct Discovery {
+    config: Arc<Config>,
+    guard: Arc<GuardHandle>,
+    /// Guarded cgroups by path.
+    known: HashMap<PathBuf, Known>,
+    /// Cgroups that failed to arm, so the failure is logged once, not on every rescan.
+    failed: HashMap<PathBuf, String>,
+    inotify: AsyncFd<Inotify>,
+    watches: HashMap<WatchDescriptor, PathBuf>,
+    ready: watch::Sender<bool>,
+}
+
+const DIR_EVENTS: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::ONLYDIR);
+
+impl Discovery {
+    pub fn new(
+        config: Arc<Config>,
+        guard: Arc<GuardHandle>,
+        ready: watch::Sender<bool>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            config,
+            guard,
+            known: HashMap::new(),
+            failed: HashMap::new(),
+            // SAFETY: the AsyncFd owns the Inotify, so its fd stays open for as long as it
+            // is registered.
+            inotify: unsafe { AsyncFd::register(Inotify::init()?)? },
+            watches: HashMap::new(),
+            ready,
+        })
+    }
+
+    /// Walks, then follows inotify and rescans every `walk_interval` until `stop` is true.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        self.rescan();
+        let _ = self.ready.send(true);
+        let mut tick = tokio::time::interval(self.config.walk_interval);
+        tick.tick().await;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => self.rescan(),
+                readable = self.inotify.readable_mut() => {
+                    let mut guard = match readable {
+                        Ok(g) => g,
+                        Err(e) => {
+                            tracing::error!(error = %e, "inotify failed; relying on the periodic rescan");
+                            let _ = stop.changed().await;
+                            return;
+                        }
+                    };
+                    let mut changed: Vec<(PathBuf, EventMask, Option<PathBuf>)> = Vec::new();
+                    match guard.get_inner_mut().read_events(&mut buf) {
+                        Ok(events) => {
+                            for ev in events {
+                                let dir = self.watches.get(&ev.wd).cloned();
+                                if let Some(dir) = dir {
+                                    changed.push((dir.clone(), ev.mask, ev.name.map(|n| dir.join(n))));
+                                }
+                                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                                    changed.push((PathBuf::new(), ev.mask, None));
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+                        Err(e) => tracing::warn!(error = %e, "reading inotify events"),
+                    }
+                    drop(guard);
+                    for (dir, mask, child) in changed {
+                        self.on_event(&dir, mask, child.as_deref());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, dir: &Path, mask: EventMask, child: Option<&Path>) {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            tracing::warn!("inotify queue overflowed; rescanning");
+            self.rescan();
+            return;
+        }
+        if mask.contains(EventMask::IGNORED) {
+            self.watches.retain(|_, p| p != dir);
+            return;
+        }
+        let Some(child) = child else { return };
+        if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::CREATE) {
+            for cg in MemCgroup::new(child).subtree() {
+                self.watch(&cg.path);
+                self.reconcile(&cg);
+            }
+        } else if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::DELETE) {
+            self.forget_subtree(child);
+        } else if mask.contains(EventMask::MODIFY)
+            && child.file_name() == Some(OsStr::new("memory.limit_in_bytes"))
+        {
+            self.reconcile(&MemCgroup::new(dir));
+        }
+    }
+
+    fn watch(&mut self, dir: &Path) {
+        if self.watches.values().any(|p| p == dir) {
+            return;
+        }
+        match self.inotify.get_mut().watches().add(dir, DIR_EVENTS) {
+            Ok(wd) => {
+                self.watches.insert(wd, dir.to_path_buf());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot watch with inotify; the periodic rescan covers it")
+            }
+        }
+    }
+
+    /// A full walk: arm what is new or changed, disarm what is gone.
+    pub fn rescan(&mut self) {
+        let all = self.config.root.subtree();
+        let present: std::collections::HashSet<&PathBuf> = all.iter().map(|c| &c.path).collect();
+        let gone: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.forget(&p);
+        }
+        self.failed.retain(|p, _| present.contains(p));
+        for cg in &all {
+            self.watch(&cg.path);
+            self.reconcile(cg);
+        }
+        tracing::debug!(
+            guarded = self.known.len(),
+            walked = all.len(),
+            "rescan done"
+        );
+    }
+
+    fn forget_subtree(&mut self, top: &Path) {
+        let gone: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| p.starts_with(top))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.forget(&p);
+        }
+        self.failed.retain(|p, _| !p.starts_with(top));
+        self.watches.retain(|_, p| !p.starts_with(top));
+    }
+
+    fn forget(&mut self, path: &Path) {
+        if self.known.remove(path).is_some() {
+            self.guard.send(Cmd::Disarm(path.to_path_buf()));
+            tracing::info!(cgroup = %path.display(), "cgroup removed; disarmed");
+        }
+    }
+
+    /// Arms, re-arms (limit changed) or disarms (limit removed) one cgroup.
+    pub fn reconcile(&mut self, cg: &MemCgroup) {
+        let limit = match cg.finite_limit() {
+            Ok(l) => l,
+            Err(e) if e.is_gone() => {
+                self.forget(&cg.path);
+                return;
+            }
+            Err(e) => {
+                self.fail_once(&cg.path, e.to_string());
+                return;
+            }
+        };
+        let thresholds = limit.and_then(|l| self.config.margins.thresholds(l));
+        let Some(thresholds) = thresholds else {
+            self.forget(&cg.path);
+            return;
+        };
+        if self
+            .known
+            .get(&cg.path)
+            .is_some_and(|k| k.thresholds == thresholds)
+        {
+            return;
+        }
+        match arm_all(cg, thresholds) {
+            Ok(armed) => {
+                let rearm = self.known.contains_key(&cg.path);
+                self.known.insert(
+                    cg.path.clone(),
+                    Known {
+                        limit: thresholds.limit,
+                        thresholds,
+                    },
+                );
+                self.failed.remove(&cg.path);
+                self.guard.send(Cmd::Arm(Box::new(armed)));
+                tracing::info!(
+                    cgroup = %cg.path.display(),
+                    limit = thresholds.limit,
+                    margin = thresholds.margin,
+                    threshold = thresholds.kill,
+                    reclaim_threshold = thresholds.reclaim,
+                    rearm,
+                    "armed"
+                );
+            }
+            Err(e) if !cg.exists() => {
+                tracing::debug!(cgroup = %cg.path.display(), error = %e, "cgroup vanished while arming");
+            }
+            Err(e) => self.fail_once(&cg.path, e),
+        }
+    }
+
+    fn fail_once(&mut self, path: &Path, why: String) {
+        if self.failed.get(path) != Some(&why) {
+            tracing::warn!(cgroup = %path.display(), error = %why, "cannot guard cgroup");
+            self.failed.insert(path.to_path_buf(), why);
+        }
+    }
+
+    pub fn guarded(&self) -> &HashMap<PathBuf, Known> {
+        &self.known
+    }
+}
+
+/// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
+fn arm_all(cg: &MemCgroup, t: Thresholds) -> Result<Armed, String> {
+    let err = |e: crate::threshold::ArmError| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(x) = src {
+            s.push_str(": ");
+            s.push_str(&x.to_string());
+            src = x.source();
+        }
+        s
+    };
+    let kill_fd = arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?;
+    let reclaim_fd = Some(arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(err)?);
+    let oom_fd = arm(&cg.path, Notifier::Oom).ok();
+    Ok(Armed {
+        cgroup: cg.clone(),
+        thresholds: t,
+        kill_fd,
+        reclaim_fd,
+        oom_fd,
+    })
+}

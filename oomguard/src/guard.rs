@@ -1,0 +1,543 @@
+//! The guard thread: real-time priority, waits on every threshold eventfd, and on a signal
+//! re-reads usage, checks cache, picks the victim and sends the kill. Nothing on it waits on
+//! the network, on a runtime, or on `force_empty` (that runs on the reclaim worker).
+//!
+//! Three eventfds per guarded cgroup: the kill threshold, the lower reclaim threshold, and
+//! `memory.oom_control` (the kernel OOM killer ran). Threshold eventfds fire on upward and
+//! downward crossings and when the cgroup is removed, so every wake-up re-reads usage. While
+//! a cgroup stays above its threshold it is re-checked every `guard_interval` (the notifier
+//! does not fire again until usage first falls back below).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use rustix::event::{EventfdFlags, Timespec, eventfd};
+use thiserror::Error;
+
+use crate::cgroup::{MemCgroup, MemStat};
+use crate::config::{Config, Policy};
+use crate::kill::kill_task;
+use crate::policy::{State, Step, cache_is_large};
+use crate::reclaim::{ReclaimResult, Reclaimer, Request};
+use crate::report::{Action, Decision, Killed, Reporter, now_rfc3339};
+use crate::threshold::Thresholds;
+use crate::victim;
+
+/// How many candidates one decision may try before giving up.
+const MAX_KILL_ATTEMPTS: usize = 8;
+
+/// A cgroup ready to be guarded: its thresholds and the eventfds armed for them.
+pub struct Armed {
+    pub cgroup: MemCgroup,
+    pub thresholds: Thresholds,
+    pub kill_fd: OwnedFd,
+    pub reclaim_fd: Option<OwnedFd>,
+    pub oom_fd: Option<OwnedFd>,
+}
+
+pub enum Cmd {
+    /// Guard (or re-guard with new thresholds) a cgroup; replaces its old eventfds.
+    Arm(Box<Armed>),
+    /// Stop guarding a cgroup and close its eventfds.
+    Disarm(PathBuf),
+    Shutdown,
+}
+
+#[derive(Debug, Error)]
+pub enum GuardError {
+    #[error("cannot set up the guard's epoll/eventfd")]
+    Setup(#[source] std::io::Error),
+    #[error("cannot start the guard thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Counters the rest of the agent can read without talking to the guard thread.
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    pub guarded: AtomicU64,
+    pub wakeups: AtomicU64,
+    pub kills: AtomicU64,
+    /// Incremented on every loop turn: a watchdog for health checks.
+    pub ticks: AtomicU64,
+}
+
+/// The other threads' handle on the guard thread.
+pub struct GuardHandle {
+    tx: Sender<Cmd>,
+    wake: Arc<OwnedFd>,
+    pub stats: Arc<GuardStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GuardHandle {
+    pub fn send(&self, cmd: Cmd) {
+        if self.tx.send(cmd).is_ok() {
+            // An eventfd write only fails when the counter would overflow: then it is
+            // already readable, which is all the wake-up needs.
+            let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Stops the guard thread and waits for it.
+    pub fn shutdown(mut self) {
+        self.send(Cmd::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Everything the guard needs besides its commands.
+pub struct Deps {
+    pub config: Arc<Config>,
+    pub reporter: Reporter,
+    pub reclaimer: Option<Reclaimer>,
+    /// Where the memory hierarchy is mounted (to map `/proc/PID/cgroup` paths).
+    pub memory_mount: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Wake,
+    Kill,
+    Reclaim,
+    Oom,
+}
+
+struct Entry {
+    armed: Armed,
+    state: State,
+    last_reclaim: Option<Instant>,
+    reclaiming: Arc<AtomicBool>,
+    tokens: Vec<u64>,
+    oom_kills_seen: u64,
+    /// The OOM eventfd fired before the kernel counted its kill: look again this many turns.
+    oom_pending: u8,
+}
+
+struct Guard {
+    deps: Deps,
+    epoll: OwnedFd,
+    wake: Arc<OwnedFd>,
+    rx: Receiver<Cmd>,
+    entries: HashMap<PathBuf, Entry>,
+    tokens: HashMap<u64, (PathBuf, Kind)>,
+    next_token: u64,
+    stats: Arc<GuardStats>,
+    self_pid: i32,
+}
+
+/// Starts the guard thread.
+pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
+    let epoll = epoll::create(CreateFlags::CLOEXEC).map_err(|e| GuardError::Setup(e.into()))?;
+    let wake = Arc::new(
+        eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| GuardError::Setup(e.into()))?,
+    );
+    epoll::add(&epoll, wake.as_fd(), EventData::new_u64(0), EventFlags::IN)
+        .map_err(|e| GuardError::Setup(e.into()))?;
+    let (tx, rx) = channel();
+    let stats = Arc::new(GuardStats::default());
+    let mut guard = Guard {
+        deps,
+        epoll,
+        wake: wake.clone(),
+        rx,
+        entries: HashMap::new(),
+        tokens: HashMap::from([(0, (PathBuf::new(), Kind::Wake))]),
+        next_token: 1,
+        stats: stats.clone(),
+        self_pid: std::process::id() as i32,
+    };
+    let thread = std::thread::Builder::new()
+        .name("oomguard-guard".into())
+        .spawn(move || guard.run())
+        .map_err(GuardError::Spawn)?;
+    Ok(GuardHandle {
+        tx,
+        wake,
+        stats,
+        thread: Some(thread),
+    })
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 8];
+    let _ = rustix::io::read(fd.as_fd(), &mut buf);
+}
+
+impl Guard {
+    fn run(&mut self) {
+        let prio = self.deps.config.rt_priority;
+        if prio > 0 {
+            match crate::sys::set_realtime(prio) {
+                Ok(()) => tracing::info!(priority = prio, "guard thread runs SCHED_FIFO"),
+                Err(e) => tracing::warn!(
+                    priority = prio,
+                    error = %e,
+                    "cannot set SCHED_FIFO on the guard thread; it runs at normal priority"
+                ),
+            }
+        }
+        let mut events: Vec<Event> = Vec::with_capacity(64);
+        let mut last_recheck = Instant::now();
+        loop {
+            self.stats.ticks.fetch_add(1, Ordering::Relaxed);
+            let any_above = self.entries.values().any(|e| e.state.above);
+            let interval = self.deps.config.guard_interval;
+            // The tick also feeds the health watchdog: never sleep longer than a second.
+            let wait = if any_above {
+                interval.saturating_sub(last_recheck.elapsed())
+            } else {
+                Duration::from_secs(1)
+            };
+            let ts = Timespec {
+                tv_sec: wait.as_secs() as i64,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            events.clear();
+            match epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed; guard thread stops");
+                    return;
+                }
+            }
+            let woke = Instant::now();
+            let ready: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+            for token in ready {
+                let Some((path, kind)) = self.tokens.get(&token).cloned() else {
+                    continue;
+                };
+                match kind {
+                    Kind::Wake => {
+                        drain(&self.wake);
+                        if !self.commands() {
+                            return;
+                        }
+                    }
+                    Kind::Kill => {
+                        if let Some(e) = self.entries.get(&path) {
+                            drain(&e.armed.kill_fd);
+                        }
+                        self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                        self.evaluate(&path, woke);
+                    }
+                    Kind::Reclaim => self.reclaim_signal(&path),
+                    Kind::Oom => self.oom_signal(&path),
+                }
+            }
+            let pending: Vec<PathBuf> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.oom_pending > 0)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in pending {
+                self.oom_signal(&p);
+            }
+            if any_above && last_recheck.elapsed() >= interval {
+                last_recheck = Instant::now();
+                let above: Vec<PathBuf> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.state.above)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in above {
+                    self.evaluate(&p, Instant::now());
+                }
+            } else if !any_above {
+                last_recheck = Instant::now();
+            }
+        }
+    }
+
+    /// Applies queued commands; false on shutdown.
+    fn commands(&mut self) -> bool {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Arm(armed) => self.arm(*armed),
+                Cmd::Disarm(path) => self.disarm(&path),
+                Cmd::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn register(&mut self, fd: &OwnedFd, path: &Path, kind: Kind) -> Option<u64> {
+        let token = self.next_token;
+        self.next_token += 1;
+        match epoll::add(
+            &self.epoll,
+            fd.as_fd(),
+            EventData::new_u64(token),
+            EventFlags::IN,
+        ) {
+            Ok(()) => {
+                self.tokens.insert(token, (path.to_path_buf(), kind));
+                Some(token)
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %path.display(), error = %e, "cannot watch eventfd");
+                None
+            }
+        }
+    }
+
+    fn arm(&mut self, armed: Armed) {
+        let path = armed.cgroup.path.clone();
+        let previous = self.remove(&path);
+        let mut tokens = Vec::new();
+        tokens.extend(self.register(&armed.kill_fd, &path, Kind::Kill));
+        if let Some(fd) = &armed.reclaim_fd {
+            tokens.extend(self.register(fd, &path, Kind::Reclaim));
+        }
+        if let Some(fd) = &armed.oom_fd {
+            tokens.extend(self.register(fd, &path, Kind::Oom));
+        }
+        let oom_kills_seen = armed.cgroup.oom_control().map(|o| o.oom_kill).unwrap_or(0);
+        let entry = Entry {
+            armed,
+            state: previous
+                .as_ref()
+                .map(|p| p.state.clone())
+                .unwrap_or_default(),
+            last_reclaim: previous.as_ref().and_then(|p| p.last_reclaim),
+            reclaiming: previous
+                .map(|p| p.reclaiming)
+                .unwrap_or_else(|| Arc::new(AtomicBool::new(false))),
+            tokens,
+            oom_kills_seen,
+            oom_pending: 0,
+        };
+        self.entries.insert(path.clone(), entry);
+        self.stats
+            .guarded
+            .store(self.entries.len() as u64, Ordering::Relaxed);
+        // Usage may already be above the new threshold: the notifier only reports crossings.
+        self.evaluate(&path, Instant::now());
+    }
+
+    fn remove(&mut self, path: &Path) -> Option<Entry> {
+        let entry = self.entries.remove(path)?;
+        for t in &entry.tokens {
+            self.tokens.remove(t);
+        }
+        // Closing the eventfds (when `entry` drops) unregisters them in the kernel and
+        // removes them from the epoll set.
+        self.stats
+            .guarded
+            .store(self.entries.len() as u64, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    fn disarm(&mut self, path: &Path) {
+        if self.remove(path).is_some() {
+            tracing::debug!(cgroup = %path.display(), "disarmed");
+        }
+    }
+
+    fn decision(&self, e: &Entry, action: Action, usage: u64, stats: MemStat) -> Decision {
+        Decision {
+            hostname: self.deps.config.node_name.clone(),
+            timestamp: now_rfc3339(),
+            action,
+            policy: self.deps.config.policy,
+            oomcgroup: e.armed.cgroup.path.display().to_string(),
+            proccgroup: String::new(),
+            limit: e.armed.thresholds.limit,
+            threshold: e.armed.thresholds.kill,
+            usage,
+            reclaimable_cache: stats.reclaimable_cache(),
+            killed: Vec::new(),
+            stats,
+            wake_to_kill_us: None,
+            detail: String::new(),
+        }
+    }
+
+    /// Re-reads the cgroup and applies the policy if it is (still) above its threshold.
+    fn evaluate(&mut self, path: &Path, woke: Instant) {
+        let cfg = self.deps.config.clone();
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
+        let cg = e.armed.cgroup.clone();
+        let th = e.armed.thresholds;
+        let usage = match cg.usage() {
+            Ok(u) => u,
+            Err(err) if err.is_gone() => {
+                // Removal also signals the eventfd: forget the cgroup.
+                self.remove(path);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage");
+                return;
+            }
+        };
+        let mut stats = None;
+        let step = e.state.observe(
+            Instant::now(),
+            usage >= th.kill,
+            || {
+                let st = cg.stat().unwrap_or_default();
+                let large = cache_is_large(st.reclaimable_cache(), th.limit, cfg.cache_skip_ratio);
+                stats = Some(st);
+                large
+            },
+            cfg.cooldown,
+        );
+        match step {
+            Step::Idle | Step::Cooling | Step::SkipCache { report: false } => {}
+            Step::SkipCache { report: true } => {
+                let e = &self.entries[path];
+                let mut d = self.decision(e, Action::SkipCache, usage, stats.unwrap_or_default());
+                d.detail = format!(
+                    "reclaimable page cache {} >= {} x limit: left to the kernel's reclaim",
+                    d.reclaimable_cache, cfg.cache_skip_ratio
+                );
+                self.deps.reporter.send(d);
+            }
+            Step::Act => self.act(path, usage, stats.unwrap_or_default(), woke),
+        }
+    }
+
+    fn act(&mut self, path: &Path, usage: u64, stats: MemStat, woke: Instant) {
+        let cfg = self.deps.config.clone();
+        let Some(e) = self.entries.get(path) else {
+            return;
+        };
+        let cg = e.armed.cgroup.clone();
+        let candidates = victim::candidates(&cg, e.armed.thresholds.limit, self.self_pid);
+        let mut d = self.decision(e, Action::NoCandidate, usage, stats);
+        if cfg.policy == Policy::Noop {
+            if let Some(top) = candidates.first() {
+                d.action = Action::WouldKill;
+                d.proccgroup = top.task.cgroup.display().to_string();
+                d.killed.push(Killed::new(top, None));
+            }
+        } else {
+            let mut first_signal = None;
+            for c in candidates.iter().take(MAX_KILL_ATTEMPTS) {
+                let sent = Instant::now();
+                let outcome =
+                    kill_task(&c.task, &cg.path, &self.deps.memory_mount, cfg.kill_timeout);
+                if let Some(us) = outcome.signal_us() {
+                    first_signal.get_or_insert(sent + Duration::from_micros(us) - woke);
+                }
+                let effective = outcome.took_effect();
+                if d.proccgroup.is_empty() {
+                    d.proccgroup = c.task.cgroup.display().to_string();
+                }
+                d.killed.push(Killed::new(c, Some(outcome)));
+                if effective {
+                    self.stats.kills.fetch_add(1, Ordering::Relaxed);
+                    d.action = Action::Kill;
+                    break;
+                }
+                d.action = Action::KillFailed;
+            }
+            d.wake_to_kill_us = first_signal.map(|t| t.as_micros() as u64);
+            if d.action == Action::Kill
+                && let Ok(after) = cg.usage()
+            {
+                d.detail = format!("usage after the kill: {after}");
+            }
+        }
+        if d.action == Action::NoCandidate {
+            d.detail = "no task may be killed (only protected or exiting tasks)".into();
+        }
+        if let Some(e) = self.entries.get_mut(path) {
+            e.state.acted(Instant::now());
+        }
+        self.deps.reporter.send(d);
+    }
+
+    fn reclaim_signal(&mut self, path: &Path) {
+        let interval = self.deps.config.reclaim_interval;
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
+        if let Some(fd) = &e.armed.reclaim_fd {
+            drain(fd);
+        }
+        let Some(reclaimer) = &self.deps.reclaimer else {
+            return;
+        };
+        let usage = match e.armed.cgroup.usage() {
+            Ok(u) => u,
+            Err(_) => return,
+        };
+        if usage < e.armed.thresholds.reclaim
+            || e.reclaiming.load(Ordering::Acquire)
+            || e.last_reclaim.is_some_and(|t| t.elapsed() < interval)
+        {
+            return;
+        }
+        e.last_reclaim = Some(Instant::now());
+        e.reclaiming.store(true, Ordering::Release);
+        let flag = e.reclaiming.clone();
+        let reporter = self.deps.reporter.clone();
+        let mut d = self.decision(
+            &self.entries[path],
+            Action::Reclaim,
+            usage,
+            MemStat::default(),
+        );
+        d.threshold = self.entries[path].armed.thresholds.reclaim;
+        let cgroup = self.entries[path].armed.cgroup.clone();
+        let queued = reclaimer.request(Request {
+            cgroup,
+            done: Box::new(move |res: ReclaimResult| {
+                flag.store(false, Ordering::Release);
+                d.detail = format!("force_empty: {res:?}");
+                reporter.send(d);
+            }),
+        });
+        if !queued && let Some(e) = self.entries.get(path) {
+            e.reclaiming.store(false, Ordering::Release);
+        }
+    }
+
+    fn oom_signal(&mut self, path: &Path) {
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
+        if let Some(fd) = &e.armed.oom_fd {
+            drain(fd);
+        }
+        let Ok(oc) = e.armed.cgroup.oom_control() else {
+            return;
+        };
+        if oc.oom_kill <= e.oom_kills_seen {
+            // The notification comes when the cgroup enters OOM, before the kill is counted.
+            e.oom_pending = if e.oom_pending == 0 {
+                10
+            } else {
+                e.oom_pending - 1
+            };
+            return;
+        }
+        e.oom_pending = 0;
+        let new = oc.oom_kill - e.oom_kills_seen;
+        e.oom_kills_seen = oc.oom_kill;
+        let usage = e.armed.cgroup.usage().unwrap_or(0);
+        let stats = e.armed.cgroup.stat().unwrap_or_default();
+        let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
+        d.detail = format!(
+            "the kernel OOM killer killed {new} task(s) (oom_kill {})",
+            oc.oom_kill
+        );
+        self.deps.reporter.send(d);
+    }
+}

@@ -1,0 +1,259 @@
+//! Killing one task safely: open a pidfd first, check it is still the task that was scored
+//! and still inside the guarded cgroup, SIGKILL through the pidfd, `process_mrelease` to
+//! reap its memory at once, then wait for the exit with a deadline. Plain `kill(2)` only
+//! where pidfds don't exist (kernels before 5.3).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, Signal, kill_process, pidfd_open, pidfd_send_signal};
+
+use crate::victim::{Task, parse_start_time};
+
+/// What happened to one kill attempt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// SIGKILL sent and the task exited before the deadline.
+    Exited {
+        mreleased: bool,
+        pidfd: bool,
+        signal_us: u64,
+        exit_us: u64,
+    },
+    /// SIGKILL sent but the task had not exited at the deadline (D state?).
+    Stuck {
+        mreleased: bool,
+        pidfd: bool,
+        signal_us: u64,
+    },
+    /// The task was gone before it could be signalled.
+    Gone,
+    /// Not killed: the pid now names another process, or it left the guarded cgroup.
+    Refused { reason: String },
+    /// The kernel refused the signal.
+    Failed { errno: i32 },
+}
+
+impl Outcome {
+    /// The task is dead or dying because of us.
+    pub fn took_effect(&self) -> bool {
+        matches!(self, Outcome::Exited { .. })
+    }
+
+    /// Microseconds from the start of the attempt to the signal, if one was sent.
+    pub fn signal_us(&self) -> Option<u64> {
+        match self {
+            Outcome::Exited { signal_us, .. } | Outcome::Stuck { signal_us, .. } => {
+                Some(*signal_us)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Is the process behind `pid` still the `task` that was scored, inside `scope`?
+/// `proc_cgroup_abs` maps the `/proc/PID/cgroup` text to the absolute cgroup directory.
+fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), String> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
+        .map_err(|_| "process gone".to_string())?;
+    if parse_start_time(&stat) != Some(task.start_time) {
+        return Err(format!("pid {} was recycled", task.pid));
+    }
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", task.pid))
+        .map_err(|_| "process gone".to_string())?;
+    let rel = crate::cgroup::memory_cgroup_of(&cg).ok_or("no memory cgroup")?;
+    let abs = memory_mount.join(rel.trim_start_matches('/'));
+    if !abs.starts_with(scope) {
+        return Err(format!(
+            "pid {} moved out of the guarded cgroup to {}",
+            task.pid,
+            abs.display()
+        ));
+    }
+    Ok(())
+}
+
+fn process_mrelease(pidfd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a pidfd we own; no memory is passed.
+    let rc = unsafe { libc::syscall(libc::SYS_process_mrelease, pidfd.as_raw_fd(), 0) };
+    rc == 0
+}
+
+/// Kills `task` if it is still the scored process inside `scope`, and waits up to
+/// `timeout` for it to exit.
+pub fn kill_task(task: &Task, scope: &Path, memory_mount: &Path, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let Some(pid) = Pid::from_raw(task.pid) else {
+        return Outcome::Refused {
+            reason: "pid 0".into(),
+        };
+    };
+    match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(fd) => {
+            // The pidfd pins the process: checks made now hold until the signal lands.
+            if let Err(reason) = still_eligible(task, scope, memory_mount) {
+                return Outcome::Refused { reason };
+            }
+            match pidfd_send_signal(&fd, Signal::KILL) {
+                Ok(()) => {}
+                Err(Errno::SRCH) => return Outcome::Gone,
+                Err(e) => {
+                    return Outcome::Failed {
+                        errno: e.raw_os_error(),
+                    };
+                }
+            }
+            let signal_us = start.elapsed().as_micros() as u64;
+            let mreleased = process_mrelease(&fd);
+            if wait_pidfd(&fd, timeout) {
+                Outcome::Exited {
+                    mreleased,
+                    pidfd: true,
+                    signal_us,
+                    exit_us: start.elapsed().as_micros() as u64,
+                }
+            } else {
+                Outcome::Stuck {
+                    mreleased,
+                    pidfd: true,
+                    signal_us,
+                }
+            }
+        }
+        Err(Errno::SRCH) => Outcome::Gone,
+        Err(Errno::NOSYS) => kill_without_pidfd(task, pid, scope, memory_mount, timeout, start),
+        Err(e) => Outcome::Failed {
+            errno: e.raw_os_error(),
+        },
+    }
+}
+
+/// The 3.10 path: check, `kill(2)`, and poll `/proc` for the exit.
+fn kill_without_pidfd(
+    task: &Task,
+    pid: Pid,
+    scope: &Path,
+    memory_mount: &Path,
+    timeout: Duration,
+    start: Instant,
+) -> Outcome {
+    if let Err(reason) = still_eligible(task, scope, memory_mount) {
+        return Outcome::Refused { reason };
+    }
+    match kill_process(pid, Signal::KILL) {
+        Ok(()) => {}
+        Err(Errno::SRCH) => return Outcome::Gone,
+        Err(e) => {
+            return Outcome::Failed {
+                errno: e.raw_os_error(),
+            };
+        }
+    }
+    let signal_us = start.elapsed().as_micros() as u64;
+    let deadline = start + timeout;
+    while Instant::now() < deadline {
+        let same = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
+            .ok()
+            .and_then(|s| parse_start_time(&s))
+            == Some(task.start_time);
+        let zombie = crate::victim::read_task(task.pid, Path::new("")).is_none_or(|t| t.exiting);
+        if !same || zombie {
+            return Outcome::Exited {
+                mreleased: false,
+                pidfd: false,
+                signal_us,
+                exit_us: start.elapsed().as_micros() as u64,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Outcome::Stuck {
+        mreleased: false,
+        pidfd: false,
+        signal_us,
+    }
+}
+
+/// Waits until the pidfd is readable (the process exited) or `timeout` passes.
+fn wait_pidfd(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let borrowed = fd.as_fd();
+        let mut fds = [PollFd::new(&borrowed, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) => return false,
+            Err(Errno::INTR) if !left.is_zero() => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+    use crate::victim::read_task;
+
+    fn own_cgroup() -> (std::path::PathBuf, std::path::PathBuf) {
+        let mount = std::path::PathBuf::from(crate::cgroup::DEFAULT_MEMORY_ROOT);
+        let cg = crate::cgroup::cgroup_of_pid(&mount, "self").unwrap();
+        (mount, cg.path)
+    }
+
+    #[test]
+    fn kills_a_child_and_confirms_the_exit() {
+        let (mount, scope) = own_cgroup();
+        if !scope.exists() {
+            eprintln!(
+                "skipped: no cgroup v1 memory hierarchy at {}",
+                mount.display()
+            );
+            return;
+        }
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let task = read_task(child.id() as i32, &scope).unwrap();
+        let out = kill_task(&task, &scope, &mount, Duration::from_secs(2));
+        assert!(out.took_effect(), "{out:?}");
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn refuses_a_recycled_pid_and_a_task_outside_the_scope() {
+        let (mount, scope) = own_cgroup();
+        if !scope.exists() {
+            eprintln!(
+                "skipped: no cgroup v1 memory hierarchy at {}",
+                mount.display()
+            );
+            return;
+        }
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut task = read_task(child.id() as i32, &scope).unwrap();
+        let outside = scope.join("not-an-ancestor");
+        let out = kill_task(&task, &outside, &mount, Duration::from_secs(1));
+        assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");
+        task.start_time += 1;
+        let out = kill_task(&task, &scope, &mount, Duration::from_secs(1));
+        assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child must still run"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,35 @@
+//! oomguard: kill a memory cgroup's offender from user space, just before the kernel's
+//! memcg OOM killer would have to.
+//!
+//! The crate is the agent's library; `main.rs` only parses the command line and wires these
+//! modules together. Rooms, by domain:
+//! - [`config`]: flags, validation and defaults (the upstream names).
+//! - [`size`]: size strings (`30`, `512K`, `1Gi`).
+//! - [`cgroup`]: reading and writing cgroup v1 memory files.
+//! - [`threshold`]: margin and threshold math; arming through `cgroup.event_control`.
+//! - [`discovery`]: the walk, inotify and periodic rescan that feed the guard.
+//! - [`guard`]: the real-time loop that wakes on threshold eventfds and acts.
+//! - [`reclaim`]: background `memory.force_empty`, bounded in time.
+//! - [`victim`]: scoring tasks with the kernel's `oom_badness` rule.
+//! - [`policy`]: from a threshold signal to a decision (pure).
+//! - [`kill`]: pidfd, `process_mrelease`, confirmation, fallback to `kill(2)`.
+//! - [`report`]: decision records and their rendering.
+//! - [`sys`]: process-wide setup (real-time priority, `mlockall`, `oom_score_adj`).
+//! - [`sandbox`]: throw-away cgroups beneath our own, for the demo, tests and benchmarks.
+//! - [`bpf`]: loading and attaching the eBPF programs.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod guard;
+pub mod kill;
+pub mod policy;
+pub mod reclaim;
+pub mod report;
+pub mod sandbox;
+pub mod size;
+pub mod sys;
+pub mod threshold;
+pub mod victim;

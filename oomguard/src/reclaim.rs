@@ -1,0 +1,165 @@
+//! Background `memory.force_empty`, bounded in time, never on the kill path.
+//!
+//! The kernel runs force_empty synchronously in the writer and loops until the cgroup is
+//! empty or reclaim stops making progress; a pending signal makes it return `EINTR`. So the
+//! worker thread writes, and a watchdog interrupts it with `SIGUSR1` (a no-op handler
+//! installed without `SA_RESTART`) once the time bound has passed.
+
+use std::io::Write;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::MemCgroup;
+
+/// Result of one force_empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReclaimResult {
+    /// Returned by itself.
+    Done { freed: u64, took: Duration },
+    /// Interrupted at the time bound.
+    TimedOut { freed: u64, took: Duration },
+    /// The kernel refused (EBUSY on kernels before 3.16 while tasks remain, ENOENT...).
+    Failed { errno: i32, took: Duration },
+}
+
+/// One reclaim request and where its result goes.
+pub struct Request {
+    pub cgroup: MemCgroup,
+    pub done: Box<dyn FnOnce(ReclaimResult) + Send>,
+}
+
+/// Handle to the reclaim worker.
+#[derive(Clone)]
+pub struct Reclaimer {
+    tx: SyncSender<Request>,
+}
+
+impl Reclaimer {
+    /// Queues a request; returns false (and drops it) when the worker is busy with a full
+    /// queue. Never blocks.
+    pub fn request(&self, req: Request) -> bool {
+        match self.tx.try_send(req) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+fn install_interrupt_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and no SA_RESTART; the handler does
+    // nothing, so it is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Watch {
+    /// The worker's pthread and the deadline of the write in progress.
+    busy: Option<(libc::pthread_t, Instant)>,
+    stop: bool,
+}
+
+/// Starts the worker and its watchdog. Requests beyond `queue` waiting ones are refused.
+pub fn spawn(timeout: Duration, queue: usize) -> std::io::Result<Reclaimer> {
+    install_interrupt_handler()?;
+    let (tx, rx) = sync_channel::<Request>(queue);
+    let watch = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+    let w2 = watch.clone();
+    std::thread::Builder::new()
+        .name("oomguard-reclaim".into())
+        .spawn(move || worker(rx, timeout, w2))?;
+    let w3 = watch;
+    std::thread::Builder::new()
+        .name("oomguard-reclaim-watchdog".into())
+        .spawn(move || watchdog(w3))?;
+    Ok(Reclaimer { tx })
+}
+
+fn worker(rx: Receiver<Request>, timeout: Duration, watch: Arc<(Mutex<Watch>, Condvar)>) {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    for req in rx {
+        let before = req.cgroup.usage().unwrap_or(0);
+        let start = Instant::now();
+        {
+            let (m, cv) = &*watch;
+            if let Ok(mut w) = m.lock() {
+                w.busy = Some((me, start + timeout));
+            }
+            cv.notify_all();
+        }
+        let res = force_empty_once(&req.cgroup);
+        {
+            let (m, _) = &*watch;
+            if let Ok(mut w) = m.lock() {
+                w.busy = None;
+            }
+        }
+        let took = start.elapsed();
+        let freed = before.saturating_sub(req.cgroup.usage().unwrap_or(before));
+        let result = match res {
+            Ok(()) => ReclaimResult::Done { freed, took },
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                ReclaimResult::TimedOut { freed, took }
+            }
+            Err(e) => ReclaimResult::Failed {
+                errno: e.raw_os_error().unwrap_or(0),
+                took,
+            },
+        };
+        (req.done)(result);
+    }
+    let (m, cv) = &*watch;
+    if let Ok(mut w) = m.lock() {
+        w.stop = true;
+    }
+    cv.notify_all();
+}
+
+/// One `write(2)`: `write_all` would retry on EINTR and defeat the time bound.
+fn force_empty_once(cg: &MemCgroup) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.file("memory.force_empty"))?;
+    f.write(b"0").map(|_| ())
+}
+
+fn watchdog(watch: Arc<(Mutex<Watch>, Condvar)>) {
+    let (m, cv) = &*watch;
+    let Ok(mut w) = m.lock() else { return };
+    loop {
+        if w.stop {
+            return;
+        }
+        let wait = match w.busy {
+            None => Duration::from_secs(3600),
+            Some((thread, deadline)) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    // SAFETY: the worker thread is alive while `busy` is set (it clears the
+                    // field under this lock before it can exit). Re-sent every 20 ms in case
+                    // the signal landed before the write began.
+                    unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+                    Duration::from_millis(20)
+                } else {
+                    deadline - now
+                }
+            }
+        };
+        w = match cv.wait_timeout(w, wait) {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
+    }
+}

@@ -1,0 +1,216 @@
+//! Decision records and their rendering. A decision is a plain record that every reporter
+//! renders as it is; no reporter re-derives anything. The guard thread hands records to a
+//! bounded queue and never waits for a reporter: when the queue is full the record is dropped
+//! and counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+
+use crate::cgroup::MemStat;
+use crate::config::Policy;
+use crate::kill::Outcome;
+use crate::victim::Candidate;
+
+/// What the guard did with one signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// The policy killed a task (see `killed`).
+    Kill,
+    /// The noop policy: what would have been killed.
+    WouldKill,
+    /// Reclaimable page cache is large: left to the kernel.
+    SkipCache,
+    /// Above the threshold but nothing may be killed (only protected tasks).
+    NoCandidate,
+    /// Every kill attempt failed or did not take effect before its deadline.
+    KillFailed,
+    /// Background `memory.force_empty` at the reclaim threshold.
+    Reclaim,
+    /// The kernel's own OOM killer ran in this cgroup.
+    KernelOom,
+}
+
+/// One killed (or would-be killed) task.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Killed {
+    pub pid: i32,
+    pub comm: String,
+    pub score: i64,
+    pub rss_bytes: u64,
+    pub oom_score_adj: i32,
+    pub proccgroup: String,
+    #[serde(flatten)]
+    pub outcome: Option<Outcome>,
+}
+
+impl Killed {
+    pub fn new(c: &Candidate, outcome: Option<Outcome>) -> Self {
+        Killed {
+            pid: c.task.pid,
+            comm: c.task.comm.clone(),
+            score: c.score,
+            rss_bytes: c.task.rss_bytes,
+            oom_score_adj: c.task.oom_score_adj,
+            proccgroup: c.task.cgroup.display().to_string(),
+            outcome,
+        }
+    }
+}
+
+/// The upstream message fields (hostname, timestamp, oomcgroup, proccgroup, threshold,
+/// usage, killed, stats, policy) plus what an operator needs to trust the decision.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    pub hostname: String,
+    pub timestamp: String,
+    pub action: Action,
+    pub policy: Policy,
+    /// The cgroup whose threshold fired.
+    pub oomcgroup: String,
+    /// The cgroup of the (first) victim, if any.
+    pub proccgroup: String,
+    pub limit: u64,
+    pub threshold: u64,
+    pub usage: u64,
+    pub reclaimable_cache: u64,
+    pub killed: Vec<Killed>,
+    pub stats: MemStat,
+    /// From the eventfd wake-up to the first SIGKILL sent, in microseconds.
+    pub wake_to_kill_us: Option<u64>,
+    /// Free text for what the fields do not say (errors, reclaim results).
+    pub detail: String,
+}
+
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// The sending half, owned by the guard thread (and the reclaim worker).
+#[derive(Clone)]
+pub struct Reporter {
+    tx: SyncSender<Decision>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Reporter {
+    /// Never blocks: a full queue drops the record and counts it.
+    pub fn send(&self, d: Decision) {
+        match self.tx.try_send(d) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+pub fn channel(capacity: usize) -> (Reporter, Receiver<Decision>) {
+    let (tx, rx) = sync_channel(capacity);
+    (
+        Reporter {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        },
+        rx,
+    )
+}
+
+/// Logs one decision as one structured record. JSON-valued fields (`killed`, `stats`) are
+/// rendered as JSON strings so text and JSON logs carry the same content.
+pub fn log_decision(d: &Decision) {
+    let killed = serde_json::to_string(&d.killed).unwrap_or_default();
+    let stats = serde_json::to_string(&d.stats).unwrap_or_default();
+    let action = serde_json::to_value(d.action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    tracing::warn!(
+        target: "oomguard::decision",
+        action = %action,
+        policy = d.policy.as_str(),
+        hostname = %d.hostname,
+        timestamp = %d.timestamp,
+        oomcgroup = %d.oomcgroup,
+        proccgroup = %d.proccgroup,
+        limit = d.limit,
+        threshold = d.threshold,
+        usage = d.usage,
+        reclaimable_cache = d.reclaimable_cache,
+        wake_to_kill_us = d.wake_to_kill_us,
+        killed = %killed,
+        stats = %stats,
+        detail = %d.detail,
+        "decision"
+    );
+}
+
+/// Runs the log reporter until every sender is gone.
+pub fn spawn_logger(rx: Receiver<Decision>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("oomguard-report".into())
+        .spawn(move || {
+            for d in rx {
+                log_decision(&d);
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision() -> Decision {
+        Decision {
+            hostname: "h".into(),
+            timestamp: now_rfc3339(),
+            action: Action::SkipCache,
+            policy: Policy::Process,
+            oomcgroup: "/a".into(),
+            proccgroup: String::new(),
+            limit: 1,
+            threshold: 1,
+            usage: 1,
+            reclaimable_cache: 0,
+            killed: vec![],
+            stats: MemStat::default(),
+            wake_to_kill_us: None,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (rep, rx) = channel(2);
+        for _ in 0..5 {
+            rep.send(decision());
+        }
+        assert_eq!(rep.dropped(), 3);
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn decision_json_has_the_upstream_fields() {
+        let v = serde_json::to_value(decision()).unwrap();
+        for k in [
+            "hostname",
+            "timestamp",
+            "oomcgroup",
+            "proccgroup",
+            "threshold",
+            "usage",
+            "killed",
+            "stats",
+            "policy",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["action"], "skip-cache");
+        assert_eq!(v["policy"], "process");
+    }
+}

@@ -1,0 +1,245 @@
+//! Throw-away memory cgroups beneath the caller's own memory cgroup, and a running agent,
+//! for the demo, the tests and the benchmarks. Everything made here is removed on drop —
+//! processes first, then cgroups, deepest first — even when the caller panics.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A memory cgroup made beneath our own, removed with everything in it on drop.
+pub struct Sandbox {
+    pub cg: MemCgroup,
+}
+
+impl Sandbox {
+    /// Makes `<own memory cgroup>/<prefix>-<pid>-<n>`.
+    pub fn new(prefix: &str) -> Result<Self, CgroupError> {
+        let own = cgroup_of_pid(Path::new(DEFAULT_MEMORY_ROOT), "self")?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = own
+            .path
+            .join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|source| CgroupError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Sandbox {
+            cg: MemCgroup::new(path),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cg.path
+    }
+
+    /// Makes a child cgroup (removed with the sandbox).
+    pub fn child(&self, name: &str) -> Result<MemCgroup, CgroupError> {
+        let path = self.cg.path.join(name);
+        std::fs::create_dir(&path).map_err(|source| CgroupError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(MemCgroup::new(path))
+    }
+
+    /// Kills every process in the sandbox and waits (bounded) until it is empty.
+    pub fn kill_all(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = self.cg.subtree_procs();
+            if procs.is_empty() || Instant::now() > deadline {
+                return;
+            }
+            for (_, pid) in procs {
+                // SAFETY: kill(2) with a pid read from the sandbox's own cgroup.procs.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill_all();
+        let mut all = self.cg.subtree();
+        all.reverse();
+        for cg in all {
+            for _ in 0..100 {
+                match std::fs::remove_dir(&cg.path) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+/// Makes `cmd` join `cg` before it execs, so it never runs a single instruction outside.
+pub fn in_cgroup<'a>(cmd: &'a mut Command, cg: &MemCgroup) -> std::io::Result<&'a mut Command> {
+    use std::os::unix::ffi::OsStrExt;
+    let procs = std::ffi::CString::new(cg.file("cgroup.procs").as_os_str().as_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: after fork the closure only calls open/write/close, which are
+    // async-signal-safe, on a C string prepared before the fork: no allocation.
+    unsafe {
+        Ok(cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n == 1 { Ok(()) } else { Err(err) }
+        }))
+    }
+}
+
+/// A running `oomguard run`, its stderr collected as JSON log records.
+pub struct Agent {
+    child: Child,
+    log: Arc<(Mutex<VecDeque<serde_json::Value>>, Condvar)>,
+    all: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Agent {
+    /// Starts `exe run --log-format json <args>`; `echo` copies each record to our stderr
+    /// through `echo`'s callback.
+    pub fn start(
+        exe: &Path,
+        args: &[&str],
+        echo: Option<Box<dyn Fn(&serde_json::Value) + Send>>,
+    ) -> std::io::Result<Agent> {
+        let mut child = Command::new(exe)
+            .arg("run")
+            .args(["--log-format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info")
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stderr pipe"))?;
+        let log = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (l2, a2) = (log.clone(), all.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str::<serde_json::Value>(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                if let Some(f) = &echo {
+                    f(&v);
+                }
+                if let Ok(mut a) = a2.lock() {
+                    a.push(v.clone());
+                }
+                let (m, cv) = &*l2;
+                if let Ok(mut q) = m.lock() {
+                    q.push_back(v);
+                }
+                cv.notify_all();
+            }
+        });
+        Ok(Agent { child, log, all })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for a record matching `pred`, consuming records up to it.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.log;
+        let mut q = m.lock().ok()?;
+        loop {
+            while let Some(v) = q.pop_front() {
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            q = cv.wait_timeout(q, left).ok()?.0;
+        }
+    }
+
+    /// Waits until the agent has armed `cg`.
+    pub fn wait_armed(&self, cg: &Path, timeout: Duration) -> Option<serde_json::Value> {
+        let want = cg.display().to_string();
+        self.wait_for(timeout, |v| {
+            v["message"] == "armed" && v["cgroup"].as_str() == Some(want.as_str())
+        })
+    }
+
+    /// Every record so far (consumed or not).
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.all.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Decision records so far with this action.
+    pub fn decisions(&self, action: &str) -> Vec<serde_json::Value> {
+        self.records()
+            .into_iter()
+            .filter(|v| v["message"] == "decision" && v["action"] == action)
+            .collect()
+    }
+
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then wait up to `timeout`; returns the exit status if it exited.
+    pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.running() && self.stop(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Finds a sibling binary of the running executable (e.g. `oomguard-memhog`), looking
+/// also one directory up (test binaries live in `target/<profile>/deps`).
+pub fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,179 @@
+//! Margin and threshold math, and arming a threshold as a cgroup v1 eventfd.
+//!
+//! `margin = clamp(limit * margin_ratio, min_margin, max_margin)`, `threshold = limit - margin`
+//! (the kill threshold). Reclaim happens *before* that: a second, lower threshold at
+//! `limit - 2 * margin` starts `memory.force_empty` in the background, so reclaim never sits
+//! between the kill threshold's signal and the kill.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use rustix::event::{EventfdFlags, eventfd};
+use thiserror::Error;
+
+/// The margin settings (`--margin-ratio`, `--min-margin`, `--max-margin`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Margins {
+    pub ratio: f64,
+    pub min: u64,
+    pub max: u64,
+}
+
+impl Default for Margins {
+    fn default() -> Self {
+        Self {
+            ratio: 0.02,
+            min: 1 << 20,
+            max: 50 << 20,
+        }
+    }
+}
+
+/// The thresholds of one cgroup, all in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Thresholds {
+    pub limit: u64,
+    pub margin: u64,
+    /// At or above this usage the policy acts.
+    pub kill: u64,
+    /// At or above this usage `memory.force_empty` runs in the background.
+    pub reclaim: u64,
+}
+
+impl Margins {
+    pub fn margin(&self, limit: u64) -> u64 {
+        let raw = (limit as f64 * self.ratio) as u64;
+        raw.clamp(self.min, self.max)
+    }
+
+    /// The thresholds for a cgroup with this limit, or `None` when the limit is too small to
+    /// leave room for the margin (the cgroup is then left to the kernel).
+    pub fn thresholds(&self, limit: u64) -> Option<Thresholds> {
+        let margin = self.margin(limit);
+        let kill = limit.checked_sub(margin).filter(|k| *k > 0)?;
+        let reclaim = kill.saturating_sub(margin).max(1);
+        Some(Thresholds {
+            limit,
+            margin,
+            kill,
+            reclaim,
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ArmError {
+    #[error("cannot open {file} of {cgroup}")]
+    Open {
+        cgroup: String,
+        file: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd")]
+    Eventfd(#[source] std::io::Error),
+    #[error("cgroup.event_control of {cgroup} refused a threshold of {bytes} bytes")]
+    Register {
+        cgroup: String,
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which file a notification eventfd is registered against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notifier {
+    /// `memory.usage_in_bytes` crossing a threshold (either direction), or the cgroup's removal.
+    Usage(u64),
+    /// `memory.oom_control`: the kernel OOM path ran in this cgroup.
+    Oom,
+}
+
+/// Registers an eventfd the way kubelet does: open the watched file read-only and
+/// `cgroup.event_control` write-only, write `"<efd> <fd> [<bytes>]"`, close both files.
+/// The returned eventfd is non-blocking; closing it unregisters the notification.
+pub fn arm(cgroup: &Path, notifier: Notifier) -> Result<OwnedFd, ArmError> {
+    let name = || cgroup.display().to_string();
+    let watched_name = match notifier {
+        Notifier::Usage(_) => "memory.usage_in_bytes",
+        Notifier::Oom => "memory.oom_control",
+    };
+    let watched =
+        std::fs::File::open(cgroup.join(watched_name)).map_err(|source| ArmError::Open {
+            cgroup: name(),
+            file: watched_name,
+            source,
+        })?;
+    let mut control = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.event_control"))
+        .map_err(|source| ArmError::Open {
+            cgroup: name(),
+            file: "cgroup.event_control",
+            source,
+        })?;
+    let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+        .map_err(|e| ArmError::Eventfd(e.into()))?;
+    let line = match notifier {
+        Notifier::Usage(bytes) => {
+            format!("{} {} {}", efd.as_raw_fd(), watched.as_raw_fd(), bytes)
+        }
+        Notifier::Oom => format!("{} {}", efd.as_raw_fd(), watched.as_raw_fd()),
+    };
+    control
+        .write_all(line.as_bytes())
+        .map_err(|source| ArmError::Register {
+            cgroup: name(),
+            bytes: match notifier {
+                Notifier::Usage(b) => b,
+                Notifier::Oom => 0,
+            },
+            source,
+        })?;
+    Ok(efd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn seed_example_1000m() {
+        let t = Margins::default().thresholds(1000 * M).unwrap();
+        assert_eq!(t.margin, 20 * M);
+        assert_eq!(t.kill, 980 * M);
+        assert_eq!(t.reclaim, 960 * M);
+    }
+
+    #[test]
+    fn margin_is_clamped() {
+        let m = Margins::default();
+        assert_eq!(m.margin(10 * M), M, "2% of 10M is below min_margin 1M");
+        assert_eq!(
+            m.margin(10_000 * M),
+            50 * M,
+            "2% of 10G is above max_margin 50M"
+        );
+        let upstream = Margins {
+            ratio: 0.02,
+            min: M,
+            max: 30 * M,
+        };
+        assert_eq!(upstream.margin(4096 * M), 30 * M);
+    }
+
+    #[test]
+    fn tiny_limits_are_not_guarded() {
+        let m = Margins::default();
+        assert_eq!(m.thresholds(M), None);
+        assert_eq!(m.thresholds(M / 2), None);
+        let t = m.thresholds(M + 4096).unwrap();
+        assert_eq!(t.kill, 4096);
+        assert_eq!(t.reclaim, 1);
+    }
+}

@@ -1,0 +1,241 @@
+//! Victim scoring with the kernel's `oom_badness` rule, over tasks read from `/proc`.
+//!
+//! `points = rss + swap entries + page tables (pages) + oom_score_adj * (totalpages / 1000)`,
+//! where `totalpages` is the memcg limit in pages for a memcg OOM. Tasks with
+//! `oom_score_adj = -1000`, exiting tasks (zombies, no mm) and the agent itself are never
+//! candidates. `/proc/PID/oom_score` is scaled to RAM+swap, not to the cgroup limit, so it is
+//! not used.
+
+use std::path::{Path, PathBuf};
+
+use crate::cgroup::MemCgroup;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const OOM_SCORE_ADJ_MIN: i32 = -1000;
+
+/// One process as the scorer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Task {
+    pub pid: i32,
+    pub comm: String,
+    /// The memory cgroup directory the task is in.
+    pub cgroup: PathBuf,
+    /// RssAnon + RssFile + RssShmem.
+    pub rss_bytes: u64,
+    pub swap_bytes: u64,
+    pub pgtables_bytes: u64,
+    pub oom_score_adj: i32,
+    /// Start time in clock ticks since boot (`/proc/PID/stat` field 22): with the pid, it
+    /// names one process for good, so a recycled pid is never mistaken for it.
+    pub start_time: u64,
+    /// Zombie, dead, or without an mm: the kernel skips such tasks too.
+    pub exiting: bool,
+}
+
+/// A task with its score, best victim first after [`rank`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Candidate {
+    #[serde(flatten)]
+    pub task: Task,
+    pub score: i64,
+}
+
+/// The kernel's `oom_badness` for a memcg OOM with a limit of `limit_bytes`.
+pub fn badness(task: &Task, limit_bytes: u64) -> i64 {
+    let pages = (task.rss_bytes + task.swap_bytes + task.pgtables_bytes) / PAGE_SIZE;
+    let total_pages = (limit_bytes / PAGE_SIZE) as i64;
+    pages as i64 + i64::from(task.oom_score_adj) * (total_pages / 1000)
+}
+
+/// Scores and orders the candidates, highest score first (ties: larger rss, then lower
+/// pid). Leaves out `exclude_pid` (the agent), adj -1000 and exiting tasks.
+pub fn rank(tasks: Vec<Task>, limit_bytes: u64, exclude_pid: i32) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = tasks
+        .into_iter()
+        .filter(|t| t.pid != exclude_pid && t.oom_score_adj != OOM_SCORE_ADJ_MIN && !t.exiting)
+        .map(|task| Candidate {
+            score: badness(&task, limit_bytes),
+            task,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.score
+            .cmp(&a.score)
+            .then(b.task.rss_bytes.cmp(&a.task.rss_bytes))
+            .then(a.task.pid.cmp(&b.task.pid))
+    });
+    out
+}
+
+/// Fields of `/proc/PID/status` the scorer needs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    pub state: char,
+    pub rss_bytes: u64,
+    pub swap_bytes: u64,
+    pub pgtables_bytes: u64,
+    /// False for kernel threads and zombies: they have no mm.
+    pub has_mm: bool,
+}
+
+pub fn parse_status(text: &str) -> Status {
+    let mut s = Status::default();
+    let kib = |v: &str| {
+        v.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k {
+            "Name" => s.name = v.to_string(),
+            "State" => s.state = v.chars().next().unwrap_or('?'),
+            "RssAnon" | "RssFile" | "RssShmem" => {
+                s.rss_bytes += kib(v);
+                s.has_mm = true;
+            }
+            "VmSwap" => s.swap_bytes = kib(v),
+            "VmPTE" => s.pgtables_bytes = kib(v),
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Start time (field 22) of `/proc/PID/stat`. The comm field may hold spaces and
+/// parentheses, so fields are counted after the last `)`.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the comm: field 3 (state) is the first; start time is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Reads one process from `/proc`; `None` when it is gone.
+pub fn read_task(pid: i32, cgroup: &Path) -> Option<Task> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).ok()?;
+    let st = parse_status(&status);
+    Some(Task {
+        pid,
+        comm: st.name,
+        cgroup: cgroup.to_path_buf(),
+        rss_bytes: st.rss_bytes,
+        swap_bytes: st.swap_bytes,
+        pgtables_bytes: st.pgtables_bytes,
+        oom_score_adj: adj.trim().parse().unwrap_or(0),
+        start_time: parse_start_time(&stat)?,
+        exiting: !st.has_mm || matches!(st.state, 'Z' | 'X' | 'x'),
+    })
+}
+
+/// Every process of `cgroup` and its descendants, ranked for a limit of `limit_bytes`.
+pub fn candidates(cgroup: &MemCgroup, limit_bytes: u64, exclude_pid: i32) -> Vec<Candidate> {
+    let tasks = cgroup
+        .subtree_procs()
+        .into_iter()
+        .filter_map(|(cg, pid)| read_task(pid, &cg.path))
+        .collect();
+    rank(tasks, limit_bytes, exclude_pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    fn task(pid: i32, rss_mib: u64, adj: i32) -> Task {
+        Task {
+            pid,
+            comm: format!("t{pid}"),
+            cgroup: PathBuf::from("/cg"),
+            rss_bytes: rss_mib * M,
+            swap_bytes: 0,
+            pgtables_bytes: 0,
+            oom_score_adj: adj,
+            start_time: 1,
+            exiting: false,
+        }
+    }
+
+    #[test]
+    fn badness_matches_kernel_rule() {
+        let mut t = task(1, 100, 0);
+        t.swap_bytes = 10 * M;
+        t.pgtables_bytes = 8192;
+        assert_eq!(badness(&t, 1000 * M), (110 * M / 4096 + 2) as i64);
+        // adj 500 with a 1000M limit adds 500 * (256000 / 1000) pages = half the limit.
+        let t = task(1, 0, 500);
+        assert_eq!(badness(&t, 1000 * M), 500 * 256);
+        let t = task(1, 100, -1000 + 1);
+        assert!(badness(&t, 1000 * M) < 0);
+    }
+
+    #[test]
+    fn biggest_first() {
+        let r = rank(
+            vec![task(1, 10, 0), task(2, 300, 0), task(3, 50, 0)],
+            1000 * M,
+            -1,
+        );
+        let pids: Vec<i32> = r.iter().map(|c| c.task.pid).collect();
+        assert_eq!(pids, vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn adj_shifts_the_choice() {
+        // 50 MiB with adj +300 (+300 * 256 pages = 75 MiB worth) beats 100 MiB with adj 0.
+        let r = rank(vec![task(1, 100, 0), task(2, 50, 300)], 1000 * M, -1);
+        assert_eq!(r[0].task.pid, 2);
+    }
+
+    #[test]
+    fn never_adj_min_exiting_or_self() {
+        let mut zombie = task(3, 900, 0);
+        zombie.exiting = true;
+        let r = rank(
+            vec![task(1, 800, -1000), task(2, 10, 0), zombie, task(4, 700, 0)],
+            1000 * M,
+            4,
+        );
+        let pids: Vec<i32> = r.iter().map(|c| c.task.pid).collect();
+        assert_eq!(pids, vec![2]);
+    }
+
+    #[test]
+    fn status_parses() {
+        let text = "Name:\tmem hog\nState:\tR (running)\nVmPTE:\t     200 kB\n\
+RssAnon:\t  102400 kB\nRssFile:\t    1024 kB\nRssShmem:\t       0 kB\nVmSwap:\t      8 kB\n";
+        let s = parse_status(text);
+        assert_eq!(s.name, "mem hog");
+        assert_eq!(s.state, 'R');
+        assert_eq!(s.rss_bytes, (102400 + 1024) * 1024);
+        assert_eq!(s.swap_bytes, 8 * 1024);
+        assert_eq!(s.pgtables_bytes, 200 * 1024);
+        assert!(s.has_mm);
+        let kthread = parse_status("Name:\tkworker/0:1\nState:\tI (idle)\n");
+        assert!(!kthread.has_mm);
+    }
+
+    #[test]
+    fn start_time_survives_odd_comm() {
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = read_task(std::process::id() as i32, Path::new("/x")).unwrap();
+        assert!(me.rss_bytes > 0);
+        assert!(!me.exiting);
+        assert!(me.start_time > 0);
+    }
+}

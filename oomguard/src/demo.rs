@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::sandbox::{Agent, Sandbox, in_cgroup, sibling_binary};
+use crate::sandbox::{Agent, Echo, Sandbox, in_cgroup, sibling_binary};
 use crate::size::{Size, human};
 use crate::threshold::Margins;
 
@@ -68,7 +68,7 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
         human(t.margin)
     ));
     let root = sb.path().display().to_string();
-    let echo: Box<dyn Fn(&serde_json::Value) + Send> = Box::new(|v| {
+    let echo: Echo = Box::new(|v| {
         if v["message"] == "decision" {
             println!(
                 "agent: decision {} (usage {}, threshold {})",

@@ -106,6 +106,9 @@ pub fn in_cgroup<'a>(cmd: &'a mut Command, cg: &MemCgroup) -> std::io::Result<&'
     }
 }
 
+/// Called with each log record of an [`Agent`] as it arrives.
+pub type Echo = Box<dyn Fn(&serde_json::Value) + Send>;
+
 /// A running `oomguard run`, its stderr collected as JSON log records.
 pub struct Agent {
     child: Child,
@@ -116,11 +119,7 @@ pub struct Agent {
 impl Agent {
     /// Starts `exe run --log-format json <args>`; `echo` copies each record to our stderr
     /// through `echo`'s callback.
-    pub fn start(
-        exe: &Path,
-        args: &[&str],
-        echo: Option<Box<dyn Fn(&serde_json::Value) + Send>>,
-    ) -> std::io::Result<Agent> {
+    pub fn start(exe: &Path, args: &[&str], echo: Option<Echo>) -> std::io::Result<Agent> {
         let mut child = Command::new(exe)
             .arg("run")
             .args(["--log-format", "json"])

@@ -76,13 +76,13 @@ pub fn human(bytes: u64) -> String {
 
 fn fmt_bytes(b: u64, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     for (unit, m) in [("Ti", TIB), ("Gi", GIB), ("Mi", MIB)] {
-        if b >= m && b % m == 0 {
+        if b >= m && b.is_multiple_of(m) {
             return write!(f, "{}{}", b / m, unit);
         }
     }
     if b >= MIB {
         write!(f, "{:.2}Mi", b as f64 / MIB as f64)
-    } else if b >= KIB && b % KIB == 0 {
+    } else if b >= KIB && b.is_multiple_of(KIB) {
         write!(f, "{}Ki", b / KIB)
     } else {
         write!(f, "{b}B")

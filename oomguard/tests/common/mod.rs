@@ -1,0 +1,145 @@
+//! Shared pieces of the root integration tests: the feature probe, serialisation of the
+//! tests that race the kernel, and spawning workloads inside sandbox cgroups.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use oomguard::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
+use oomguard::sandbox::{Agent, Sandbox, in_cgroup};
+
+pub const M: u64 = 1 << 20;
+
+/// Set by `.ci/run`: a missing kernel feature is then a failure, not a skip.
+pub const REQUIRE_ENV: &str = "OOMGUARD_REQUIRE_ALL_FEATURES";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Serialises the tests of one binary: they race the kernel OOM killer and must not
+/// compete with each other for CPU.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Probes for what these tests need: root, and a cgroup v1 memory hierarchy with threshold
+/// notifications in our own memory cgroup. Returns false (after saying why) when the
+/// kernel lacks it, unless the CI switch demands every feature.
+pub fn kernel_ready() -> bool {
+    let why = probe();
+    match why {
+        None => true,
+        Some(why) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("required feature missing ({REQUIRE_ENV} is set): {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn probe() -> Option<String> {
+    if rustix::process::geteuid().as_raw() != 0 {
+        return Some("not root: these tests make cgroups and kill processes".into());
+    }
+    let own = match cgroup_of_pid(Path::new(DEFAULT_MEMORY_ROOT), "self") {
+        Ok(c) => c,
+        Err(e) => return Some(format!("no cgroup v1 memory controller: {e}")),
+    };
+    for f in [
+        "cgroup.event_control",
+        "memory.force_empty",
+        "memory.oom_control",
+    ] {
+        if !own.file(f).exists() {
+            return Some(format!("{} lacks {f}", own.path.display()));
+        }
+    }
+    None
+}
+
+pub fn agent_exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_oomguard"))
+}
+
+pub fn memhog_exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_oomguard-memhog"))
+}
+
+/// Starts the agent on `root` with `extra` flags and waits until it has armed `root`.
+pub fn start_agent(root: &MemCgroup, extra: &[&str]) -> Agent {
+    let r = root.path.display().to_string();
+    let mut args = vec!["--root", r.as_str()];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(agent_exe(), &args, None).expect("start the agent");
+    assert!(
+        agent
+            .wait_armed(&root.path, Duration::from_secs(10))
+            .is_some(),
+        "the agent did not arm {} within 10 s; its log: {:#?}",
+        root.path.display(),
+        agent.records()
+    );
+    agent
+}
+
+/// Runs `oomguard-memhog <args>` inside `cg`.
+pub fn hog(cg: &MemCgroup, args: &[&str]) -> Child {
+    let mut cmd = Command::new(memhog_exe());
+    cmd.args(args).stdout(Stdio::null());
+    in_cgroup(&mut cmd, cg)
+        .expect("cgroup path")
+        .spawn()
+        .expect("spawn memhog")
+}
+
+/// Waits (bounded) for a child to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+pub fn killed_by_sigkill(st: Option<ExitStatus>) -> bool {
+    st.and_then(|s| s.signal()) == Some(libc::SIGKILL)
+}
+
+/// The `killed` list of a decision record.
+pub fn killed(decision: &serde_json::Value) -> Vec<serde_json::Value> {
+    serde_json::from_str::<Vec<serde_json::Value>>(decision["killed"].as_str().unwrap_or("[]"))
+        .unwrap_or_default()
+}
+
+/// Waits until `hog`'s resident memory reaches `bytes` (it has allocated its share).
+pub fn wait_rss(child: &Child, bytes: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rss = oomguard::victim::read_task(child.id() as i32, Path::new(""))
+            .map(|t| t.rss_bytes)
+            .unwrap_or(0);
+        if rss >= bytes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {} reached only {rss} bytes of rss, wanted {bytes}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A sandbox with a memory limit.
+pub fn sandbox(name: &str, limit: u64) -> Sandbox {
+    let sb = Sandbox::new(name).expect("make a sandbox cgroup");
+    sb.cg.set_limit(limit).expect("set the limit");
+    sb
+}

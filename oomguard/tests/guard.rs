@@ -1,0 +1,383 @@
+//! The guard against the real kernel OOM killer, on real cgroups beneath our own.
+//!
+//! Margins here are chosen so a correct agent wins every time (see README "Tests"); the
+//! razor's-edge cases (1 MiB margins, unthrottled 32 MiB cgroups) belong to the benchmark.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Allocates past `limit` at `rate` and checks the agent, not the kernel, killed it.
+fn kills_before_the_kernel(rate: &str) {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-race", 256 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let mut hog = hog(&sb.cg, &["--rate", rate, "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    let decision = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["message"] == "decision" && v["action"] == "kill"
+        })
+        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    let oom = sb.cg.oom_control().unwrap();
+    assert_eq!(
+        oom.oom_kill, 0,
+        "the kernel OOM killer had to act; decision: {decision:#}"
+    );
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let k = killed(&decision);
+    assert_eq!(
+        k[0]["pid"].as_u64(),
+        Some(u64::from(hog.id())),
+        "{decision:#}"
+    );
+    assert_eq!(k[0]["outcome"], "exited");
+    let t = oomguard::threshold::Margins {
+        ratio: 0.1,
+        min: M,
+        max: 50 * M,
+    }
+    .thresholds(256 * M)
+    .unwrap();
+    assert_eq!(decision["threshold"].as_u64(), Some(t.kill));
+    assert!(decision["usage"].as_u64().unwrap() >= t.kill);
+    eprintln!(
+        "rate {rate}: usage at decision {} (threshold {}), peak {}, failcnt {}, wake-to-kill {} us",
+        decision["usage"],
+        t.kill,
+        sb.cg.max_usage().unwrap(),
+        sb.cg.failcnt().unwrap(),
+        decision["wake_to_kill_us"]
+    );
+}
+
+#[test]
+fn kills_before_the_kernel_at_50_mb_per_s() {
+    kills_before_the_kernel("50M");
+}
+
+#[test]
+fn kills_before_the_kernel_at_200_mb_per_s() {
+    kills_before_the_kernel("200M");
+}
+
+#[test]
+fn kills_before_the_kernel_unthrottled() {
+    kills_before_the_kernel("0");
+}
+
+#[test]
+fn noop_leaves_the_job_to_the_kernel() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-noop", 128 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "noop", "--margin-ratio", "0.1"]);
+    let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let would = agent
+        .wait_for(Duration::from_secs(5), |v| v["action"] == "would-kill")
+        .unwrap_or_else(|| panic!("no would-kill decision; log: {:#?}", agent.records()));
+    assert_eq!(killed(&would)[0]["pid"].as_u64(), Some(u64::from(hog.id())));
+    assert!(
+        sb.cg.oom_control().unwrap().oom_kill >= 1,
+        "the kernel should have killed it"
+    );
+    let kernel = agent.wait_for(Duration::from_secs(5), |v| v["action"] == "kernel-oom");
+    assert!(
+        kernel.is_some(),
+        "the kernel OOM was not reported; log: {:#?}",
+        agent.records()
+    );
+    assert!(agent.decisions("kill").is_empty());
+}
+
+/// Three tasks; the one crossing the threshold is not the biggest: the biggest is killed.
+#[test]
+fn the_biggest_of_several_tasks_is_chosen() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-biggest", 128 * M);
+    let a = sb.child("a").unwrap();
+    let b = sb.child("b").unwrap();
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let mut small = hog(&a, &["--total", "10M"]);
+    let mut big = hog(&b, &["--total", "70M"]);
+    wait_rss(&small, 10 * M, Duration::from_secs(10));
+    wait_rss(&big, 70 * M, Duration::from_secs(10));
+    let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "50M"]);
+    let decision = agent
+        .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
+        .unwrap_or_else(|| {
+            panic!(
+                "no kill; usage {:?}, grower {:?}, log: {:#?}",
+                sb.cg.usage(),
+                grower.try_wait(),
+                agent.records()
+            )
+        });
+    let k = killed(&decision);
+    assert_eq!(
+        k[0]["pid"].as_u64(),
+        Some(u64::from(big.id())),
+        "{decision:#}"
+    );
+    assert_eq!(k[0]["proccgroup"].as_str(), Some(b.path.to_str().unwrap()));
+    assert!(killed_by_sigkill(wait_exit(
+        &mut big,
+        Duration::from_secs(5)
+    )));
+    // The others keep running and the grower finishes below the threshold.
+    assert!(wait_exit(&mut grower, Duration::from_secs(5)).is_none());
+    assert!(small.try_wait().unwrap().is_none());
+    assert_eq!(sb.cg.oom_control().unwrap().oom_kill, 0);
+}
+
+/// oom_score_adj shifts the choice like the kernel's rule; adj -1000 is never chosen.
+#[test]
+fn oom_score_adj_is_honoured() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-adj", 128 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    // 60 MiB at adj -1000 if this machine lets us set it (needs CAP_SYS_RESOURCE), else at
+    // adj 0; 10 MiB at adj +1000 beats it either way.
+    let can_protect = std::fs::write("/proc/self/oom_score_adj", "0").is_ok()
+        && std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("CapEff:") && cap_sys_resource(l))
+            })
+            .unwrap_or(false);
+    let protected_adj = if can_protect { "-1000" } else { "0" };
+    if !can_protect {
+        eprintln!(
+            "note: no CAP_SYS_RESOURCE here, so no task can get oom_score_adj -1000; \
+             that rule is pinned by victim::tests::never_adj_min_exiting_or_self"
+        );
+    }
+    let mut big = hog(&sb.cg, &["--total", "60M", "--adj", protected_adj]);
+    let mut favoured = hog(&sb.cg, &["--total", "10M", "--adj", "1000"]);
+    wait_rss(&big, 60 * M, Duration::from_secs(10));
+    wait_rss(&favoured, 10 * M, Duration::from_secs(10));
+    let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "60M"]);
+    let decision = agent
+        .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    let k = killed(&decision);
+    assert_eq!(
+        k[0]["pid"].as_u64(),
+        Some(u64::from(favoured.id())),
+        "{decision:#}"
+    );
+    assert_eq!(k[0]["oom_score_adj"].as_i64(), Some(1000));
+    assert!(killed_by_sigkill(wait_exit(
+        &mut favoured,
+        Duration::from_secs(5)
+    )));
+    assert!(
+        big.try_wait().unwrap().is_none(),
+        "the big task must survive"
+    );
+    if can_protect {
+        // Still above the threshold: the next victim must be the grower, never `big`.
+        let second = agent
+            .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
+            .unwrap_or_else(|| panic!("no second kill; log: {:#?}", agent.records()));
+        assert_eq!(
+            killed(&second)[0]["pid"].as_u64(),
+            Some(u64::from(grower.id()))
+        );
+        assert!(
+            big.try_wait().unwrap().is_none(),
+            "adj -1000 must never be killed"
+        );
+    }
+    let _ = grower.kill();
+    let _ = grower.wait();
+}
+
+fn cap_sys_resource(capeff_line: &str) -> bool {
+    let hex = capeff_line.trim_start_matches("CapEff:").trim();
+    u64::from_str_radix(hex, 16).is_ok_and(|c| c & (1 << 24) != 0)
+}
+
+/// A writer that fills the cgroup with page cache is not killed: the kernel reclaims it.
+#[test]
+fn page_cache_is_left_to_the_kernel() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-cache", 128 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("oomguard-cache-{}", std::process::id()));
+    let mut writer = hog(
+        &sb.cg,
+        &[
+            "--file",
+            file.to_str().unwrap(),
+            "--rate",
+            "200M",
+            "--total",
+            "400M",
+            "--hold",
+            "0",
+        ],
+    );
+    let st = wait_exit(&mut writer, Duration::from_secs(60));
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the writer ended with {st:?}; log: {:#?}",
+        agent.records()
+    );
+    assert!(
+        agent.decisions("kill").is_empty(),
+        "{:#?}",
+        agent.decisions("kill")
+    );
+    assert_eq!(sb.cg.oom_control().unwrap().oom_kill, 0);
+    assert!(
+        sb.cg.max_usage().unwrap() >= 100 * M,
+        "the writer never got near the limit: the test proved nothing"
+    );
+}
+
+/// Lowering the limit re-arms the threshold: a workload that fits the old limit but not
+/// the new one is killed at the new threshold.
+#[test]
+fn a_limit_change_re_arms() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-rearm", 512 * M);
+    let agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--walk-interval",
+            "3600",
+        ],
+    );
+    sb.cg.set_limit(256 * M).unwrap();
+    let margins = oomguard::threshold::Margins {
+        ratio: 0.1,
+        min: M,
+        max: 50 * M,
+    };
+    let new = margins.thresholds(256 * M).unwrap();
+    let rearmed = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["message"] == "armed" && v["rearm"] == true
+        })
+        .unwrap_or_else(|| panic!("no re-arm; log: {:#?}", agent.records()));
+    assert_eq!(rearmed["threshold"].as_u64(), Some(new.kill));
+    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "400M"]);
+    let decision = agent
+        .wait_for(Duration::from_secs(10), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    assert_eq!(decision["threshold"].as_u64(), Some(new.kill));
+    assert!(killed_by_sigkill(wait_exit(
+        &mut hog,
+        Duration::from_secs(5)
+    )));
+    assert_eq!(sb.cg.oom_control().unwrap().oom_kill, 0);
+}
+
+/// New cgroups are armed through inotify (the rescan is an hour away), removed ones
+/// release their eventfds: 100 cycles leave the agent's fd count where it was.
+#[test]
+fn cgroup_churn_leaves_fds_flat() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-churn", 512 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--walk-interval", "3600"]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    for i in 0..100 {
+        let child = sb.child(&format!("c{i}")).unwrap();
+        child.set_limit(64 * M).unwrap();
+        assert!(
+            agent
+                .wait_armed(&child.path, Duration::from_secs(5))
+                .is_some(),
+            "cycle {i}: not armed"
+        );
+        std::fs::remove_dir(&child.path).unwrap();
+        let gone = child.path.display().to_string();
+        assert!(
+            agent
+                .wait_for(Duration::from_secs(5), |v| v["message"]
+                    == "cgroup removed; disarmed"
+                    && v["cgroup"] == gone.as_str())
+                .is_some(),
+            "cycle {i}: not disarmed"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fds() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        fds(),
+        before,
+        "the agent's fd count grew over 100 create/delete cycles"
+    );
+}
+
+/// The guard thread runs SCHED_FIFO (field 41 of /proc/PID/task/TID/stat is the policy).
+#[test]
+fn the_guard_thread_is_real_time() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-rt", 64 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "noop", "--rt-priority", "7"]);
+    let mut found = false;
+    for t in std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "oomguard-guard" {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // Fields counted from 3 (state): priority 40 is index 37, policy 41 index 38.
+            assert_eq!(
+                f[41 - 3],
+                "1",
+                "policy of the guard thread (1 = SCHED_FIFO)"
+            );
+            assert_eq!(f[40 - 3], "7", "rt priority of the guard thread");
+            found = true;
+        }
+    }
+    assert!(found, "no thread named oomguard-guard");
+}

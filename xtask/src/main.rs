@@ -55,7 +55,10 @@ fn main() -> Result<()> {
                 step("running the demo: oomguard demo");
                 cmd.arg("demo");
             } else {
-                step(&format!("running the agent: oomguard run {}", args.join(" ")));
+                step(&format!(
+                    "running the agent: oomguard run {}",
+                    args.join(" ")
+                ));
                 cmd.arg("run").args(&args);
             }
             exec(&mut cmd)
@@ -107,7 +110,14 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["fmt", "--check"]),
     )?;
     step("linting (cargo clippy --all-targets -- -D warnings)");
-    exec(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("running every test; the root integration tests race the kernel, so one at a time");
     exec(
         cargo()

@@ -91,7 +91,13 @@ pub fn run(verbose: bool) -> Result<()> {
         }
     } else {
         step("installing rust-src for the nightly toolchain (eBPF builds core from source)");
-        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if has_bpf_linker() {
         if verbose {

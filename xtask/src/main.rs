@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's own build tool. Every command that needs the eBPF toolchain
 //! installs it first when something is missing (idempotent), saying what it does.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -119,10 +120,81 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     step("running every test; the root integration tests race the kernel, so one at a time");
-    exec(
-        cargo()
-            .args(["test", "--workspace"])
-            .args(extra)
-            .args(["--", "--test-threads=1"]),
-    )
+    let mut child = cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .args(["--", "--test-threads=1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run: cargo's own last line is a doc-test binary's.
+    println!(
+        "oomguard: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("tests failed");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Sums libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_result_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 40 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add("test result: FAILED. 9 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 49,
+                failed: 1,
+                ignored: 2
+            }
+        );
+    }
 }

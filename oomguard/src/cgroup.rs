@@ -154,6 +154,16 @@ impl MemCgroup {
         write_str(&self.file("memory.force_empty"), "0")
     }
 
+    /// Kernel OOM kills in this cgroup and its descendants: cgroup v1 counts a kill only in
+    /// the victim's own cgroup, not in the ancestor whose limit was hit.
+    pub fn subtree_oom_kills(&self) -> u64 {
+        self.subtree()
+            .iter()
+            .filter_map(|c| c.oom_control().ok())
+            .map(|o| o.oom_kill)
+            .sum()
+    }
+
     /// Process ids directly in this cgroup.
     pub fn procs(&self) -> Result<Vec<i32>> {
         let text = read_string(&self.file("cgroup.procs"))?;

@@ -135,7 +135,7 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
             )
     });
     std::thread::sleep(Duration::from_millis(300));
-    let oom = sb.cg.oom_control().map_err(|e| e.to_string())?;
+    let oom_kills = sb.cg.subtree_oom_kills();
     let peak = sb.cg.max_usage().unwrap_or(0);
     let failcnt = sb.cg.failcnt().unwrap_or(0);
     use std::os::unix::process::ExitStatusExt;
@@ -173,7 +173,7 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
             human(k["rss_bytes"].as_u64().unwrap_or(0))
         );
         println!("wake-up to SIGKILL {} us", d["wake_to_kill_us"]);
-        ok = oom.oom_kill == 0 && k["pid"].as_i64() == Some(hog_pid);
+        ok = oom_kills == 0 && k["pid"].as_i64() == Some(hog_pid);
     } else if let Some(d) = &decision {
         println!("agent decision     {}", d["action"].as_str().unwrap_or("?"));
         ok = args.policy == "noop";
@@ -182,10 +182,10 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
     }
     println!(
         "kernel OOM killer  {}",
-        if oom.oom_kill == 0 {
+        if oom_kills == 0 {
             "did not have to act (oom_kill 0)".to_string()
         } else {
-            format!("acted: oom_kill {}", oom.oom_kill)
+            format!("acted: oom_kill {}", oom_kills)
         }
     );
     drop(agent);

@@ -32,6 +32,7 @@ pub struct Discovery {
     failed: HashMap<PathBuf, String>,
     inotify: AsyncFd<Inotify>,
     watches: HashMap<WatchDescriptor, PathBuf>,
+    watched: HashMap<PathBuf, WatchDescriptor>,
     ready: watch::Sender<bool>,
 }
 
@@ -55,6 +56,7 @@ impl Discovery {
             // is registered.
             inotify: unsafe { AsyncFd::register(Inotify::init()?)? },
             watches: HashMap::new(),
+            watched: HashMap::new(),
             ready,
         })
     }
@@ -84,7 +86,15 @@ impl Discovery {
                         Ok(events) => {
                             for ev in events {
                                 let dir = self.watches.get(&ev.wd).cloned();
-                                if let Some(dir) = dir {
+                                if ev.mask.contains(EventMask::IGNORED) {
+                                    // The directory is gone and so is its watch: forget it by
+                                    // descriptor (a re-created path has a new one).
+                                    if let Some(p) = self.watches.remove(&ev.wd)
+                                        && self.watched.get(&p) == Some(&ev.wd)
+                                    {
+                                        self.watched.remove(&p);
+                                    }
+                                } else if let Some(dir) = dir {
                                     changed.push((dir.clone(), ev.mask, ev.name.map(|n| dir.join(n))));
                                 }
                                 if ev.mask.contains(EventMask::Q_OVERFLOW) {
@@ -93,7 +103,11 @@ impl Discovery {
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
-                        Err(e) => tracing::warn!(error = %e, "reading inotify events"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading inotify events; rescanning");
+                            guard.clear_ready();
+                            changed.push((PathBuf::new(), EventMask::Q_OVERFLOW, None));
+                        }
                     }
                     drop(guard);
                     for (dir, mask, child) in changed {
@@ -108,10 +122,6 @@ impl Discovery {
         if mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed; rescanning");
             self.rescan();
-            return;
-        }
-        if mask.contains(EventMask::IGNORED) {
-            self.watches.retain(|_, p| p != dir);
             return;
         }
         let Some(child) = child else { return };
@@ -130,12 +140,13 @@ impl Discovery {
     }
 
     fn watch(&mut self, dir: &Path) {
-        if self.watches.values().any(|p| p == dir) {
+        if self.watched.contains_key(dir) {
             return;
         }
         match self.inotify.get_mut().watches().add(dir, DIR_EVENTS) {
             Ok(wd) => {
-                self.watches.insert(wd, dir.to_path_buf());
+                self.watches.insert(wd.clone(), dir.to_path_buf());
+                self.watched.insert(dir.to_path_buf(), wd);
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => {
@@ -158,6 +169,11 @@ impl Discovery {
             self.forget(&p);
         }
         self.failed.retain(|p, _| present.contains(p));
+        // Watches of directories that are gone (their IN_IGNORED may have been lost in an
+        // overflow) must not block watching a re-created path.
+        self.watched.retain(|p, _| present.contains(p));
+        let watched = &self.watched;
+        self.watches.retain(|wd, p| watched.get(p) == Some(wd));
         for cg in &all {
             self.watch(&cg.path);
             self.reconcile(cg);
@@ -181,6 +197,7 @@ impl Discovery {
         }
         self.failed.retain(|p, _| !p.starts_with(top));
         self.watches.retain(|_, p| !p.starts_with(top));
+        self.watched.retain(|p, _| !p.starts_with(top));
     }
 
     fn forget(&mut self, path: &Path) {

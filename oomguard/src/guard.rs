@@ -118,9 +118,18 @@ struct Entry {
     reclaiming: Arc<AtomicBool>,
     tokens: Vec<u64>,
     oom_kills_seen: u64,
-    /// The OOM eventfd fired before the kernel counted its kill: look again this many turns.
-    oom_pending: u8,
+    /// The OOM eventfd fired before the kernel counted its kill: look again until then.
+    oom_pending_until: Option<Instant>,
+    /// Re-check until then even below the threshold: a kill-eventfd wake-up that read
+    /// usage below the threshold may have met a momentary dip (per-CPU charge stock
+    /// drained, reclaim), and the kernel will not signal the same crossing again.
+    watch_until: Option<Instant>,
 }
+
+/// How long a kill-eventfd wake-up keeps a cgroup under watch.
+const WATCH_WINDOW: Duration = Duration::from_secs(1);
+/// How long to wait for the kernel to count a kill after its OOM notification.
+const OOM_COUNT_WAIT: Duration = Duration::from_secs(3);
 
 struct Guard {
     deps: Deps,
@@ -190,7 +199,11 @@ impl Guard {
         let mut last_recheck = Instant::now();
         loop {
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
-            let any_above = self.entries.values().any(|e| e.state.above);
+            let now = Instant::now();
+            let any_above = self
+                .entries
+                .values()
+                .any(|e| e.state.above || e.watch_until.is_some_and(|t| t > now));
             let interval = self.deps.config.guard_interval;
             // The tick also feeds the health watchdog: never sleep longer than a second.
             let wait = if any_above {
@@ -225,8 +238,9 @@ impl Guard {
                         }
                     }
                     Kind::Kill => {
-                        if let Some(e) = self.entries.get(&path) {
+                        if let Some(e) = self.entries.get_mut(&path) {
                             drain(&e.armed.kill_fd);
+                            e.watch_until = Some(woke + WATCH_WINDOW);
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                         self.evaluate(&path, woke);
@@ -238,7 +252,7 @@ impl Guard {
             let pending: Vec<PathBuf> = self
                 .entries
                 .iter()
-                .filter(|(_, e)| e.oom_pending > 0)
+                .filter(|(_, e)| e.oom_pending_until.is_some())
                 .map(|(p, _)| p.clone())
                 .collect();
             for p in pending {
@@ -246,10 +260,11 @@ impl Guard {
             }
             if any_above && last_recheck.elapsed() >= interval {
                 last_recheck = Instant::now();
+                let now = Instant::now();
                 let above: Vec<PathBuf> = self
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.state.above)
+                    .filter(|(_, e)| e.state.above || e.watch_until.is_some_and(|t| t > now))
                     .map(|(p, _)| p.clone())
                     .collect();
                 for p in above {
@@ -304,7 +319,7 @@ impl Guard {
         if let Some(fd) = &armed.oom_fd {
             tokens.extend(self.register(fd, &path, Kind::Oom));
         }
-        let oom_kills_seen = armed.cgroup.oom_control().map(|o| o.oom_kill).unwrap_or(0);
+        let oom_kills_seen = armed.cgroup.subtree_oom_kills();
         let entry = Entry {
             armed,
             state: previous
@@ -317,7 +332,8 @@ impl Guard {
                 .unwrap_or_else(|| Arc::new(AtomicBool::new(false))),
             tokens,
             oom_kills_seen,
-            oom_pending: 0,
+            oom_pending_until: None,
+            watch_until: None,
         };
         self.entries.insert(path.clone(), entry);
         self.stats
@@ -418,6 +434,7 @@ impl Guard {
             return;
         };
         let cg = e.armed.cgroup.clone();
+        let kill_threshold = e.armed.thresholds.kill;
         let candidates = victim::candidates(&cg, e.armed.thresholds.limit, self.self_pid);
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         if cfg.policy == Policy::Noop {
@@ -446,6 +463,11 @@ impl Guard {
                     break;
                 }
                 d.action = Action::KillFailed;
+                // A victim that got SIGKILL but has not exited yet may already have released
+                // its memory (process_mrelease): only go on if usage is still above.
+                if cg.usage().is_ok_and(|u| u < kill_threshold) {
+                    break;
+                }
             }
             d.wake_to_kill_us = first_signal.map(|t| t.as_micros() as u64);
             if d.action == Action::Kill
@@ -484,6 +506,21 @@ impl Guard {
         {
             return;
         }
+        // Large cache: the kernel reclaims it by itself and the kill threshold would skip
+        // anyway. Dropping an I/O-heavy container's cache every interval would only hurt.
+        let cache = e
+            .armed
+            .cgroup
+            .stat()
+            .map(|s| s.reclaimable_cache())
+            .unwrap_or(0);
+        if cache_is_large(
+            cache,
+            e.armed.thresholds.limit,
+            self.deps.config.cache_skip_ratio,
+        ) {
+            return;
+        }
         e.last_reclaim = Some(Instant::now());
         e.reclaiming.store(true, Ordering::Release);
         let flag = e.reclaiming.clone();
@@ -516,27 +553,26 @@ impl Guard {
         if let Some(fd) = &e.armed.oom_fd {
             drain(fd);
         }
-        let Ok(oc) = e.armed.cgroup.oom_control() else {
-            return;
-        };
-        if oc.oom_kill <= e.oom_kills_seen {
+        let total = e.armed.cgroup.subtree_oom_kills();
+        let now = Instant::now();
+        if total <= e.oom_kills_seen {
             // The notification comes when the cgroup enters OOM, before the kill is counted.
-            e.oom_pending = if e.oom_pending == 0 {
-                10
-            } else {
-                e.oom_pending - 1
-            };
+            match e.oom_pending_until {
+                None => e.oom_pending_until = Some(now + OOM_COUNT_WAIT),
+                Some(t) if t <= now => e.oom_pending_until = None,
+                Some(_) => {}
+            }
             return;
         }
-        e.oom_pending = 0;
-        let new = oc.oom_kill - e.oom_kills_seen;
-        e.oom_kills_seen = oc.oom_kill;
+        e.oom_pending_until = None;
+        let new = total - e.oom_kills_seen;
+        e.oom_kills_seen = total;
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
         d.detail = format!(
-            "the kernel OOM killer killed {new} task(s) (oom_kill {})",
-            oc.oom_kill
+            "the kernel OOM killer killed {new} task(s) in this cgroup's subtree \
+             (oom_kill total {total})"
         );
         self.deps.reporter.send(d);
     }

@@ -55,13 +55,18 @@ impl Outcome {
     }
 }
 
-/// Is the process behind `pid` still the `task` that was scored, inside `scope`?
-/// `proc_cgroup_abs` maps the `/proc/PID/cgroup` text to the absolute cgroup directory.
+/// Is the process behind `pid` still the `task` that was scored (same start time), still
+/// killable (`oom_score_adj` not -1000) and inside `scope`?
 fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), String> {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
         .map_err(|_| "process gone".to_string())?;
     if parse_start_time(&stat) != Some(task.start_time) {
         return Err(format!("pid {} was recycled", task.pid));
+    }
+    let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", task.pid))
+        .map_err(|_| "process gone".to_string())?;
+    if adj.trim() == crate::victim::OOM_SCORE_ADJ_MIN.to_string() {
+        return Err(format!("pid {} became oom_score_adj -1000", task.pid));
     }
     let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", task.pid))
         .map_err(|_| "process gone".to_string())?;
@@ -95,7 +100,8 @@ pub fn kill_task(task: &Task, scope: &Path, memory_mount: &Path, timeout: Durati
     };
     match pidfd_open(pid, PidfdFlags::empty()) {
         Ok(fd) => {
-            // The pidfd pins the process: checks made now hold until the signal lands.
+            // The pidfd names one process for good (a recycled pid number cannot redirect it):
+            // if the start time still matches now, the signal reaches the task that was scored.
             if let Err(reason) = still_eligible(task, scope, memory_mount) {
                 return Outcome::Refused { reason };
             }

@@ -13,6 +13,12 @@ use std::path::Path;
 use rustix::event::{EventfdFlags, eventfd};
 use thiserror::Error;
 
+const PAGE: u64 = 4096;
+
+fn page_floor(bytes: u64) -> u64 {
+    bytes / PAGE * PAGE
+}
+
 /// The margin settings (`--margin-ratio`, `--min-margin`, `--max-margin`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Margins {
@@ -50,10 +56,17 @@ impl Margins {
 
     /// The thresholds for a cgroup with this limit, or `None` when the limit is too small to
     /// leave room for the margin (the cgroup is then left to the kernel).
+    ///
+    /// Both thresholds are rounded down to whole pages: the kernel rounds a registered
+    /// threshold that way, and the guard must compare usage against the very value the
+    /// kernel signals on, or a crossing inside the last page would read as "below".
     pub fn thresholds(&self, limit: u64) -> Option<Thresholds> {
         let margin = self.margin(limit);
-        let kill = limit.checked_sub(margin).filter(|k| *k > 0)?;
-        let reclaim = kill.saturating_sub(margin).max(1);
+        let kill = page_floor(limit.checked_sub(margin)?);
+        if kill == 0 {
+            return None;
+        }
+        let reclaim = page_floor(kill.saturating_sub(margin)).max(PAGE);
         Some(Thresholds {
             limit,
             margin,
@@ -168,12 +181,26 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_are_whole_pages() {
+        let m = Margins {
+            ratio: 0.1,
+            min: M,
+            max: 50 * M,
+        };
+        let t = m.thresholds(128 * M).unwrap();
+        // 10% of 128M is 13421772.8 bytes: not a page multiple.
+        assert_eq!(t.kill % 4096, 0);
+        assert_eq!(t.reclaim % 4096, 0);
+        assert!(t.kill <= 128 * M - t.margin && t.kill > 128 * M - t.margin - 4096);
+    }
+
+    #[test]
     fn tiny_limits_are_not_guarded() {
         let m = Margins::default();
         assert_eq!(m.thresholds(M), None);
         assert_eq!(m.thresholds(M / 2), None);
         let t = m.thresholds(M + 4096).unwrap();
         assert_eq!(t.kill, 4096);
-        assert_eq!(t.reclaim, 1);
+        assert_eq!(t.reclaim, 4096);
     }
 }

@@ -12,6 +12,9 @@ use crate::cgroup::MemCgroup;
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const OOM_SCORE_ADJ_MIN: i32 = -1000;
+/// The process of a pod's sandbox (pause) container: it holds the pod's namespaces, so
+/// killing it kills the whole pod. Never a candidate.
+pub const SANDBOX_COMM: &str = "pause";
 
 /// One process as the scorer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -48,11 +51,16 @@ pub fn badness(task: &Task, limit_bytes: u64) -> i64 {
 }
 
 /// Scores and orders the candidates, highest score first (ties: larger rss, then lower
-/// pid). Leaves out `exclude_pid` (the agent), adj -1000 and exiting tasks.
+/// pid). Leaves out `exclude_pid` (the agent), adj -1000, exiting tasks and pause processes.
 pub fn rank(tasks: Vec<Task>, limit_bytes: u64, exclude_pid: i32) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = tasks
         .into_iter()
-        .filter(|t| t.pid != exclude_pid && t.oom_score_adj != OOM_SCORE_ADJ_MIN && !t.exiting)
+        .filter(|t| {
+            t.pid != exclude_pid
+                && t.oom_score_adj != OOM_SCORE_ADJ_MIN
+                && !t.exiting
+                && t.comm != SANDBOX_COMM
+        })
         .map(|task| Candidate {
             score: badness(&task, limit_bytes),
             task,
@@ -207,6 +215,15 @@ mod tests {
         );
         let pids: Vec<i32> = r.iter().map(|c| c.task.pid).collect();
         assert_eq!(pids, vec![2]);
+    }
+
+    #[test]
+    fn never_the_pause_process() {
+        let mut pause = task(1, 900, 1000);
+        pause.comm = "pause".into();
+        let r = rank(vec![pause, task(2, 1, 0)], 1000 * M, -1);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].task.pid, 2);
     }
 
     #[test]

@@ -45,7 +45,12 @@ fn main() -> ExitCode {
     let chunk = args.chunk.bytes().max(4096) as usize;
     let total = args.total.bytes() as usize;
     let rate = args.rate.bytes() as f64;
-    let start = Instant::now();
+    let step = if rate > 0.0 {
+        Duration::from_secs_f64(chunk as f64 / rate)
+    } else {
+        Duration::ZERO
+    };
+    let mut next = Instant::now();
     let mut done = 0usize;
     let mut file = match &args.file {
         Some(p) => match std::fs::File::create(p) {
@@ -76,8 +81,10 @@ fn main() -> ExitCode {
         }
         done += chunk;
         if rate > 0.0 {
-            let due = Duration::from_secs_f64(done as f64 / rate);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
+            // Pace each chunk from the previous deadline, never from the start: after a
+            // stall the hog must not catch up in a burst faster than --rate.
+            next = next.max(Instant::now()) + step;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
         }

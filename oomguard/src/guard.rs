@@ -85,6 +85,12 @@ impl GuardHandle {
         }
     }
 
+    /// False once the guard thread has stopped (an epoll failure or a panic): the agent
+    /// must then exit rather than run on without guarding anything.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the guard thread and waits for it.
     pub fn shutdown(mut self) {
         self.send(Cmd::Shutdown);

@@ -127,13 +127,27 @@ fn agent(config: Config) -> anyhow::Result<()> {
         let task = tokio::spawn(discovery.run(stop_rx));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
+        let watched = guard.clone();
+        let guard_died = async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            while watched.is_alive() {
+                tick.tick().await;
+            }
+        };
+        let result = tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                Ok(())
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: stopping");
+                Ok(())
+            }
+            _ = guard_died => Err(anyhow::anyhow!("the guard thread stopped; exiting so that it is restarted")),
+        };
         let _ = stop_tx.send(true);
         let _ = task.await;
-        anyhow::Ok(())
+        result
     })?;
     drop(rt);
     if let Ok(g) = Arc::try_unwrap(guard) {

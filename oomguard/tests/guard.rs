@@ -380,3 +380,16 @@ fn the_guard_thread_is_real_time() {
     }
     assert!(found, "no thread named oomguard-guard");
 }
+
+/// SIGTERM: a clean exit, status 0, within 5 s.
+#[test]
+fn sigterm_stops_the_agent_cleanly() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("guard-term", 64 * M);
+    let mut agent = start_agent(&sb.cg, &["--policy", "noop"]);
+    let st = agent.stop(Duration::from_secs(5));
+    assert!(st.is_some_and(|s| s.success()), "exit: {st:?}");
+}

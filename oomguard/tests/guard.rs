@@ -349,9 +349,10 @@ fn cgroup_churn_leaves_fds_flat() {
     );
 }
 
-/// The guard thread runs SCHED_FIFO (field 41 of /proc/PID/task/TID/stat is the policy).
+/// The guard thread runs SCHED_FIFO (field 41 of /proc/PID/task/TID/stat is the policy), the
+/// agent's memory is locked, and it shields itself from the OOM killer where allowed.
 #[test]
-fn the_guard_thread_is_real_time() {
+fn the_agent_protects_itself() {
     if !kernel_ready() {
         return;
     }
@@ -379,6 +380,25 @@ fn the_guard_thread_is_real_time() {
         }
     }
     assert!(found, "no thread named oomguard-guard");
+    // mlockall: the agent's pages are locked.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(locked_kib > 0, "VmLck is 0: mlockall did not take effect");
+    // oom_score_adj -1000 needs CAP_SYS_RESOURCE, which not every test machine grants.
+    let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+    if caps
+        .lines()
+        .any(|l| l.starts_with("CapEff:") && cap_sys_resource(l))
+    {
+        let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", agent.pid())).unwrap();
+        assert_eq!(adj.trim(), "-1000");
+    } else {
+        eprintln!("note: no CAP_SYS_RESOURCE here: the agent cannot set oom_score_adj -1000");
+    }
 }
 
 /// SIGTERM: a clean exit, status 0, within 5 s.

@@ -174,9 +174,15 @@ impl Discovery {
         self.watched.retain(|p, _| present.contains(p));
         let watched = &self.watched;
         self.watches.retain(|wd, p| watched.get(p) == Some(wd));
+        let mut todo = Vec::new();
         for cg in &all {
             self.watch(&cg.path);
-            self.reconcile(cg);
+            if let Some(t) = self.plan(cg) {
+                todo.push((cg.clone(), t));
+            }
+        }
+        for ((cg, t), armed) in arm_parallel(todo) {
+            self.apply(&cg, t, armed);
         }
         tracing::debug!(
             guarded = self.known.len(),
@@ -209,30 +215,42 @@ impl Discovery {
 
     /// Arms, re-arms (limit changed) or disarms (limit removed) one cgroup.
     pub fn reconcile(&mut self, cg: &MemCgroup) {
+        if let Some(t) = self.plan(cg) {
+            let armed = arm_all(cg, t);
+            self.apply(cg, t, armed);
+        }
+    }
+
+    /// What `cg` needs: `Some(thresholds)` to (re-)arm; disarming and failures are
+    /// handled here.
+    fn plan(&mut self, cg: &MemCgroup) -> Option<Thresholds> {
         let limit = match cg.finite_limit() {
             Ok(l) => l,
             Err(e) if e.is_gone() => {
                 self.forget(&cg.path);
-                return;
+                return None;
             }
             Err(e) => {
                 self.fail_once(&cg.path, e.to_string());
-                return;
+                return None;
             }
         };
-        let thresholds = limit.and_then(|l| self.config.margins.thresholds(l));
-        let Some(thresholds) = thresholds else {
+        let Some(thresholds) = limit.and_then(|l| self.config.margins.thresholds(l)) else {
             self.forget(&cg.path);
-            return;
+            return None;
         };
         if self
             .known
             .get(&cg.path)
             .is_some_and(|k| k.thresholds == thresholds)
         {
-            return;
+            return None;
         }
-        match arm_all(cg, thresholds) {
+        Some(thresholds)
+    }
+
+    fn apply(&mut self, cg: &MemCgroup, thresholds: Thresholds, armed: Result<Armed, String>) {
+        match armed {
             Ok(armed) => {
                 let rearm = self.known.contains_key(&cg.path);
                 self.known.insert(
@@ -271,6 +289,57 @@ impl Discovery {
     pub fn guarded(&self) -> &HashMap<PathBuf, Known> {
         &self.known
     }
+}
+
+/// Registering a threshold costs the kernel an RCU grace period (milliseconds) in the
+/// writer, so a walk arms many cgroups at once: grace periods of concurrent writers overlap.
+const ARM_THREADS: usize = 64;
+/// Small stacks: the agent's memory is locked (mlockall), stacks included.
+const ARM_STACK: usize = 128 * 1024;
+
+type ArmJob = (MemCgroup, Thresholds);
+
+fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, Result<Armed, String>)> {
+    if todo.len() <= 1 {
+        return todo
+            .into_iter()
+            .map(|(cg, t)| {
+                let r = arm_all(&cg, t);
+                ((cg, t), r)
+            })
+            .collect();
+    }
+    let queue = std::sync::Mutex::new(todo.into_iter());
+    let done = std::sync::Mutex::new(Vec::new());
+    let threads = ARM_THREADS.min(queue.lock().map(|q| q.len()).unwrap_or(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let worker = std::thread::Builder::new()
+                .name("oomguard-arm".into())
+                .stack_size(ARM_STACK);
+            let spawned = worker.spawn_scoped(s, || {
+                loop {
+                    let job = match queue.lock() {
+                        Ok(mut q) => q.next(),
+                        Err(_) => None,
+                    };
+                    let Some((cg, t)) = job else { break };
+                    let r = arm_all(&cg, t);
+                    if let Ok(mut d) = done.lock() {
+                        d.push(((cg, t), r));
+                    }
+                }
+            });
+            if spawned.is_err() {
+                // Fewer workers only means a slower walk; the ones running drain the queue.
+                break;
+            }
+        }
+    });
+    let mut out = done.into_inner().unwrap_or_default();
+    // Parents before children, as the walk found them.
+    out.sort_by(|a, b| a.0.0.path.cmp(&b.0.0.path));
+    out
 }
 
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.

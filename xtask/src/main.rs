@@ -29,6 +29,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: kernel-OOM avoidance (agent vs the kernel alone, same run), reaction
+    /// latency, footprint, victim-selection cost. Writes JSON and a Markdown table.
+    Bench {
+        /// About 4 minutes instead of about 15.
+        #[arg(long)]
+        quick: bool,
+        /// Where the JSON goes (the table goes beside it, .md).
+        #[arg(long, default_value = "bench-results/latest.json")]
+        out: PathBuf,
+    },
     /// Format check, clippy, and every test (root integration tests run one at a time).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -61,6 +71,22 @@ fn main() -> Result<()> {
                     args.join(" ")
                 ));
                 cmd.arg("run").args(&args);
+            }
+            exec(&mut cmd)
+        }
+        Cmd::Bench { quick, out } => {
+            setup::run(false)?;
+            build()?;
+            let out = if out.is_absolute() {
+                out
+            } else {
+                root.join(out)
+            };
+            step(&format!("benchmarking (results: {})", out.display()));
+            let mut cmd = Command::new(root.join("target/release/oomguard-bench"));
+            cmd.arg("--out").arg(&out);
+            if quick {
+                cmd.arg("--quick");
             }
             exec(&mut cmd)
         }
@@ -99,7 +125,7 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
 
 fn build() -> Result<()> {
     step("building the agent (release; the eBPF programs are built by oomguard/build.rs)");
-    exec(cargo().args(["build", "--release", "--package", "oomguard"]))
+    exec(cargo().args(["build", "--release", "--package", "oomguard", "--bins"]))
 }
 
 fn test(extra: &[String]) -> Result<()> {

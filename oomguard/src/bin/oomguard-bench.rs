@@ -1,0 +1,673 @@
+//! `oomguard-bench` (run it through `cargo xtask bench`): kernel-OOM avoidance, reaction
+//! latency, footprint and victim-selection cost, measured side by side in one run on real
+//! cgroups beneath our own memory cgroup. Writes JSON and prints a table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use oomguard::cgroup::MemCgroup;
+use oomguard::sandbox::{Agent, Sandbox, in_cgroup, sibling_binary};
+use oomguard::threshold::Margins;
+use serde::Serialize;
+
+const M: u64 = 1 << 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oomguard-bench",
+    about = "Measure oomguard against the kernel, side by side"
+)]
+struct Args {
+    /// Fewer trials and scenarios (about 4 minutes instead of about 15).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results/latest.json")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    kernel: String,
+    cores: usize,
+    memory_bytes: u64,
+    cpu_model: String,
+    modes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct AvoidanceRow {
+    scenario: String,
+    mode: String,
+    trials: u32,
+    /// Killed by the agent with the kernel's oom_kill count unchanged.
+    guarded: u32,
+    /// memory.failcnt stayed 0.
+    limit_untouched: u32,
+    kernel_kills: u64,
+    /// Peak usage past the kill threshold (0 when the peak stayed below it).
+    overshoot_p50_kib: u64,
+    overshoot_p99_kib: u64,
+    /// Agent kills needed per trial (the many-process scenario), mean.
+    kills_per_trial: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LatencyRow {
+    mode: String,
+    samples: usize,
+    signal_to_sigkill_p50_us: u64,
+    signal_to_sigkill_p99_us: u64,
+    signal_to_sigkill_max_us: u64,
+    signal_to_gone_p50_us: u64,
+    signal_to_gone_p99_us: u64,
+    signal_to_gone_max_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct FootprintRow {
+    mode: String,
+    cgroups: usize,
+    arm_all_ms: f64,
+    rss_kib: u64,
+    cpu_percent_of_core: f64,
+    window_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SelectionRow {
+    tasks: usize,
+    source: String,
+    per_selection_us: f64,
+    same_victim: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    quick: bool,
+    avoidance: Vec<AvoidanceRow>,
+    latency: Vec<LatencyRow>,
+    footprint: Vec<FootprintRow>,
+    victim_selection: Vec<SelectionRow>,
+    duration_s: f64,
+}
+
+struct Scenario {
+    name: &'static str,
+    limit: u64,
+    /// Bytes per second per workload; 0 = unthrottled.
+    rate: u64,
+    margin_ratio: f64,
+    min_margin: &'static str,
+    burners: bool,
+    /// Cgroups going over at once.
+    cgroups: usize,
+    /// Processes per cgroup growing together.
+    procs: usize,
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let base = |name, limit, rate| Scenario {
+        name,
+        limit,
+        rate,
+        margin_ratio: 0.02,
+        min_margin: "1M",
+        burners: false,
+        cgroups: 1,
+        procs: 1,
+    };
+    let mut v = vec![
+        base("128MiB @64MB/s", 128 * M, 64_000_000),
+        base("128MiB @256MB/s", 128 * M, 256_000_000),
+        base("128MiB unthrottled", 128 * M, 0),
+        base("32MiB 1MiB-margin unthrottled", 32 * M, 0),
+    ];
+    if !quick {
+        v.push(Scenario {
+            burners: true,
+            ..base("128MiB @256MB/s + CPU burners", 128 * M, 256_000_000)
+        });
+        v.push(Scenario {
+            burners: true,
+            ..base("32MiB unthrottled + CPU burners", 32 * M, 0)
+        });
+        v.push(Scenario {
+            cgroups: 10,
+            ..base("10 cgroups x 128MiB @64MB/s", 128 * M, 64_000_000)
+        });
+        v.push(Scenario {
+            procs: 50,
+            ..base("50 procs x 4MB/s in 256MiB", 256 * M, 4_000_000)
+        });
+    }
+    v
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("oomguard-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let agent = sibling_binary("oomguard").ok_or("oomguard is not next to oomguard-bench")?;
+    let memhog = sibling_binary("oomguard-memhog").ok_or("oomguard-memhog is missing")?;
+    let machine = machine();
+    progress(&format!(
+        "{} cores, kernel {}, modes {:?}",
+        machine.cores, machine.kernel, machine.modes
+    ));
+    let trials = if args.quick { 5 } else { 20 };
+    let mut avoidance = Vec::new();
+    let mut latencies: Vec<(u64, u64)> = Vec::new();
+    let list = scenarios(args.quick);
+    for (i, sc) in list.iter().enumerate() {
+        for mode in ["kernel-only", "eventfd"] {
+            progress(&format!(
+                "[{}/{}] {} — {mode}, {trials} trials",
+                i + 1,
+                list.len(),
+                sc.name
+            ));
+            let (row, lat) = avoid(sc, mode, trials, &agent, &memhog)?;
+            progress(&format!(
+                "    guarded {}/{}, limit untouched {}/{}, kernel kills {}, overshoot p50 {} KiB p99 {} KiB",
+                row.guarded,
+                row.trials,
+                row.limit_untouched,
+                row.trials,
+                row.kernel_kills,
+                row.overshoot_p50_kib,
+                row.overshoot_p99_kib
+            ));
+            avoidance.push(row);
+            latencies.extend(lat);
+        }
+    }
+    let latency = vec![latency_row("eventfd", &latencies)];
+    let sizes: &[usize] = if args.quick {
+        &[10, 100]
+    } else {
+        &[10, 100, 1000]
+    };
+    let mut footprint = Vec::new();
+    for &n in sizes {
+        progress(&format!("footprint: {n} idle guarded cgroups"));
+        footprint.push(footprint_row(
+            n,
+            &agent,
+            if args.quick { 3.0 } else { 10.0 },
+        )?);
+    }
+    let mut victim_selection = Vec::new();
+    for &n in &[10usize, 100, 1000] {
+        progress(&format!("victim selection: {n} tasks in one cgroup"));
+        victim_selection.push(selection_row(n, &memhog)?);
+    }
+    let report = Report {
+        machine,
+        quick: args.quick,
+        avoidance,
+        latency,
+        footprint,
+        victim_selection,
+        duration_s: started.elapsed().as_secs_f64(),
+    };
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    std::fs::write(&args.out, json).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let table = render(&report);
+    print!("{table}");
+    let md = args.out.with_extension("md");
+    std::fs::write(&md, &table).map_err(|e| format!("{}: {e}", md.display()))?;
+    progress(&format!(
+        "wrote {} and {} in {:.0} s",
+        args.out.display(),
+        md.display(),
+        report.duration_s
+    ));
+    Ok(())
+}
+
+fn machine() -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    Machine {
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_bytes: mem_kib * 1024,
+        cpu_model,
+        modes: vec!["kernel-only".into(), "eventfd".into()],
+    }
+}
+
+/// Busy loops on every core, killed on drop.
+struct Burners(Vec<Child>);
+
+impl Burners {
+    fn start(n: usize) -> Result<Self, String> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(Burners(v))
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn wait_children(children: &mut [Child], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for c in children.iter_mut() {
+        loop {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// One avoidance row: `trials` trials of scenario `sc` in `mode`.
+fn avoid(
+    sc: &Scenario,
+    mode: &str,
+    trials: u32,
+    agent_exe: &Path,
+    memhog: &Path,
+) -> Result<(AvoidanceRow, Vec<(u64, u64)>), String> {
+    let sb = Sandbox::new("bench").map_err(|e| e.to_string())?;
+    let root = sb.path().display().to_string();
+    let margins = Margins {
+        ratio: sc.margin_ratio,
+        min: sc
+            .min_margin
+            .parse::<oomguard::size::Size>()
+            .map_or(M, |s| s.bytes()),
+        max: 50 * M,
+    };
+    let th = margins.thresholds(sc.limit).ok_or("limit too small")?;
+    let agent = if mode == "eventfd" {
+        let ratio = sc.margin_ratio.to_string();
+        Some(
+            Agent::start(
+                agent_exe,
+                &[
+                    "--root",
+                    &root,
+                    "--policy",
+                    "process",
+                    "--margin-ratio",
+                    &ratio,
+                    "--min-margin",
+                    sc.min_margin,
+                    "--walk-interval",
+                    "3600",
+                ],
+                None,
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
+    let _burners = if sc.burners {
+        Some(Burners::start(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )?)
+    } else {
+        None
+    };
+    let mut row = AvoidanceRow {
+        scenario: sc.name.to_string(),
+        mode: mode.to_string(),
+        trials: 0,
+        guarded: 0,
+        limit_untouched: 0,
+        kernel_kills: 0,
+        overshoot_p50_kib: 0,
+        overshoot_p99_kib: 0,
+        kills_per_trial: 0.0,
+    };
+    let mut overshoots = Vec::new();
+    let mut lat = Vec::new();
+    let mut total_kills = 0u64;
+    for t in 0..trials {
+        let mut cgs: Vec<MemCgroup> = Vec::new();
+        for c in 0..sc.cgroups {
+            let cg = sb.child(&format!("t{t}-{c}")).map_err(|e| e.to_string())?;
+            cg.set_limit(sc.limit).map_err(|e| e.to_string())?;
+            if let Some(a) = &agent
+                && a.wait_armed(&cg.path, Duration::from_secs(10)).is_none()
+            {
+                return Err(format!("{} was not armed", cg.path.display()));
+            }
+            cgs.push(cg);
+        }
+        let per_proc_total = sc.limit * 2 / sc.procs as u64;
+        let mut children = Vec::new();
+        for cg in &cgs {
+            for _ in 0..sc.procs {
+                let mut cmd = Command::new(memhog);
+                cmd.args([
+                    "--rate",
+                    &format!("{}B", sc.rate),
+                    "--total",
+                    &format!("{per_proc_total}B"),
+                    "--hold",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+                let child = in_cgroup(&mut cmd, cg)
+                    .and_then(|c| c.spawn())
+                    .map_err(|e| e.to_string())?;
+                children.push(child);
+            }
+        }
+        wait_children(&mut children, Duration::from_secs(60));
+        // Let the agent's decision records arrive.
+        std::thread::sleep(Duration::from_millis(100));
+        for cg in &cgs {
+            row.trials += 1;
+            let kernel = cg.subtree_oom_kills();
+            row.kernel_kills += kernel;
+            let path = cg.path.display().to_string();
+            let kills: Vec<serde_json::Value> = agent
+                .as_ref()
+                .map(|a| {
+                    a.decisions("kill")
+                        .into_iter()
+                        .filter(|d| d["oomcgroup"] == path.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            total_kills += kills.len() as u64;
+            for d in &kills {
+                let killed: Vec<serde_json::Value> =
+                    serde_json::from_str(d["killed"].as_str().unwrap_or("[]")).unwrap_or_default();
+                let gone = killed
+                    .iter()
+                    .find(|k| k["outcome"] == "exited")
+                    .and_then(|k| k["exit_us"].as_u64());
+                if let (Some(w), Some(g)) = (d["wake_to_kill_us"].as_u64(), gone) {
+                    lat.push((w, w + g.saturating_sub(k_signal(&killed))));
+                }
+            }
+            if kernel == 0 && !kills.is_empty() {
+                row.guarded += 1;
+            }
+            if cg.failcnt().unwrap_or(1) == 0 {
+                row.limit_untouched += 1;
+            }
+            let peak = cg.max_usage().unwrap_or(0);
+            overshoots.push(peak.saturating_sub(th.kill) / 1024);
+        }
+        for cg in cgs.iter().rev() {
+            let _ = std::fs::remove_dir(&cg.path);
+        }
+    }
+    overshoots.sort_unstable();
+    row.overshoot_p50_kib = percentile(&overshoots, 0.5);
+    row.overshoot_p99_kib = percentile(&overshoots, 0.99);
+    row.kills_per_trial = total_kills as f64 / f64::from(row.trials.max(1));
+    Ok((row, lat))
+}
+
+/// Microseconds from the start of the first kill attempt to its signal.
+fn k_signal(killed: &[serde_json::Value]) -> u64 {
+    killed
+        .iter()
+        .find(|k| k["outcome"] == "exited")
+        .and_then(|k| k["signal_us"].as_u64())
+        .unwrap_or(0)
+}
+
+fn latency_row(mode: &str, samples: &[(u64, u64)]) -> LatencyRow {
+    let mut kill: Vec<u64> = samples.iter().map(|s| s.0).collect();
+    let mut gone: Vec<u64> = samples.iter().map(|s| s.1).collect();
+    kill.sort_unstable();
+    gone.sort_unstable();
+    LatencyRow {
+        mode: mode.to_string(),
+        samples: samples.len(),
+        signal_to_sigkill_p50_us: percentile(&kill, 0.5),
+        signal_to_sigkill_p99_us: percentile(&kill, 0.99),
+        signal_to_sigkill_max_us: kill.last().copied().unwrap_or(0),
+        signal_to_gone_p50_us: percentile(&gone, 0.5),
+        signal_to_gone_p99_us: percentile(&gone, 0.99),
+        signal_to_gone_max_us: gone.last().copied().unwrap_or(0),
+    }
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let n = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    n(14) + n(15)
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintRow, String> {
+    let sb = Sandbox::new("bench-idle").map_err(|e| e.to_string())?;
+    let mut last = PathBuf::new();
+    for i in 0..n {
+        let cg = sb.child(&format!("c{i}")).map_err(|e| e.to_string())?;
+        cg.set_limit(64 * M).map_err(|e| e.to_string())?;
+        last = cg.path;
+    }
+    let root = sb.path().display().to_string();
+    let t0 = Instant::now();
+    let agent = Agent::start(
+        agent_exe,
+        &[
+            "--root",
+            &root,
+            "--policy",
+            "noop",
+            "--walk-interval",
+            "3600",
+        ],
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    // Children are armed after the root, in walk order: the last one ends the arming.
+    agent
+        .wait_armed(&last, Duration::from_secs(60))
+        .ok_or("not every cgroup was armed within 60 s")?;
+    let arm_all_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let c0 = proc_cpu_ticks(agent.pid());
+    let w0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(window_s));
+    let ticks = proc_cpu_ticks(agent.pid()) - c0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let elapsed = w0.elapsed().as_secs_f64();
+    Ok(FootprintRow {
+        mode: "eventfd".into(),
+        cgroups: n,
+        arm_all_ms,
+        rss_kib: proc_rss_kib(agent.pid()),
+        cpu_percent_of_core: ticks as f64 / hz / elapsed * 100.0,
+        window_s: elapsed,
+    })
+}
+
+fn selection_row(n: usize, memhog: &Path) -> Result<SelectionRow, String> {
+    let sb = Sandbox::new("bench-select").map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    for i in 0..n {
+        let mut cmd = Command::new(memhog);
+        cmd.args([
+            "--total",
+            &format!("{}K", 64 + (i % 97) * 4),
+            "--chunk",
+            "4K",
+        ])
+        .stdout(Stdio::null());
+        children.push(
+            in_cgroup(&mut cmd, &sb.cg)
+                .and_then(|c| c.spawn())
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    // Let every task fault in its memory.
+    std::thread::sleep(Duration::from_millis(500 + n as u64));
+    let rounds = (2000 / n).clamp(3, 200);
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(oomguard::victim::candidates(&sb.cg, 1 << 30, -1));
+    }
+    let per = t0.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(SelectionRow {
+        tasks: n,
+        source: "/proc".into(),
+        per_selection_us: per,
+        same_victim: None,
+    })
+}
+
+fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "machine: {} cores, {:.1} GiB, kernel {}, {}{}\n",
+        r.machine.cores,
+        r.machine.memory_bytes as f64 / (1u64 << 30) as f64,
+        r.machine.kernel,
+        r.machine.cpu_model,
+        if r.quick { " (quick run)" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "| scenario | mode | trials | guarded | limit untouched | kernel kills | overshoot p50/p99 KiB | kills/trial |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for a in &r.avoidance {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {}/{} | {:.1} |",
+            a.scenario,
+            a.mode,
+            a.trials,
+            a.guarded,
+            a.limit_untouched,
+            a.kernel_kills,
+            a.overshoot_p50_kib,
+            a.overshoot_p99_kib,
+            a.kills_per_trial
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| mode | samples | signal→SIGKILL p50/p99/max µs | signal→gone p50/p99/max µs |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for l in &r.latency {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {}/{}/{} | {}/{}/{} |",
+            l.mode,
+            l.samples,
+            l.signal_to_sigkill_p50_us,
+            l.signal_to_sigkill_p99_us,
+            l.signal_to_sigkill_max_us,
+            l.signal_to_gone_p50_us,
+            l.signal_to_gone_p99_us,
+            l.signal_to_gone_max_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| mode | idle cgroups | arm all ms | RSS KiB | CPU % of a core |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for f in &r.footprint {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {} | {:.3} |",
+            f.mode, f.cgroups, f.arm_all_ms, f.rss_kib, f.cpu_percent_of_core
+        );
+    }
+    let _ = writeln!(s, "\n| tasks | source | µs per selection |");
+    let _ = writeln!(s, "|---|---|---|");
+    for v in &r.victim_selection {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} |",
+            v.tasks, v.source, v.per_selection_us
+        );
+    }
+    s
+}

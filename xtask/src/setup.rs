@@ -7,13 +7,19 @@ use anyhow::{Context, Result, bail};
 
 use crate::{exec, step};
 
-/// Debian packages: LLVM 22 for bpf-linker, bpftool for looking at loaded programs.
+/// Debian packages: LLVM 22 for bpf-linker, bpftool for looking at loaded programs,
+/// protoc for the containerd API, and a real containerd, runc and a static busybox (the
+/// container rootfs) for the runtime tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "bpftool",
+    "protobuf-compiler",
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,669 @@
+//! The container policy's runtime side: from the cgroup whose threshold fired to one
+//! container, and killing that whole container through containerd.
+//!
+//! - [`layout`]: cgroup path → pod or container (both kubelet cgroup drivers), pure.
+//! - [`labels`]: CRI labels and docker's `config.v2.json` → pod, container name, sandbox or not.
+//! - [`choose`]: which container of a pod to kill (the rule is documented there), pure.
+//! - [`RuntimeClient`]: a blocking facade over containerd (two endpoints: docker's, namespace
+//!   `moby`, and containerd's, namespace `k8s.io`) for the guard thread, which is not a tokio
+//!   thread. It owns a small current-thread tokio runtime on its own thread; every blocking
+//!   call returns within its timeout whatever the socket does (missing, refusing, hung).
+//! - [`fallback`]: killing a container cgroup's tasks directly when containerd cannot do it.
+
+pub mod choose;
+mod containerd;
+pub mod fallback;
+pub mod labels;
+pub mod layout;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tonic::transport::Channel;
+
+pub use self::choose::{ChildContainer, choose_container, looks_like_sandbox};
+pub use self::containerd::{Endpoint, K8S_IO, KillAck, MOBY};
+pub use self::fallback::{FallbackKill, FallbackReport, fallback_kill_cgroup_tasks};
+pub use self::labels::{ContainerInfo, ContainerKind, DEFAULT_DOCKER_ROOT, PodRef};
+pub use self::layout::{CgroupRole, Qos, RuntimeHint, parse_cgroup};
+use crate::cgroup::MemCgroup;
+
+/// The longest any single containerd call may take.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Resolved containers remembered (labels never change during a container's life).
+const CACHE_LIMIT: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("no containerd socket is present (looked for {0})")]
+    NoRuntime(String),
+    #[error("cannot reach containerd at {socket}")]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("containerd ({what}) did not answer within {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("containerd at {socket} refused the call")]
+    Rpc {
+        socket: PathBuf,
+        #[source]
+        status: Box<tonic::Status>,
+    },
+    #[error("container {id} is not known to any containerd endpoint")]
+    NotFound { id: String },
+    #[error("invalid containerd namespace {0:?}")]
+    Namespace(String),
+    #[error("{cgroup} holds no container that may be killed: {why}")]
+    NoContainer { cgroup: PathBuf, why: String },
+    #[error("container {id} still has {tasks} task(s) {after:?} after the kill")]
+    NotStopped {
+        id: String,
+        tasks: usize,
+        after: Duration,
+    },
+    #[error("cannot read docker's container config {path}")]
+    DockerConfig {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot start the runtime client thread")]
+    Setup(#[source] std::io::Error),
+    #[error("the runtime client thread is gone")]
+    Gone,
+}
+
+impl RuntimeError {
+    /// The runtime could not be asked in time (missing, unreachable, hung): the caller
+    /// should fall back to killing the cgroup's tasks itself.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::NoRuntime(_)
+                | RuntimeError::Unreachable { .. }
+                | RuntimeError::Timeout { .. }
+                | RuntimeError::Gone
+        )
+    }
+}
+
+/// Where the runtimes are and how long a call may take.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Asked in this order when a cgroup's layout does not say which runtime owns it.
+    pub endpoints: Vec<Endpoint>,
+    /// docker's data root (`--docker-root`), for `containers/<id>/config.v2.json`.
+    pub docker_root: PathBuf,
+    /// Bound on each containerd call (at most 1 s is sensible: the kill waits on it).
+    pub call_timeout: Duration,
+}
+
+impl RuntimeConfig {
+    /// The agent's two endpoints: docker's containerd (`moby`) and containerd (`k8s.io`).
+    pub fn new(
+        docker_containerd_sock: impl Into<PathBuf>,
+        containerd_sock: impl Into<PathBuf>,
+        docker_root: impl Into<PathBuf>,
+    ) -> Self {
+        RuntimeConfig {
+            endpoints: vec![
+                Endpoint::docker(docker_containerd_sock),
+                Endpoint::containerd(containerd_sock),
+            ],
+            docker_root: docker_root.into(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+}
+
+/// The container chosen for a threshold signal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Target {
+    /// The cgroup whose threshold fired (a pod's or a container's).
+    pub fired: PathBuf,
+    /// The victim container's cgroup.
+    pub cgroup: PathBuf,
+    pub id: String,
+    pub hint: RuntimeHint,
+    /// What the runtime (or docker's config file) says about it; `None` when it could not
+    /// be asked in time: then only the fallback can kill it.
+    pub info: Option<ContainerInfo>,
+    /// `memory.usage_in_bytes` of the victim's cgroup when it was chosen.
+    pub usage: u64,
+    /// Why this container (for the log and the Event).
+    pub reason: String,
+}
+
+impl Target {
+    pub fn pod(&self) -> Option<&PodRef> {
+        self.info.as_ref().and_then(|i| i.pod.as_ref())
+    }
+}
+
+/// A container killed through containerd.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KillReport {
+    pub id: String,
+    pub namespace: String,
+    pub socket: PathBuf,
+    pub cgroup: PathBuf,
+    pub ack: KillAck,
+    /// From the kill request to containerd's answer, in microseconds.
+    pub rpc_us: u64,
+    /// From the kill request to the container cgroup holding no task, in microseconds.
+    pub gone_us: u64,
+}
+
+struct Inner {
+    cfg: RuntimeConfig,
+    channels: Mutex<Vec<Option<Channel>>>,
+    cache: Mutex<HashMap<String, ContainerInfo>>,
+}
+
+/// containerd, callable from a plain thread. See the module docs.
+pub struct RuntimeClient {
+    inner: Arc<Inner>,
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RuntimeClient {
+    /// Starts the client thread. Connects to nothing yet: sockets are dialled on first use,
+    /// and a missing socket is normal (a node runs one runtime).
+    pub fn new(cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (htx, hrx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("oomguard-runtime".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = htx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = htx.send(Ok(rt.handle().clone()));
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(RuntimeError::Setup)?;
+        let handle = hrx
+            .recv()
+            .map_err(|_| RuntimeError::Gone)?
+            .map_err(RuntimeError::Setup)?;
+        let n = cfg.endpoints.len();
+        Ok(RuntimeClient {
+            inner: Arc::new(Inner {
+                cfg,
+                channels: Mutex::new(vec![None; n]),
+                cache: Mutex::new(HashMap::new()),
+            }),
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.cfg
+    }
+
+    /// Runs `fut` on the client thread and waits for it at most `timeout`.
+    fn block<T: Send + 'static>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        fut: impl Future<Output = Result<T, RuntimeError>> + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let what2 = what.to_string();
+        self.handle.spawn(async move {
+            let r = match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(RuntimeError::Timeout {
+                    what: what2,
+                    after: timeout,
+                }),
+            };
+            let _ = tx.send(r);
+        });
+        // The task above gives up at `timeout`; this is the backstop should the client
+        // thread itself be stuck.
+        match rx.recv_timeout(timeout + Duration::from_millis(20)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RuntimeError::Gone),
+        }
+    }
+
+    /// What the runtime says about container `id` (cached once known).
+    pub fn resolve_blocking(
+        &self,
+        id: &str,
+        hint: RuntimeHint,
+        timeout: Duration,
+    ) -> Result<ContainerInfo, RuntimeError> {
+        let inner = self.inner.clone();
+        let id = id.to_string();
+        self.block(&format!("resolve {id}"), timeout, async move {
+            inner.resolve(&id, hint).await
+        })
+    }
+
+    /// Resolves, in the background, the containers a cgroup's path names (itself or, for a
+    /// pod, its children), so a later kill finds them cached. Never blocks.
+    pub fn prefetch(&self, cgroup: &Path) {
+        let ids: Vec<(String, RuntimeHint)> = match parse_cgroup(&cgroup.to_string_lossy()) {
+            CgroupRole::Container { id, hint, .. } => vec![(id, hint)],
+            CgroupRole::Pod { .. } => container_children(cgroup)
+                .into_iter()
+                .map(|(_, id, hint)| (id, hint))
+                .collect(),
+            CgroupRole::Other => return,
+        };
+        for (id, hint) in ids {
+            let inner = self.inner.clone();
+            let t = inner.cfg.call_timeout;
+            self.handle.spawn(async move {
+                let _ = tokio::time::timeout(t, inner.resolve(&id, hint)).await;
+            });
+        }
+    }
+
+    /// Chooses the container to kill for a threshold signal on `fired` (see [`choose`] for
+    /// the rule) and asks the runtime what it is, all within `timeout`. When the runtime
+    /// cannot answer, the target is still chosen from the cgroup tree (docker's config file
+    /// and the `pause` rule stand in for the labels) with `info: None`.
+    pub fn plan_blocking(&self, fired: &Path, timeout: Duration) -> Result<Target, RuntimeError> {
+        let start = Instant::now();
+        match parse_cgroup(&fired.to_string_lossy()) {
+            CgroupRole::Container { id, hint, .. } => {
+                let cg = MemCgroup::new(fired);
+                let usage = cg.usage().unwrap_or(0);
+                let info = self.identify(&cg, &id, hint, timeout);
+                if info
+                    .as_ref()
+                    .is_some_and(|i| i.kind == ContainerKind::Sandbox)
+                {
+                    return Err(RuntimeError::NoContainer {
+                        cgroup: fired.to_path_buf(),
+                        why: "it is the pod's sandbox (pause) container".into(),
+                    });
+                }
+                Ok(Target {
+                    fired: fired.to_path_buf(),
+                    cgroup: fired.to_path_buf(),
+                    id,
+                    hint,
+                    info,
+                    usage,
+                    reason: "the threshold fired on this container's own cgroup".into(),
+                })
+            }
+            CgroupRole::Pod { .. } => {
+                let kids = container_children(fired);
+                let ids: Vec<(String, RuntimeHint)> =
+                    kids.iter().map(|(_, id, h)| (id.clone(), *h)).collect();
+                let inner = self.inner.clone();
+                let left = timeout.saturating_sub(start.elapsed());
+                let resolved = self
+                    .block("resolve the pod's containers", left, async move {
+                        let mut set = tokio::task::JoinSet::new();
+                        for (id, hint) in ids {
+                            let inner = inner.clone();
+                            set.spawn(async move { inner.resolve(&id, hint).await.ok() });
+                        }
+                        let mut out = HashMap::new();
+                        while let Some(r) = set.join_next().await {
+                            if let Ok(Some(info)) = r {
+                                out.insert(info.id.clone(), info);
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .unwrap_or_default();
+                let mut infos = HashMap::new();
+                let children: Vec<ChildContainer> = kids
+                    .into_iter()
+                    .map(|(cg, id, hint)| {
+                        let info = resolved
+                            .get(&id)
+                            .cloned()
+                            .or_else(|| self.offline_info(&id, hint));
+                        let kind = match &info {
+                            Some(i) if i.kind != ContainerKind::Unknown => i.kind,
+                            _ if looks_like_sandbox(&comms(&cg)) => ContainerKind::Sandbox,
+                            _ => ContainerKind::Unknown,
+                        };
+                        if let Some(i) = info {
+                            infos.insert(id.clone(), i);
+                        }
+                        ChildContainer {
+                            usage: cg.usage().unwrap_or(0),
+                            tasks: cg.subtree_procs().len(),
+                            cgroup: cg.path,
+                            id,
+                            kind,
+                        }
+                    })
+                    .collect();
+                let Some(victim) = choose_container(&children) else {
+                    return Err(RuntimeError::NoContainer {
+                        cgroup: fired.to_path_buf(),
+                        why: format!(
+                            "none of its {} container cgroup(s) is a running non-sandbox container",
+                            children.len()
+                        ),
+                    });
+                };
+                let hint = parse_cgroup(&victim.cgroup.to_string_lossy());
+                let hint = match hint {
+                    CgroupRole::Container { hint, .. } => hint,
+                    _ => RuntimeHint::Unknown,
+                };
+                Ok(Target {
+                    fired: fired.to_path_buf(),
+                    cgroup: victim.cgroup.clone(),
+                    id: victim.id.clone(),
+                    hint,
+                    info: infos.remove(&victim.id),
+                    usage: victim.usage,
+                    reason: format!(
+                        "the pod's container using the most memory ({} bytes) of {} non-sandbox container(s)",
+                        victim.usage,
+                        children
+                            .iter()
+                            .filter(|c| c.kind != ContainerKind::Sandbox)
+                            .count()
+                    ),
+                })
+            }
+            CgroupRole::Other => Err(RuntimeError::NoContainer {
+                cgroup: fired.to_path_buf(),
+                why: "its path is neither a pod's nor a container's cgroup".into(),
+            }),
+        }
+    }
+
+    fn identify(
+        &self,
+        cg: &MemCgroup,
+        id: &str,
+        hint: RuntimeHint,
+        timeout: Duration,
+    ) -> Option<ContainerInfo> {
+        let info = self
+            .resolve_blocking(id, hint, timeout)
+            .ok()
+            .or_else(|| self.offline_info(id, hint));
+        match info {
+            Some(i) if i.kind != ContainerKind::Unknown => Some(i),
+            other if looks_like_sandbox(&comms(cg)) => Some(ContainerInfo {
+                id: id.to_string(),
+                namespace: other.map(|i| i.namespace).unwrap_or_default(),
+                kind: ContainerKind::Sandbox,
+                pod: None,
+            }),
+            other => other,
+        }
+    }
+
+    /// Labels without the runtime: docker's config file, when the layout allows docker.
+    fn offline_info(&self, id: &str, hint: RuntimeHint) -> Option<ContainerInfo> {
+        if hint == RuntimeHint::Containerd {
+            return None;
+        }
+        let labels = labels::read_docker_labels(&self.inner.cfg.docker_root, id).ok()?;
+        let mut info = ContainerInfo::from_labels(id, MOBY, &labels);
+        // Not confirmed by containerd: no namespace to kill through.
+        info.namespace = String::new();
+        Some(info)
+    }
+
+    /// Kills `target`'s whole container through containerd (`Tasks.Kill`, SIGKILL, all
+    /// processes) and waits until its cgroup holds no task, all within `timeout`.
+    /// An already-stopped task counts as done. On any error the caller falls back to
+    /// [`fallback_kill_cgroup_tasks`] on `target.cgroup`.
+    pub fn kill_container_blocking(
+        &self,
+        target: &Target,
+        timeout: Duration,
+    ) -> Result<KillReport, RuntimeError> {
+        let start = Instant::now();
+        let Some(info) = target.info.as_ref().filter(|i| !i.namespace.is_empty()) else {
+            return Err(RuntimeError::NotFound {
+                id: target.id.clone(),
+            });
+        };
+        if info.kind == ContainerKind::Sandbox {
+            return Err(RuntimeError::NoContainer {
+                cgroup: target.cgroup.clone(),
+                why: "it is the pod's sandbox (pause) container".into(),
+            });
+        }
+        let Some(idx) = self
+            .inner
+            .cfg
+            .endpoints
+            .iter()
+            .position(|e| e.namespace == info.namespace)
+        else {
+            return Err(RuntimeError::NotFound {
+                id: target.id.clone(),
+            });
+        };
+        let socket = self.inner.cfg.endpoints[idx].socket.clone();
+        let inner = self.inner.clone();
+        let (id, ns) = (info.id.clone(), info.namespace.clone());
+        let rpc_timeout = self.inner.cfg.call_timeout.min(timeout);
+        let ack = self.block(&format!("kill {id}"), rpc_timeout, async move {
+            let ch = inner.channel(idx)?;
+            let r = containerd::kill_task(ch, &inner.cfg.endpoints[idx].socket, &ns, &id).await;
+            if r.as_ref().is_err_and(RuntimeError::is_unavailable) {
+                inner.forget_channel(idx);
+            }
+            r
+        });
+        if matches!(ack, Err(RuntimeError::Timeout { .. })) {
+            self.inner.forget_channel(idx);
+        }
+        let ack = ack?;
+        let rpc_us = start.elapsed().as_micros() as u64;
+        let cg = MemCgroup::new(&target.cgroup);
+        let deadline = start + timeout;
+        loop {
+            let tasks = if cg.exists() {
+                cg.subtree_procs().len()
+            } else {
+                0
+            };
+            if tasks == 0 {
+                return Ok(KillReport {
+                    id: info.id.clone(),
+                    namespace: info.namespace.clone(),
+                    socket,
+                    cgroup: target.cgroup.clone(),
+                    ack,
+                    rpc_us,
+                    gone_us: start.elapsed().as_micros() as u64,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::NotStopped {
+                    id: info.id.clone(),
+                    tasks,
+                    after: start.elapsed(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for RuntimeClient {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    /// The (lazy) channel to endpoint `idx`. Must run on the client's runtime.
+    fn channel(&self, idx: usize) -> Result<Channel, RuntimeError> {
+        let mut chans = self.channels.lock().map_err(|_| RuntimeError::Gone)?;
+        if let Some(Some(ch)) = chans.get(idx) {
+            return Ok(ch.clone());
+        }
+        let ch = containerd::channel(&self.cfg.endpoints[idx].socket)?;
+        if let Some(slot) = chans.get_mut(idx) {
+            *slot = Some(ch.clone());
+        }
+        Ok(ch)
+    }
+
+    /// Drops a channel that broke or hung, so the next call dials afresh.
+    fn forget_channel(&self, idx: usize) {
+        if let Ok(mut chans) = self.channels.lock()
+            && let Some(slot) = chans.get_mut(idx)
+        {
+            *slot = None;
+        }
+    }
+
+    /// Asks every endpoint the hint allows (at once) for container `id`; the first that has
+    /// it answers. Each call is bounded by `call_timeout`.
+    async fn resolve(
+        self: &Arc<Self>,
+        id: &str,
+        hint: RuntimeHint,
+    ) -> Result<ContainerInfo, RuntimeError> {
+        if let Some(info) = self.cache.lock().ok().and_then(|c| c.get(id).cloned()) {
+            return Ok(info);
+        }
+        let candidates: Vec<usize> = self
+            .cfg
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| match hint {
+                RuntimeHint::Docker => e.is_docker(),
+                RuntimeHint::Containerd => !e.is_docker(),
+                RuntimeHint::Unknown => true,
+            })
+            .filter(|(_, e)| e.socket.exists())
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.is_empty() {
+            let looked: Vec<String> = self
+                .cfg
+                .endpoints
+                .iter()
+                .map(|e| e.socket.display().to_string())
+                .collect();
+            return Err(RuntimeError::NoRuntime(looked.join(", ")));
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for idx in candidates {
+            let me = self.clone();
+            let id = id.to_string();
+            set.spawn(async move {
+                let ep = &me.cfg.endpoints[idx];
+                let ch = me.channel(idx)?;
+                let t = me.cfg.call_timeout;
+                let got = match tokio::time::timeout(
+                    t,
+                    containerd::container_labels(ch, &ep.socket, &ep.namespace, &id),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(RuntimeError::Timeout {
+                        what: ep.socket.display().to_string(),
+                        after: t,
+                    }),
+                };
+                if got.as_ref().is_err_and(RuntimeError::is_unavailable) {
+                    me.forget_channel(idx);
+                }
+                let Some(mut labels) = got? else {
+                    return Ok(None);
+                };
+                if ep.is_docker()
+                    && let Ok(docker) = labels::read_docker_labels(&me.cfg.docker_root, &id)
+                {
+                    labels.extend(docker);
+                }
+                Ok(Some(ContainerInfo::from_labels(
+                    &id,
+                    &ep.namespace,
+                    &labels,
+                )))
+            });
+        }
+        let mut first_err = None;
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Ok(Some(info))) => {
+                    if let Ok(mut c) = self.cache.lock() {
+                        if c.len() >= CACHE_LIMIT {
+                            c.clear();
+                        }
+                        c.insert(id.to_string(), info.clone());
+                    }
+                    return Ok(info);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(RuntimeError::Gone);
+                }
+            }
+        }
+        Err(first_err.unwrap_or(RuntimeError::NotFound { id: id.to_string() }))
+    }
+}
+
+/// The container cgroups directly beneath a pod cgroup: (cgroup, id, hint).
+fn container_children(pod: &Path) -> Vec<(MemCgroup, String, RuntimeHint)> {
+    MemCgroup::new(pod)
+        .children()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|cg| match parse_cgroup(&cg.path.to_string_lossy()) {
+            CgroupRole::Container { id, hint, .. } => Some((cg, id, hint)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Command names of the tasks in a cgroup's subtree.
+fn comms(cg: &MemCgroup) -> Vec<String> {
+    cg.subtree_procs()
+        .into_iter()
+        .filter_map(|(_, pid)| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}

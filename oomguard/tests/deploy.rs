@@ -1,0 +1,251 @@
+//! The manifests in deploy/ parse into Kubernetes API types and say what the spec says:
+//! names, namespace, RBAC (exactly the verbs the events code uses, as recorded by the API
+//! stand-in, within create/patch/update), resources, host mounts, env, args (parsed by the
+//! agent's own command line), tolerations, priority, capabilities.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use oomguard::config::{Cli, Command, Policy};
+use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
+use serde_json::Value;
+
+fn docs(file: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde_yaml::from_value::<Value>(serde::Deserialize::deserialize(d).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "exactly one {kind}");
+    serde_json::from_value(found[0].clone()).unwrap()
+}
+
+/// The verbs the events code needs, from the requests it made to the API stand-in.
+fn verbs_used_by_the_events_code() -> BTreeSet<String> {
+    let server = support::apiserver::FakeApiServer::start();
+    let dir = support::TempDir::new("deploy");
+    let kc = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kc);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut opts = EventsOptions::new("node-1");
+    opts.kubeconfig = Some(kc);
+    let sink = EventSink::spawn(rt.handle(), opts);
+    let ev = EventRequest::from_decision(
+        &support::decision("/x"),
+        Reason::KillProcess,
+        None,
+        "node-1",
+    );
+    sink.submit(ev.clone());
+    sink.submit(ev);
+    let done = support::wait_for(Duration::from_secs(10), || {
+        (server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
+    });
+    assert!(done.is_some(), "{:#?}", server.requests());
+    server
+        .requests()
+        .iter()
+        .map(|r| {
+            match r.method.as_str() {
+                "POST" => "create",
+                "PATCH" => "patch",
+                "PUT" => "update",
+                "GET" => "get",
+                "DELETE" => "delete",
+                m => panic!("unexpected method {m}"),
+            }
+            .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn rbac_grants_exactly_core_events_create_patch_update() {
+    let d = docs("rbac.yaml");
+    let sa: ServiceAccount = one(&d, "ServiceAccount");
+    assert_eq!(sa.metadata.name.as_deref(), Some("oomguard"));
+    assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
+
+    let role: ClusterRole = one(&d, "ClusterRole");
+    assert_eq!(role.metadata.name.as_deref(), Some("system:oomguard"));
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    let r = &rules[0];
+    assert_eq!(r.api_groups.as_deref(), Some(&[String::new()][..]));
+    assert_eq!(r.resources.as_deref(), Some(&["events".to_string()][..]));
+    assert!(r.resource_names.is_none() && r.non_resource_urls.is_none());
+    let granted: BTreeSet<String> = r.verbs.iter().cloned().collect();
+    assert_eq!(
+        granted,
+        ["create", "patch", "update"].map(String::from).into()
+    );
+    let used = verbs_used_by_the_events_code();
+    assert!(
+        used.is_subset(&granted),
+        "the events code uses {used:?}, the role grants {granted:?}"
+    );
+    assert!(
+        used.contains("create") && used.contains("patch"),
+        "{used:?}"
+    );
+
+    let binding: ClusterRoleBinding = one(&d, "ClusterRoleBinding");
+    assert_eq!(binding.metadata.name.as_deref(), Some("system:oomguard"));
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.name, "system:oomguard");
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(subjects[0].name, "oomguard");
+    assert_eq!(subjects[0].namespace.as_deref(), Some("kube-system"));
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_as_the_spec_says() {
+    let d = docs("daemonset.yaml");
+    let ds: DaemonSet = one(&d, "DaemonSet");
+    assert_eq!(ds.metadata.name.as_deref(), Some("oom-guard"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
+    let spec = ds.spec.unwrap();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    for (k, v) in spec.selector.match_labels.clone().unwrap() {
+        assert_eq!(
+            labels.get(&k),
+            Some(&v),
+            "the selector matches the template"
+        );
+    }
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("oomguard"));
+    assert_eq!(pod.host_pid, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tol = pod.tolerations.unwrap();
+    assert!(
+        tol.iter().any(|t| t.operator.as_deref() == Some("Exists")
+            && t.key.is_none()
+            && t.effect.is_none()),
+        "tolerates every taint"
+    );
+    assert_eq!(pod.containers.len(), 1);
+    let c = &pod.containers[0];
+
+    let req = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(req["cpu"].0, "20m");
+    assert_eq!(req["memory"].0, "120Mi");
+
+    let env = c.env.as_ref().unwrap();
+    let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+
+    // The args are the agent's own command line.
+    let args = c.args.clone().unwrap();
+    let cli = Cli::try_parse_from(std::iter::once("oomguard".to_string()).chain(args)).unwrap();
+    let Command::Run(run) = cli.command else {
+        panic!("the DaemonSet must run `oomguard run`")
+    };
+    assert_eq!(run.root, Path::new("/sys/fs/cgroup/memory"));
+    assert_eq!(run.policy, Policy::Container);
+    assert_eq!(run.margin_ratio, 0.02);
+    assert_eq!(
+        run.docker_containerd_sock,
+        Path::new("/run/docker/containerd/docker-containerd.sock")
+    );
+    assert_eq!(
+        run.containerd_sock,
+        Path::new("/run/containerd/containerd.sock")
+    );
+
+    // Every host path the agent needs, mounted where the flags expect it.
+    let volumes = pod.volumes.unwrap();
+    let mounts = c.volume_mounts.clone().unwrap();
+    let host_of = |mount_path: &str| {
+        let m = mounts
+            .iter()
+            .find(|m| m.mount_path == mount_path)
+            .unwrap_or_else(|| panic!("no mount at {mount_path}"));
+        let v = volumes.iter().find(|v| v.name == m.name).unwrap();
+        (
+            v.host_path.as_ref().unwrap().path.clone(),
+            m.read_only.unwrap_or(false),
+        )
+    };
+    for (path, ro) in [
+        ("/sys/fs/cgroup/memory", false),
+        ("/sys/fs/bpf", false),
+        ("/sys/kernel/tracing", false),
+        ("/run/containerd", false),
+        ("/run/docker/containerd", false),
+        ("/var/lib/docker/containers", true),
+    ] {
+        assert_eq!(host_of(path), (path.to_string(), ro), "{path}");
+    }
+    for sock in [&run.containerd_sock, &run.docker_containerd_sock] {
+        assert!(
+            mounts.iter().any(|m| sock.starts_with(&m.mount_path)),
+            "{sock:?}"
+        );
+    }
+
+    let sc = c.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true), "capabilities, not privileged");
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: BTreeSet<&str> = caps
+        .add
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert!(added.contains("KILL"));
+    assert!(!added.contains("NET_ADMIN") && !added.contains("SYS_MODULE"));
+}
+
+#[test]
+fn the_dockerfile_is_multi_stage_and_ships_the_agent() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let text = std::fs::read_to_string(path).unwrap();
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    assert!(text.contains("COPY --from=build"));
+    assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/oomguard\"]"));
+}

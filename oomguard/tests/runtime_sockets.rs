@@ -1,0 +1,122 @@
+//! The runtime client never waits longer than its bound: missing sockets are normal and
+//! answered at once, a dead socket (connection refused) fails fast, and a socket that
+//! accepts and never answers (a hung containerd) times out within the call timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use oomguard::runtime::{
+    ContainerInfo, ContainerKind, Endpoint, K8S_IO, RuntimeClient, RuntimeConfig, RuntimeError,
+    RuntimeHint, Target,
+};
+use support::TempDir;
+
+const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+/// The bound this test holds the client to: its 1 s call timeout plus scheduling slack.
+const BOUND: Duration = Duration::from_millis(1200);
+
+fn client(endpoints: Vec<Endpoint>) -> RuntimeClient {
+    RuntimeClient::new(RuntimeConfig {
+        endpoints,
+        docker_root: PathBuf::from("/nonexistent"),
+        call_timeout: Duration::from_secs(1),
+    })
+    .unwrap()
+}
+
+fn target() -> Target {
+    Target {
+        fired: PathBuf::from("/nonexistent"),
+        cgroup: PathBuf::from("/nonexistent"),
+        id: ID.into(),
+        hint: RuntimeHint::Containerd,
+        info: Some(ContainerInfo {
+            id: ID.into(),
+            namespace: K8S_IO.into(),
+            kind: ContainerKind::Container,
+            pod: None,
+        }),
+        usage: 0,
+        reason: String::new(),
+    }
+}
+
+#[test]
+fn missing_sockets_answer_at_once() {
+    let dir = TempDir::new("sockets");
+    let rt = client(vec![
+        Endpoint::docker(dir.path().join("a.sock")),
+        Endpoint::containerd(dir.path().join("b.sock")),
+    ]);
+    let t = Instant::now();
+    let err = rt
+        .resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_secs(5))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::NoRuntime(_)), "{err}");
+    assert!(err.is_unavailable());
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_refusing_socket_fails_fast() {
+    let dir = TempDir::new("sockets");
+    let sock = dir.path().join("dead.sock");
+    support::stale_socket(&sock);
+    let rt = client(vec![Endpoint::containerd(&sock)]);
+    let t = Instant::now();
+    let err = rt
+        .resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_secs(5))
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(t.elapsed() < BOUND, "{:?}", t.elapsed());
+    let t = Instant::now();
+    let err = rt
+        .kill_container_blocking(&target(), Duration::from_secs(5))
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(t.elapsed() < BOUND, "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_hung_socket_times_out_within_the_bound() {
+    let dir = TempDir::new("sockets");
+    let hung = support::hung_socket(&dir.path().join("hung.sock"));
+    let rt = client(vec![Endpoint::containerd(&hung.path)]);
+    for _ in 0..2 {
+        let t = Instant::now();
+        let err = rt
+            .resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_secs(5))
+            .unwrap_err();
+        let took = t.elapsed();
+        eprintln!("hung socket: resolve gave up after {took:?}: {err}");
+        assert!(matches!(err, RuntimeError::Timeout { .. }), "{err:?}");
+        assert!(took < BOUND, "{took:?}");
+
+        let t = Instant::now();
+        let err = rt
+            .kill_container_blocking(&target(), Duration::from_secs(5))
+            .unwrap_err();
+        let took = t.elapsed();
+        eprintln!("hung socket: kill gave up after {took:?}: {err}");
+        assert!(matches!(err, RuntimeError::Timeout { .. }), "{err:?}");
+        assert!(took < BOUND, "{took:?}");
+    }
+    // A shorter caller deadline wins over the call timeout.
+    let t = Instant::now();
+    assert!(
+        rt.resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_millis(200))
+            .is_err()
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+}

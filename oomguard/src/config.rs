@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Guard every memory cgroup with a limit below --root.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
     Demo(crate::demo::DemoArgs),
 }
@@ -126,6 +126,15 @@ pub struct RunArgs {
     /// containerd socket of the containerd runtime (namespace "k8s.io").
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     pub containerd_sock: PathBuf,
+    /// docker's data root: container labels come from containers/<id>/config.v2.json.
+    #[arg(long, default_value = "/var/lib/docker")]
+    pub docker_root: PathBuf,
+    /// Where the eBPF maps are pinned (removed on a clean exit).
+    #[arg(long, default_value = crate::bpf::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// A kubeconfig for posting Events (default: in-cluster config, else $KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A validated configuration: everything the agent needs, nothing half-checked.
@@ -145,6 +154,11 @@ pub struct Config {
     pub rt_priority: u8,
     pub log_format: LogFormat,
     pub node_name: String,
+    pub docker_containerd_sock: PathBuf,
+    pub containerd_sock: PathBuf,
+    pub docker_root: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -223,6 +237,11 @@ impl RunArgs {
                 .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| hostname.to_string()),
+            docker_containerd_sock: self.docker_containerd_sock.clone(),
+            containerd_sock: self.containerd_sock.clone(),
+            docker_root: self.docker_root.clone(),
+            bpf_pin_dir: self.bpf_pin_dir.clone(),
+            kubeconfig: self.kubeconfig.clone(),
         })
     }
 }

@@ -84,9 +84,18 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
             );
         }
     });
+    // Pins of our own: never disturb the pins of an agent that guards this node.
+    let pins = format!("/sys/fs/bpf/oomguard-demo-{}", std::process::id());
     let agent = Agent::start(
         &exe,
-        &["--root", &root, "--policy", &args.policy],
+        &[
+            "--root",
+            &root,
+            "--policy",
+            &args.policy,
+            "--bpf-pin-dir",
+            &pins,
+        ],
         Some(echo),
     )
     .map_err(|e| format!("starting the agent: {e}"))?;

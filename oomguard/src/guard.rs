@@ -21,12 +21,14 @@ use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
 use rustix::event::{EventfdFlags, Timespec, eventfd};
 use thiserror::Error;
 
+use crate::bpf::{EbpfGuard, Record, Threshold};
 use crate::cgroup::{MemCgroup, MemStat};
 use crate::config::{Config, Policy};
 use crate::kill::kill_task;
 use crate::policy::{State, Step, cache_is_large};
 use crate::reclaim::{ReclaimResult, Reclaimer, Request};
-use crate::report::{Action, Decision, Killed, Reporter, now_rfc3339};
+use crate::report::{Action, ContainerKill, Decision, Killed, Reporter, now_rfc3339};
+use crate::runtime::{RuntimeClient, fallback_kill_cgroup_tasks};
 use crate::threshold::Thresholds;
 use crate::victim;
 
@@ -107,7 +109,14 @@ pub struct Deps {
     pub reclaimer: Option<Reclaimer>,
     /// Where the memory hierarchy is mounted (to map `/proc/PID/cgroup` paths).
     pub memory_mount: PathBuf,
+    /// containerd, for the container policy (`None`: the policy falls back to `process`).
+    pub runtime: Option<RuntimeClient>,
+    /// The eBPF programs (`None`: pure eventfd mode).
+    pub ebpf: Option<EbpfGuard>,
 }
+
+/// Bound on each containerd call on the kill path.
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -115,10 +124,13 @@ enum Kind {
     Kill,
     Reclaim,
     Oom,
+    Ring,
 }
 
 struct Entry {
     armed: Armed,
+    /// The cgroup id (directory inode), as eBPF records name it.
+    id: u64,
     state: State,
     last_reclaim: Option<Instant>,
     reclaiming: Arc<AtomicBool>,
@@ -147,7 +159,11 @@ struct Guard {
     next_token: u64,
     stats: Arc<GuardStats>,
     self_pid: i32,
+    /// eBPF records name cgroups by id.
+    by_id: HashMap<u64, PathBuf>,
 }
+
+const RING_TOKEN: u64 = u64::MAX;
 
 /// Starts the guard thread.
 pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
@@ -170,7 +186,20 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
         next_token: 1,
         stats: stats.clone(),
         self_pid: std::process::id() as i32,
+        by_id: HashMap::new(),
     };
+    if let Some(bpf) = &guard.deps.ebpf {
+        epoll::add(
+            &guard.epoll,
+            bpf.ring_fd(),
+            EventData::new_u64(RING_TOKEN),
+            EventFlags::IN,
+        )
+        .map_err(|e| GuardError::Setup(e.into()))?;
+        guard
+            .tokens
+            .insert(RING_TOKEN, (PathBuf::new(), Kind::Ring));
+    }
     let thread = std::thread::Builder::new()
         .name("oomguard-guard".into())
         .spawn(move || guard.run())
@@ -249,10 +278,11 @@ impl Guard {
                             e.watch_until = Some(woke + WATCH_WINDOW);
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-                        self.evaluate(&path, woke);
+                        self.evaluate(&path, woke, "eventfd");
                     }
                     Kind::Reclaim => self.reclaim_signal(&path),
                     Kind::Oom => self.oom_signal(&path),
+                    Kind::Ring => self.ring(woke),
                 }
             }
             let pending: Vec<PathBuf> = self
@@ -274,7 +304,7 @@ impl Guard {
                     .map(|(p, _)| p.clone())
                     .collect();
                 for p in above {
-                    self.evaluate(&p, Instant::now());
+                    self.evaluate(&p, Instant::now(), "recheck");
                 }
             } else if !any_above {
                 last_recheck = Instant::now();
@@ -326,8 +356,19 @@ impl Guard {
             tokens.extend(self.register(fd, &path, Kind::Oom));
         }
         let oom_kills_seen = armed.cgroup.subtree_oom_kills();
+        let id = armed.cgroup.id().unwrap_or(0);
+        if let Some(bpf) = &self.deps.ebpf
+            && let Err(e) = bpf.set_thresholds(id, armed.thresholds.reclaim, armed.thresholds.kill)
+        {
+            tracing::warn!(cgroup = %path.display(), error = %e, "cannot set the eBPF thresholds; the eventfds still guard it");
+        }
+        if let Some(rt) = &self.deps.runtime {
+            rt.prefetch(&path);
+        }
+        self.by_id.insert(id, path.clone());
         let entry = Entry {
             armed,
+            id,
             state: previous
                 .as_ref()
                 .map(|p| p.state.clone())
@@ -346,13 +387,19 @@ impl Guard {
             .guarded
             .store(self.entries.len() as u64, Ordering::Relaxed);
         // Usage may already be above the new threshold: the notifier only reports crossings.
-        self.evaluate(&path, Instant::now());
+        self.evaluate(&path, Instant::now(), "arm");
     }
 
     fn remove(&mut self, path: &Path) -> Option<Entry> {
         let entry = self.entries.remove(path)?;
         for t in &entry.tokens {
             self.tokens.remove(t);
+        }
+        if self.by_id.get(&entry.id).is_some_and(|p| p == path) {
+            self.by_id.remove(&entry.id);
+            if let Some(bpf) = &self.deps.ebpf {
+                let _ = bpf.remove_cgroup(entry.id);
+            }
         }
         // Closing the eventfds (when `entry` drops) unregisters them in the kernel and
         // removes them from the epoll set.
@@ -384,11 +431,14 @@ impl Guard {
             stats,
             wake_to_kill_us: None,
             detail: String::new(),
+            pod: None,
+            container: None,
+            signal: "eventfd",
         }
     }
 
     /// Re-reads the cgroup and applies the policy if it is (still) above its threshold.
-    fn evaluate(&mut self, path: &Path, woke: Instant) {
+    fn evaluate(&mut self, path: &Path, woke: Instant, signal: &'static str) {
         let cfg = self.deps.config.clone();
         let Some(e) = self.entries.get_mut(path) else {
             return;
@@ -424,17 +474,25 @@ impl Guard {
             Step::SkipCache { report: true } => {
                 let e = &self.entries[path];
                 let mut d = self.decision(e, Action::SkipCache, usage, stats.unwrap_or_default());
+                d.signal = signal;
                 d.detail = format!(
                     "reclaimable page cache {} >= {} x limit: left to the kernel's reclaim",
                     d.reclaimable_cache, cfg.cache_skip_ratio
                 );
                 self.deps.reporter.send(d);
             }
-            Step::Act => self.act(path, usage, stats.unwrap_or_default(), woke),
+            Step::Act => self.act(path, usage, stats.unwrap_or_default(), woke, signal),
         }
     }
 
-    fn act(&mut self, path: &Path, usage: u64, stats: MemStat, woke: Instant) {
+    fn act(
+        &mut self,
+        path: &Path,
+        usage: u64,
+        stats: MemStat,
+        woke: Instant,
+        signal: &'static str,
+    ) {
         let cfg = self.deps.config.clone();
         let Some(e) = self.entries.get(path) else {
             return;
@@ -443,7 +501,10 @@ impl Guard {
         let kill_threshold = e.armed.thresholds.kill;
         let candidates = victim::candidates(&cg, e.armed.thresholds.limit, self.self_pid);
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
-        if cfg.policy == Policy::Noop {
+        d.signal = signal;
+        if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke) {
+            // Done through the runtime or its fallback.
+        } else if cfg.policy == Policy::Noop {
             if let Some(top) = candidates.first() {
                 d.action = Action::WouldKill;
                 d.proccgroup = top.task.cgroup.display().to_string();
@@ -489,6 +550,123 @@ impl Guard {
             e.state.acted(Instant::now());
         }
         self.deps.reporter.send(d);
+    }
+
+    /// The container policy: choose the container (never the sandbox), kill it through
+    /// containerd, and fall back to killing its cgroup's tasks directly when the runtime
+    /// cannot do it in time. False when the cgroup holds no identifiable container: then
+    /// the process policy acts.
+    fn act_container(&self, cg: &MemCgroup, d: &mut Decision, woke: Instant) -> bool {
+        let Some(rt) = &self.deps.runtime else {
+            return false;
+        };
+        let target = match rt.plan_blocking(&cg.path, RUNTIME_TIMEOUT) {
+            Ok(t) => t,
+            Err(e) => {
+                d.detail = format!("no container to kill ({e}); process policy instead");
+                return false;
+            }
+        };
+        let victim_cg = MemCgroup::new(&target.cgroup);
+        for c in victim::candidates(&victim_cg, d.limit, self.self_pid) {
+            d.killed.push(Killed::new(&c, None));
+        }
+        d.proccgroup = target.cgroup.display().to_string();
+        d.pod = target.pod().cloned();
+        let sent = Instant::now();
+        d.wake_to_kill_us = Some(sent.duration_since(woke).as_micros() as u64);
+        match rt.kill_container_blocking(&target, RUNTIME_TIMEOUT) {
+            Ok(rep) => {
+                d.action = Action::Kill;
+                d.container = Some(ContainerKill {
+                    id: rep.id,
+                    via: "containerd",
+                    namespace: Some(rep.namespace),
+                    gone_us: Some(rep.gone_us),
+                    error: None,
+                });
+                d.detail = target.reason;
+            }
+            Err(e) => {
+                let fb = fallback_kill_cgroup_tasks(
+                    &target.cgroup,
+                    &self.deps.memory_mount,
+                    self.deps.config.kill_timeout,
+                );
+                d.action = if fb.took_effect() {
+                    Action::Kill
+                } else {
+                    Action::KillFailed
+                };
+                tracing::warn!(
+                    container = %target.id,
+                    error = %e,
+                    "the runtime could not kill the container; killed its tasks directly"
+                );
+                d.container = Some(ContainerKill {
+                    id: target.id.clone(),
+                    via: "fallback",
+                    namespace: target.info.as_ref().map(|i| i.namespace.clone()),
+                    gone_us: fb.gone_us,
+                    error: Some(e.to_string()),
+                });
+                d.detail = format!(
+                    "{}; runtime failed ({e}): killed {} task(s) of the container directly",
+                    target.reason,
+                    fb.killed.len()
+                );
+            }
+        }
+        if d.action == Action::Kill {
+            self.stats.kills.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// eBPF records: crossings and at-limit go straight to the evaluation (the policy
+    /// state de-duplicates them with the eventfd signals), kernel OOM victims to the OOM
+    /// report.
+    fn ring(&mut self, woke: Instant) {
+        let mut records = Vec::new();
+        if let Some(bpf) = &mut self.deps.ebpf {
+            bpf.drain(|r| records.push(r));
+        }
+        for r in records {
+            match r {
+                Record::Crossing {
+                    threshold: Threshold::Kill,
+                    cgroup_id,
+                    ..
+                }
+                | Record::AtLimit { cgroup_id, .. } => {
+                    if let Some(path) = self.by_id.get(&cgroup_id).cloned() {
+                        self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                        if let Some(e) = self.entries.get_mut(&path) {
+                            e.watch_until = Some(woke + WATCH_WINDOW);
+                        }
+                        self.evaluate(&path, woke, "ebpf");
+                    }
+                }
+                Record::Crossing {
+                    threshold: Threshold::Reclaim,
+                    cgroup_id,
+                    ..
+                } => {
+                    if let Some(path) = self.by_id.get(&cgroup_id).cloned() {
+                        self.reclaim_signal(&path);
+                    }
+                }
+                Record::KernelOomVictim { .. } => {
+                    // Which guarded cgroup's limit was hit is not in the record; the
+                    // subtree counters tell, as on the eventfd path.
+                    let paths: Vec<PathBuf> = self.entries.keys().cloned().collect();
+                    for p in paths {
+                        self.oom_signal(&p);
+                    }
+                }
+                Record::CgroupMkdir(_) | Record::CgroupRmdir(_) => {}
+            }
+        }
     }
 
     fn reclaim_signal(&mut self, path: &Path) {

@@ -3,8 +3,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use oomguard::bpf::{self, EbpfGuard};
 use oomguard::config::{Cli, Command, Config, LogFormat, Mode, Policy, RunArgs};
 use oomguard::discovery::Discovery;
+use oomguard::events::{EventSink, EventsOptions};
+use oomguard::runtime::{RuntimeClient, RuntimeConfig};
 use oomguard::{cgroup, guard, reclaim, report, sys};
 use tracing_subscriber::EnvFilter;
 
@@ -25,7 +28,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(args) => oomguard::demo::main(args),
     }
 }
@@ -49,12 +52,6 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if config.mode == Mode::Ebpf {
-        eprintln!(
-            "oomguard: --mode ebpf: the eBPF-assisted guard is not part of this build; use --mode auto or eventfd"
-        );
-        return ExitCode::from(2);
-    }
     init_tracing(config.log_format);
     match agent(config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,18 +71,22 @@ fn agent(config: Config) -> anyhow::Result<()> {
                 config.root.path.display()
             )
         })?;
-    if config.mode == Mode::Auto {
-        tracing::info!(
-            mode = "eventfd",
-            "eBPF-assisted signals are not part of this build; guarding with threshold eventfds"
-        );
-    }
-    if config.policy == Policy::Container {
-        tracing::warn!(
-            "the container policy needs the containerd client, which is not part of this build: \
-             it kills the top-scoring task of the cgroup, as the process policy does"
-        );
-    }
+    let ebpf = load_ebpf(&config)?;
+    let runtime = if config.policy == Policy::Container {
+        match RuntimeClient::new(RuntimeConfig::new(
+            &config.docker_containerd_sock,
+            &config.containerd_sock,
+            &config.docker_root,
+        )) {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the runtime client; the container policy kills the cgroup's top task instead");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Err(e) = sys::protect_from_oom_killer() {
         tracing::warn!(error = %e, "cannot set our oom_score_adj to -1000");
     }
@@ -93,8 +94,19 @@ fn agent(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "mlockall failed; the kill path may page-fault under pressure");
     }
     let config = Arc::new(config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(512 * 1024)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let mut events = EventsOptions::new(config.node_name.clone());
+    events.kubeconfig = config.kubeconfig.clone();
+    let sink = EventSink::spawn(rt.handle(), events);
     let (reporter, reports) = report::channel(1024);
-    let logger = report::spawn_logger(reports).context("starting the report thread")?;
+    let logger =
+        report::spawn_reporter(reports, Some(sink)).context("starting the report thread")?;
+    let pinned = ebpf.is_some();
     let reclaimer =
         reclaim::spawn(config.reclaim_timeout, 64).context("starting the reclaim worker")?;
     let guard = Arc::new(
@@ -103,6 +115,8 @@ fn agent(config: Config) -> anyhow::Result<()> {
             reporter: reporter.clone(),
             reclaimer: Some(reclaimer),
             memory_mount,
+            runtime,
+            ebpf,
         })
         .context("starting the guard thread")?,
     );
@@ -115,10 +129,6 @@ fn agent(config: Config) -> anyhow::Result<()> {
         max_margin = config.margins.max,
         "oomguard starting"
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
@@ -153,6 +163,14 @@ fn agent(config: Config) -> anyhow::Result<()> {
     if let Ok(g) = Arc::try_unwrap(guard) {
         g.shutdown();
     }
+    if pinned {
+        // The guard thread owned the programs; its exit dropped them. Clean exit: no pins.
+        match std::fs::remove_dir_all(&config.bpf_pin_dir) {
+            Ok(()) => tracing::info!(pin_dir = %config.bpf_pin_dir.display(), "eBPF pins removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the eBPF pins"),
+        }
+    }
     if reporter.dropped() > 0 {
         tracing::warn!(
             dropped = reporter.dropped(),
@@ -163,4 +181,44 @@ fn agent(config: Config) -> anyhow::Result<()> {
     let _ = logger;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--mode`: eventfd loads nothing; ebpf must load or the agent does not start; auto
+/// falls back to eventfd with one warning naming what failed.
+fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
+    if config.mode == Mode::Eventfd {
+        tracing::info!(
+            mode = "eventfd",
+            "guarding with threshold eventfds only (--mode eventfd)"
+        );
+        return Ok(None);
+    }
+    let caps = bpf::capabilities();
+    let loaded = match caps.reason() {
+        Some(why) => Err(why),
+        None => EbpfGuard::load(&config.bpf_pin_dir).map_err(|e| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(x) = src {
+                s.push_str(": ");
+                s.push_str(&x.to_string());
+                src = x.source();
+            }
+            s
+        }),
+    };
+    match (loaded, config.mode) {
+        (Ok(g), _) => {
+            if let Err(e) = g.seed_tasks_from_proc() {
+                tracing::warn!(error = %e, "cannot seed the eBPF task map from /proc");
+            }
+            tracing::info!(mode = "ebpf", pin_dir = %config.bpf_pin_dir.display(), "eBPF programs loaded and attached; threshold eventfds stay armed as the backstop");
+            Ok(Some(g))
+        }
+        (Err(why), Mode::Ebpf) => anyhow::bail!("--mode ebpf: eBPF cannot be used: {why}"),
+        (Err(why), _) => {
+            tracing::warn!(mode = "eventfd", reason = %why, "eBPF unavailable; guarding with threshold eventfds only");
+            Ok(None)
+        }
+    }
 }

@@ -9,7 +9,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use crate::cgroup::MemStat;
 use crate::config::Policy;
+use crate::events::{EventRequest, EventSink, Reason};
 use crate::kill::Outcome;
+use crate::runtime::PodRef;
 use crate::victim::Candidate;
 
 /// What the guard did with one signal.
@@ -81,6 +83,26 @@ pub struct Decision {
     pub wake_to_kill_us: Option<u64>,
     /// Free text for what the fields do not say (errors, reclaim results).
     pub detail: String,
+    /// The pod the victim belongs to, when the runtime said.
+    pub pod: Option<PodRef>,
+    /// The container policy's kill: through containerd, or the direct fallback.
+    pub container: Option<ContainerKill>,
+    /// What raised the signal: `eventfd` (threshold notification), `ebpf` (a pressure or
+    /// at-limit record), `recheck` (still above after a skip or cooldown), or `arm`.
+    pub signal: &'static str,
+}
+
+/// How the container policy killed (or failed to kill) a container.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContainerKill {
+    pub id: String,
+    /// `containerd` or `fallback` (the cgroup's tasks killed directly).
+    pub via: &'static str,
+    pub namespace: Option<String>,
+    /// From the kill request to the container's cgroup holding no task, in microseconds.
+    pub gone_us: Option<u64>,
+    /// Why the fallback was used.
+    pub error: Option<String>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -146,17 +168,42 @@ pub fn log_decision(d: &Decision) {
         killed = %killed,
         stats = %stats,
         detail = %d.detail,
+        signal = d.signal,
+        pod = %d.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default(),
+        container = %d.container.as_ref().and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default(),
         "decision"
     );
 }
 
-/// Runs the log reporter until every sender is gone.
-pub fn spawn_logger(rx: Receiver<Decision>) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The Kubernetes Event reason for a decision, if it gets one.
+pub fn event_reason(d: &Decision) -> Option<Reason> {
+    match d.action {
+        Action::Kill if d.container.is_some() => Some(Reason::KillContainer),
+        Action::Kill => Some(Reason::KillProcess),
+        Action::KernelOom => Some(Reason::CgroupOom),
+        _ => None,
+    }
+}
+
+/// Runs the reporters (log, then Kubernetes Events when a sink is given) until every
+/// sender is gone.
+pub fn spawn_reporter(
+    rx: Receiver<Decision>,
+    sink: Option<EventSink>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("oomguard-report".into())
         .spawn(move || {
             for d in rx {
                 log_decision(&d);
+                if let (Some(sink), Some(reason)) = (&sink, event_reason(&d)) {
+                    sink.submit(EventRequest::from_decision(
+                        &d,
+                        reason,
+                        d.pod.as_ref(),
+                        &d.hostname,
+                    ));
+                }
             }
         })
 }
@@ -181,6 +228,9 @@ mod tests {
             stats: MemStat::default(),
             wake_to_kill_us: None,
             detail: String::new(),
+            pod: None,
+            container: None,
+            signal: "eventfd",
         }
     }
 

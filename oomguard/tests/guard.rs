@@ -12,13 +12,23 @@ use std::time::Duration;
 use common::*;
 
 /// Allocates past `limit` at `rate` and checks the agent, not the kernel, killed it.
-fn kills_before_the_kernel(rate: &str) {
-    if !kernel_ready() {
+fn kills_before_the_kernel(rate: &str, mode: &str) {
+    if !kernel_ready() || (mode == "ebpf" && !ebpf_ready()) {
         return;
     }
     let _serial = serial();
     let sb = sandbox("guard-race", 256 * M);
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--mode",
+            mode,
+        ],
+    );
     let mut hog = hog(&sb.cg, &["--rate", rate, "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     let decision = agent
@@ -49,7 +59,8 @@ fn kills_before_the_kernel(rate: &str) {
     assert_eq!(decision["threshold"].as_u64(), Some(t.kill));
     assert!(decision["usage"].as_u64().unwrap() >= t.kill);
     eprintln!(
-        "rate {rate}: usage at decision {} (threshold {}), peak {}, failcnt {}, wake-to-kill {} us",
+        "{mode} rate {rate}: signal {}, usage at decision {} (threshold {}), peak {}, failcnt {}, wake-to-kill {} us",
+        decision["signal"],
         decision["usage"],
         t.kill,
         sb.cg.max_usage().unwrap(),
@@ -60,17 +71,32 @@ fn kills_before_the_kernel(rate: &str) {
 
 #[test]
 fn kills_before_the_kernel_at_50_mb_per_s() {
-    kills_before_the_kernel("50M");
+    kills_before_the_kernel("50M", "eventfd");
+}
+
+#[test]
+fn kills_before_the_kernel_at_50_mb_per_s_ebpf_mode() {
+    kills_before_the_kernel("50M", "ebpf");
 }
 
 #[test]
 fn kills_before_the_kernel_at_200_mb_per_s() {
-    kills_before_the_kernel("200M");
+    kills_before_the_kernel("200M", "eventfd");
+}
+
+#[test]
+fn kills_before_the_kernel_at_200_mb_per_s_ebpf_mode() {
+    kills_before_the_kernel("200M", "ebpf");
 }
 
 #[test]
 fn kills_before_the_kernel_unthrottled() {
-    kills_before_the_kernel("0");
+    kills_before_the_kernel("0", "eventfd");
+}
+
+#[test]
+fn kills_before_the_kernel_unthrottled_ebpf_mode() {
+    kills_before_the_kernel("0", "ebpf");
 }
 
 #[test]

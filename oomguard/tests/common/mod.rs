@@ -41,6 +41,21 @@ pub fn kernel_ready() -> bool {
     }
 }
 
+/// For tests that need eBPF: true when it can be used; otherwise skips (saying why) or,
+/// under the CI switch, fails.
+pub fn ebpf_ready() -> bool {
+    match oomguard::bpf::capabilities().reason() {
+        None => true,
+        Some(why) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("required feature missing ({REQUIRE_ENV} is set): {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: eBPF unavailable: {why}");
+            false
+        }
+    }
+}
+
 fn probe() -> Option<String> {
     if rustix::process::geteuid().as_raw() != 0 {
         return Some("not root: these tests make cgroups and kill processes".into());
@@ -70,9 +85,22 @@ pub fn memhog_exe() -> &'static Path {
 }
 
 /// Starts the agent on `root` with `extra` flags and waits until it has armed `root`.
+/// Without `--mode` in `extra` it runs in eventfd mode; eBPF pins go to a directory of
+/// this test's own, removed by the agent on its clean exit.
 pub fn start_agent(root: &MemCgroup, extra: &[&str]) -> Agent {
     let r = root.path.display().to_string();
-    let mut args = vec!["--root", r.as_str()];
+    let pins = format!(
+        "/sys/fs/bpf/oomguard-test-{}-{}",
+        std::process::id(),
+        root.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("x")
+    );
+    let mut args = vec!["--root", r.as_str(), "--bpf-pin-dir", pins.as_str()];
+    if !extra.contains(&"--mode") {
+        args.extend_from_slice(&["--mode", "eventfd"]);
+    }
     args.extend_from_slice(extra);
     let agent = Agent::start(agent_exe(), &args, None).expect("start the agent");
     assert!(

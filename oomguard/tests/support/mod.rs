@@ -79,6 +79,9 @@ pub fn decision(oomcgroup: &str) -> oomguard::report::Decision {
         stats: MemStat::parse("rss 262144000\ncache 0\n"),
         wake_to_kill_us: Some(1500),
         detail: String::new(),
+        pod: None,
+        container: None,
+        signal: "eventfd",
     }
 }
 

@@ -120,10 +120,15 @@ impl Agent {
     /// Starts `exe run --log-format json <args>`; `echo` copies each record to our stderr
     /// through `echo`'s callback.
     pub fn start(exe: &Path, args: &[&str], echo: Option<Echo>) -> std::io::Result<Agent> {
-        let mut child = Command::new(exe)
-            .arg("run")
-            .args(["--log-format", "json"])
-            .args(args)
+        let mut cmd = Command::new(exe);
+        cmd.arg("run").args(["--log-format", "json"]).args(args);
+        Self::spawn(cmd, echo)
+    }
+
+    /// Runs a prepared `oomguard run` command (e.g. with a `pre_exec` hook) and collects
+    /// its log like [`Agent::start`].
+    pub fn spawn(mut cmd: Command, echo: Option<Echo>) -> std::io::Result<Agent> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

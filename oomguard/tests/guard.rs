@@ -57,6 +57,12 @@ fn kills_before_the_kernel(rate: &str, mode: &str) {
     .thresholds(256 * M)
     .unwrap();
     assert_eq!(decision["threshold"].as_u64(), Some(t.kill));
+    if mode == "ebpf" {
+        // The eBPF crossing record is emitted at the charge that crosses; the eventfd
+        // notifier trails it (rate-limited per CPU): the record must be what woke the guard.
+        assert_eq!(decision["signal"], "ebpf", "{decision:#}");
+        assert_eq!(sb.cg.failcnt().unwrap(), 0, "the limit was hit");
+    }
     assert!(decision["usage"].as_u64().unwrap() >= t.kill);
     eprintln!(
         "{mode} rate {rate}: signal {}, usage at decision {} (threshold {}), peak {}, failcnt {}, wake-to-kill {} us",

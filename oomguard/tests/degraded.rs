@@ -1,0 +1,221 @@
+//! Degraded kernels, simulated with a seccomp filter on the agent: `bpf()` denied (EPERM)
+//! and the 3.10 syscall surface (ENOSYS for bpf, pidfd_open, pidfd_send_signal,
+//! process_mrelease). `auto` must still guard before the kernel; `ebpf` must refuse to start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use oomguard::sandbox::Agent;
+
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+/// A classic-BPF seccomp program: on x86_64, answer each listed syscall with its errno;
+/// allow everything else.
+fn filter(deny: &[(i64, i32)]) -> Vec<libc::sock_filter> {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ld_abs = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let jeq = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let mut f = vec![
+        stmt(ld_abs, 4), // seccomp_data.arch
+        jump(jeq, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(ld_abs, 0), // seccomp_data.nr
+    ];
+    for &(nr, errno) in deny {
+        f.push(jump(jeq, nr as u32, 0, 1));
+        f.push(stmt(ret, libc::SECCOMP_RET_ERRNO | (errno as u32 & 0xffff)));
+    }
+    f.push(stmt(ret, libc::SECCOMP_RET_ALLOW));
+    f
+}
+
+/// `oomguard run <args>` with `deny` answered by the kernel's seccomp filter.
+fn agent_denied(root: &str, pins: &str, args: &[&str], deny: &[(i64, i32)]) -> Agent {
+    let prog = filter(deny);
+    let mut cmd = Command::new(agent_exe());
+    cmd.arg("run")
+        .args([
+            "--log-format",
+            "json",
+            "--root",
+            root,
+            "--bpf-pin-dir",
+            pins,
+        ])
+        .args(args);
+    // SAFETY: prctl with a filter built before the fork; no allocation after it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Agent::spawn(cmd, None).expect("start the agent")
+}
+
+fn pins(tag: &str) -> String {
+    format!("/sys/fs/bpf/oomguard-test-{}-{tag}", std::process::id())
+}
+
+#[test]
+fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("degraded-eperm", 256 * M);
+    let root = sb.path().display().to_string();
+    let agent = agent_denied(
+        &root,
+        &pins("eperm"),
+        &[
+            "--mode",
+            "auto",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+        ],
+        &[(libc::SYS_bpf, libc::EPERM)],
+    );
+    let warn = agent
+        .wait_for(Duration::from_secs(10), |v| {
+            v["message"] == "eBPF unavailable; guarding with threshold eventfds only"
+        })
+        .unwrap_or_else(|| panic!("no fallback warning; log: {:#?}", agent.records()));
+    let reason = warn["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("bpf"),
+        "the warning must name what failed: {reason}"
+    );
+    let warnings = agent
+        .records()
+        .into_iter()
+        .filter(|v| v["message"] == "eBPF unavailable; guarding with threshold eventfds only")
+        .count();
+    assert_eq!(warnings, 1, "one warning line, not one per failure");
+    assert!(
+        agent
+            .wait_armed(sb.path(), Duration::from_secs(10))
+            .is_some()
+    );
+    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let d = agent
+        .wait_for(Duration::from_secs(5), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    assert_eq!(d["signal"], "eventfd");
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+}
+
+#[test]
+fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("degraded-refuse", 64 * M);
+    let root = sb.path().display().to_string();
+    let mut agent = agent_denied(
+        &root,
+        &pins("refuse"),
+        &["--mode", "ebpf", "--policy", "process"],
+        &[(libc::SYS_bpf, libc::EPERM)],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!agent.running(), "--mode ebpf must not run without eBPF");
+    let err = agent
+        .wait_for(Duration::from_secs(2), |v| v["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error line; log: {:#?}", agent.records()));
+    let msg = err["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("--mode ebpf") && msg.contains("bpf"), "{msg}");
+    assert!(
+        agent.records().iter().all(|v| v["message"] != "armed"),
+        "nothing may be armed"
+    );
+}
+
+/// The 3.10 syscall surface: no bpf, no pidfds, no process_mrelease. `auto` guards with
+/// eventfds and kills with plain kill(2), still before the kernel.
+#[test]
+fn kernel_3_10_surface_still_guards_with_kill() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("degraded-310", 256 * M);
+    let root = sb.path().display().to_string();
+    let agent = agent_denied(
+        &root,
+        &pins("310"),
+        &[
+            "--mode",
+            "auto",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+        ],
+        &[
+            (libc::SYS_bpf, libc::ENOSYS),
+            (libc::SYS_pidfd_open, libc::ENOSYS),
+            (libc::SYS_pidfd_send_signal, libc::ENOSYS),
+            (libc::SYS_process_mrelease, libc::ENOSYS),
+        ],
+    );
+    assert!(
+        agent
+            .wait_armed(sb.path(), Duration::from_secs(10))
+            .is_some(),
+        "not armed; log: {:#?}",
+        agent.records()
+    );
+    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let d = agent
+        .wait_for(Duration::from_secs(5), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    let k = killed(&d);
+    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
+    assert_eq!(
+        k[0]["pidfd"], false,
+        "without pidfds the kill is kill(2): {d:#}"
+    );
+    assert_eq!(k[0]["mreleased"], false);
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+}

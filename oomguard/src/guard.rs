@@ -499,7 +499,18 @@ impl Guard {
         };
         let cg = e.armed.cgroup.clone();
         let kill_threshold = e.armed.thresholds.kill;
-        let candidates = victim::candidates(&cg, e.armed.thresholds.limit, self.self_pid);
+        let limit = e.armed.thresholds.limit;
+        let candidates = match &self.deps.ebpf {
+            Some(bpf) => {
+                victim::candidates_from_map(&cg, limit, self.self_pid, MAX_KILL_ATTEMPTS, |pids| {
+                    bpf.task_scores(pids)
+                        .iter()
+                        .map(|(p, s)| (*p, victim::MapScore::from(s)))
+                        .collect()
+                })
+            }
+            None => victim::candidates(&cg, limit, self.self_pid),
+        };
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
         if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke) {

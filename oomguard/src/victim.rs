@@ -153,6 +153,92 @@ pub fn candidates(cgroup: &MemCgroup, limit_bytes: u64, exclude_pid: i32) -> Vec
     rank(tasks, limit_bytes, exclude_pid)
 }
 
+/// A task's memory as the eBPF score map keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapScore {
+    pub rss_bytes: u64,
+    pub swap_bytes: u64,
+    pub pgtables_bytes: u64,
+    pub oom_score_adj: i32,
+}
+
+impl From<&oomguard_common::TaskScore> for MapScore {
+    fn from(s: &oomguard_common::TaskScore) -> Self {
+        MapScore {
+            rss_bytes: s.rss_anon + s.rss_file + s.rss_shmem,
+            swap_bytes: s.swap,
+            pgtables_bytes: s.pgtables,
+            oom_score_adj: s.oom_score_adj,
+        }
+    }
+}
+
+/// Like [`candidates`], but scored from the eBPF score map: one lookup per pid instead of
+/// three `/proc` reads per task. `/proc` is read only for the best `want` candidates (their
+/// name, start time and state, which the kill needs) and for tasks the map does not hold.
+pub fn candidates_from_map(
+    cgroup: &MemCgroup,
+    limit_bytes: u64,
+    exclude_pid: i32,
+    want: usize,
+    lookup: impl FnOnce(&[i32]) -> Vec<(i32, MapScore)>,
+) -> Vec<Candidate> {
+    let procs = cgroup.subtree_procs();
+    let pids: Vec<i32> = procs.iter().map(|(_, p)| *p).collect();
+    let found: std::collections::HashMap<i32, MapScore> = lookup(&pids).into_iter().collect();
+    let mut scored: Vec<(i64, u64, i32, &Path)> = Vec::with_capacity(procs.len());
+    let mut unknown = Vec::new();
+    for (cg, pid) in &procs {
+        match found.get(pid) {
+            Some(m) if *pid != exclude_pid && m.oom_score_adj != OOM_SCORE_ADJ_MIN => {
+                let t = Task {
+                    pid: *pid,
+                    comm: String::new(),
+                    cgroup: PathBuf::new(),
+                    rss_bytes: m.rss_bytes,
+                    swap_bytes: m.swap_bytes,
+                    pgtables_bytes: m.pgtables_bytes,
+                    oom_score_adj: m.oom_score_adj,
+                    start_time: 0,
+                    exiting: false,
+                };
+                scored.push((
+                    badness(&t, limit_bytes),
+                    m.rss_bytes,
+                    *pid,
+                    cg.path.as_path(),
+                ));
+            }
+            Some(_) => {}
+            None => unknown.push((cg, *pid)),
+        }
+    }
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+    let mut tasks: Vec<Task> = Vec::new();
+    for (_, _, pid, cg) in scored {
+        if tasks.len() >= want {
+            break;
+        }
+        // Name, start time and state from /proc; the memory numbers stay the map's.
+        if let Some(mut t) = read_task(pid, cg) {
+            let m = found[&pid];
+            t.rss_bytes = m.rss_bytes;
+            t.swap_bytes = m.swap_bytes;
+            t.pgtables_bytes = m.pgtables_bytes;
+            t.oom_score_adj = m.oom_score_adj;
+            tasks.push(t);
+        }
+    }
+    tasks.extend(
+        unknown
+            .into_iter()
+            .filter_map(|(cg, pid)| read_task(pid, &cg.path)),
+    );
+    let mut ranked = rank(tasks, limit_bytes, exclude_pid);
+    ranked.truncate(want.max(1));
+    ranked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,14 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
     Demo(crate::demo::DemoArgs),
+    /// Check what this node offers the agent; exit 0 when it can run.
+    Doctor(crate::cli::doctor::DoctorArgs),
+    /// Inspect the agent's pinned eBPF programs and maps (bpftool-style).
+    Bpf(crate::cli::bpf::BpfArgs),
+    /// The cgroups the running agent guards, with thresholds, usage and state.
+    Cgroups(crate::cli::cgroups::CgroupsArgs),
+    /// The running agent's recent decisions and signals; --follow streams them.
+    Events(crate::cli::events::EventsArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -135,6 +143,9 @@ pub struct RunArgs {
     /// A kubeconfig for posting Events (default: in-cluster config, else $KUBECONFIG).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// Where the control socket (control.sock) for `oomguard cgroups`/`events` lives.
+    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// A validated configuration: everything the agent needs, nothing half-checked.
@@ -159,6 +170,7 @@ pub struct Config {
     pub docker_root: PathBuf,
     pub bpf_pin_dir: PathBuf,
     pub kubeconfig: Option<PathBuf>,
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -242,6 +254,7 @@ impl RunArgs {
             docker_root: self.docker_root.clone(),
             bpf_pin_dir: self.bpf_pin_dir.clone(),
             kubeconfig: self.kubeconfig.clone(),
+            state_dir: self.state_dir.clone(),
         })
     }
 }

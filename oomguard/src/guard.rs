@@ -113,6 +113,8 @@ pub struct Deps {
     pub runtime: Option<RuntimeClient>,
     /// The eBPF programs (`None`: pure eventfd mode).
     pub ebpf: Option<EbpfGuard>,
+    /// The debug view served on the control socket.
+    pub state: Option<Arc<crate::state::AgentState>>,
 }
 
 /// Bound on each containerd call on the kill path.
@@ -366,6 +368,9 @@ impl Guard {
             rt.prefetch(&path);
         }
         self.by_id.insert(id, path.clone());
+        if let Some(s) = &self.deps.state {
+            s.cgroup_armed(&path, armed.thresholds);
+        }
         let entry = Entry {
             armed,
             id,
@@ -410,6 +415,9 @@ impl Guard {
     }
 
     fn disarm(&mut self, path: &Path) {
+        if let Some(s) = &self.deps.state {
+            s.cgroup_removed(path);
+        }
         if self.remove(path).is_some() {
             tracing::debug!(cgroup = %path.display(), "disarmed");
         }
@@ -449,6 +457,9 @@ impl Guard {
             Ok(u) => u,
             Err(err) if err.is_gone() => {
                 // Removal also signals the eventfd: forget the cgroup.
+                if let Some(s) = &self.deps.state {
+                    s.cgroup_removed(path);
+                }
                 self.remove(path);
                 return;
             }
@@ -469,6 +480,14 @@ impl Guard {
             },
             cfg.cooldown,
         );
+        if let Some(s) = &self.deps.state {
+            use crate::state::CgroupState;
+            match step {
+                Step::Idle => s.cgroup_state(path, CgroupState::Armed),
+                Step::Act => s.cgroup_state(path, CgroupState::Acting),
+                Step::Cooling | Step::SkipCache { .. } => {}
+            }
+        }
         match step {
             Step::Idle | Step::Cooling | Step::SkipCache { report: false } => {}
             Step::SkipCache { report: true } => {
@@ -559,6 +578,9 @@ impl Guard {
         }
         if let Some(e) = self.entries.get_mut(path) {
             e.state.acted(Instant::now());
+        }
+        if let Some(s) = &self.deps.state {
+            s.cgroup_state(path, crate::state::CgroupState::CoolingDown);
         }
         self.deps.reporter.send(d);
     }
@@ -738,6 +760,8 @@ impl Guard {
         });
         if !queued && let Some(e) = self.entries.get(path) {
             e.reclaiming.store(false, Ordering::Release);
+        } else if queued && let Some(s) = &self.deps.state {
+            s.cgroup_state(path, crate::state::CgroupState::Reclaiming);
         }
     }
 

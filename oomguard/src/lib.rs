@@ -17,10 +17,15 @@
 //! - [`sys`]: process-wide setup (real-time priority, `mlockall`, `oom_score_adj`).
 //! - [`sandbox`]: throw-away cgroups beneath our own, for the demo, tests and benchmarks.
 //! - [`bpf`]: loading and attaching the eBPF programs.
+//! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.
+//! - [`control`]: the control socket that serves [`state`], and its client.
+//! - [`cli`]: the debug subcommands (`doctor`, `bpf`, `cgroups`, `events`).
 
 pub mod bpf;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod events;
@@ -32,6 +37,7 @@ pub mod report;
 pub mod runtime;
 pub mod sandbox;
 pub mod size;
+pub mod state;
 pub mod sys;
 pub mod threshold;
 pub mod victim;

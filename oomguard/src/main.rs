@@ -30,6 +30,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Demo(args) => oomguard::demo::main(args),
+        Command::Doctor(args) => oomguard::cli::doctor::main(args),
+        Command::Bpf(args) => oomguard::cli::bpf::main(args),
+        Command::Cgroups(args) => oomguard::cli::cgroups::main(args),
+        Command::Events(args) => oomguard::cli::events::main(args),
     }
 }
 
@@ -104,6 +108,16 @@ fn agent(config: Config) -> anyhow::Result<()> {
     events.kubeconfig = config.kubeconfig.clone();
     let sink = EventSink::spawn(rt.handle(), events);
     let (reporter, reports) = report::channel(1024);
+    let state = oomguard::state::AgentState::new();
+    let reports =
+        oomguard::state::tee(state.clone(), reports).context("starting the state thread")?;
+    let control = match oomguard::control::ControlServer::start(state.clone(), &config.state_dir) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %oomguard::cli::error_line(&e), "no control socket: `oomguard cgroups`/`events` will not work");
+            None
+        }
+    };
     let logger =
         report::spawn_reporter(reports, Some(sink)).context("starting the report thread")?;
     let pinned = ebpf.is_some();
@@ -117,6 +131,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
             memory_mount,
             runtime,
             ebpf,
+            state: Some(state.clone()),
         })
         .context("starting the guard thread")?,
     );
@@ -178,6 +193,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
         );
     }
     drop(reporter);
+    drop(control);
     let _ = logger;
     tracing::info!("stopped");
     Ok(())

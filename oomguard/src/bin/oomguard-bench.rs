@@ -173,10 +173,11 @@ fn run(args: &Args) -> Result<(), String> {
     ));
     let trials = if args.quick { 5 } else { 20 };
     let mut avoidance = Vec::new();
-    let mut latencies: Vec<(u64, u64)> = Vec::new();
+    let mut latencies: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
     let list = scenarios(args.quick);
+    let modes: Vec<String> = machine.modes.clone();
     for (i, sc) in list.iter().enumerate() {
-        for mode in ["kernel-only", "eventfd"] {
+        for mode in modes.iter().map(String::as_str) {
             progress(&format!(
                 "[{}/{}] {} — {mode}, {trials} trials",
                 i + 1,
@@ -195,28 +196,31 @@ fn run(args: &Args) -> Result<(), String> {
                 row.overshoot_p99_kib
             ));
             avoidance.push(row);
-            latencies.extend(lat);
+            latencies.entry(mode.to_string()).or_default().extend(lat);
         }
     }
-    let latency = vec![latency_row("eventfd", &latencies)];
+    let latency = latencies
+        .iter()
+        .filter(|(m, _)| m.as_str() != "kernel-only")
+        .map(|(m, l)| latency_row(m, l))
+        .collect();
     let sizes: &[usize] = if args.quick {
         &[10, 100]
     } else {
         &[10, 100, 1000]
     };
     let mut footprint = Vec::new();
-    for &n in sizes {
-        progress(&format!("footprint: {n} idle guarded cgroups"));
-        footprint.push(footprint_row(
-            n,
-            &agent,
-            if args.quick { 3.0 } else { 10.0 },
-        )?);
+    for mode in modes.iter().filter(|m| m.as_str() != "kernel-only") {
+        for &n in sizes {
+            progress(&format!("footprint ({mode}): {n} idle guarded cgroups"));
+            let window = if args.quick { 3.0 } else { 10.0 };
+            footprint.push(footprint_row(n, &agent, mode, window)?);
+        }
     }
     let mut victim_selection = Vec::new();
     for &n in &[10usize, 100, 1000] {
         progress(&format!("victim selection: {n} tasks in one cgroup"));
-        victim_selection.push(selection_row(n, &memhog)?);
+        victim_selection.extend(selection_rows(n, &memhog)?);
     }
     let report = Report {
         machine,
@@ -234,12 +238,15 @@ fn run(args: &Args) -> Result<(), String> {
     std::fs::write(&args.out, json).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let table = render(&report);
     print!("{table}");
+    let svg = args.out.with_extension("svg");
+    std::fs::write(&svg, chart(&report)).map_err(|e| format!("{}: {e}", svg.display()))?;
     let md = args.out.with_extension("md");
     std::fs::write(&md, &table).map_err(|e| format!("{}: {e}", md.display()))?;
     progress(&format!(
-        "wrote {} and {} in {:.0} s",
+        "wrote {}, {} and {} in {:.0} s",
         args.out.display(),
         md.display(),
+        svg.display(),
         report.duration_s
     ));
     Ok(())
@@ -262,7 +269,14 @@ fn machine() -> Machine {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes: mem_kib * 1024,
         cpu_model,
-        modes: vec!["kernel-only".into(), "eventfd".into()],
+        modes: {
+            let mut m = vec!["kernel-only".to_string(), "eventfd".to_string()];
+            match oomguard::bpf::capabilities().reason() {
+                None => m.push("ebpf".into()),
+                Some(why) => progress(&format!("no ebpf rows: {why}")),
+            }
+            m
+        },
     }
 }
 
@@ -337,7 +351,8 @@ fn avoid(
         max: 50 * M,
     };
     let th = margins.thresholds(sc.limit).ok_or("limit too small")?;
-    let agent = if mode == "eventfd" {
+    let pins = format!("/sys/fs/bpf/oomguard-bench-{}", std::process::id());
+    let agent = if mode != "kernel-only" {
         let ratio = sc.margin_ratio.to_string();
         Some(
             Agent::start(
@@ -353,6 +368,10 @@ fn avoid(
                     sc.min_margin,
                     "--walk-interval",
                     "3600",
+                    "--mode",
+                    mode,
+                    "--bpf-pin-dir",
+                    &pins,
                 ],
                 None,
             )
@@ -514,7 +533,12 @@ fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintRow, String> {
+fn footprint_row(
+    n: usize,
+    agent_exe: &Path,
+    mode: &str,
+    window_s: f64,
+) -> Result<FootprintRow, String> {
     let sb = Sandbox::new("bench-idle").map_err(|e| e.to_string())?;
     let mut last = PathBuf::new();
     for i in 0..n {
@@ -524,6 +548,7 @@ fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintR
     }
     let root = sb.path().display().to_string();
     let t0 = Instant::now();
+    let pins = format!("/sys/fs/bpf/oomguard-bench-idle-{}", std::process::id());
     let agent = Agent::start(
         agent_exe,
         &[
@@ -533,6 +558,10 @@ fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintR
             "noop",
             "--walk-interval",
             "3600",
+            "--mode",
+            mode,
+            "--bpf-pin-dir",
+            &pins,
         ],
         None,
     )
@@ -550,7 +579,7 @@ fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintR
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let elapsed = w0.elapsed().as_secs_f64();
     Ok(FootprintRow {
-        mode: "eventfd".into(),
+        mode: mode.to_string(),
         cgroups: n,
         arm_all_ms,
         rss_kib: proc_rss_kib(agent.pid()),
@@ -559,18 +588,21 @@ fn footprint_row(n: usize, agent_exe: &Path, window_s: f64) -> Result<FootprintR
     })
 }
 
-fn selection_row(n: usize, memhog: &Path) -> Result<SelectionRow, String> {
+fn selection_rows(n: usize, memhog: &Path) -> Result<Vec<SelectionRow>, String> {
     let sb = Sandbox::new("bench-select").map_err(|e| e.to_string())?;
+    // The score map must see the tasks start (fork tracepoint), so load it first.
+    let pins = format!("/sys/fs/bpf/oomguard-bench-select-{}", std::process::id());
+    let bpf = match oomguard::bpf::capabilities().reason() {
+        None => Some(oomguard::bpf::EbpfGuard::load(Path::new(&pins)).map_err(|e| e.to_string())?),
+        Some(_) => None,
+    };
     let mut children = Vec::new();
     for i in 0..n {
         let mut cmd = Command::new(memhog);
-        cmd.args([
-            "--total",
-            &format!("{}K", 64 + (i % 97) * 4),
-            "--chunk",
-            "4K",
-        ])
-        .stdout(Stdio::null());
+        // One task clearly biggest, so "the same victim" has one right answer.
+        let kib = if i == n / 2 { 8192 } else { 64 + (i % 97) * 4 };
+        cmd.args(["--total", &format!("{kib}K"), "--chunk", "4K"])
+            .stdout(Stdio::null());
         children.push(
             in_cgroup(&mut cmd, &sb.cg)
                 .and_then(|c| c.spawn())
@@ -580,21 +612,47 @@ fn selection_row(n: usize, memhog: &Path) -> Result<SelectionRow, String> {
     // Let every task fault in its memory.
     std::thread::sleep(Duration::from_millis(500 + n as u64));
     let rounds = (2000 / n).clamp(3, 200);
+    let limit = 1u64 << 30;
     let t0 = Instant::now();
+    let mut proc_top = None;
     for _ in 0..rounds {
-        std::hint::black_box(oomguard::victim::candidates(&sb.cg, 1 << 30, -1));
+        let c = oomguard::victim::candidates(&sb.cg, limit, -1);
+        proc_top = c.first().map(|c| c.task.pid);
     }
-    let per = t0.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    let per_proc = t0.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    let mut rows = vec![SelectionRow {
+        tasks: n,
+        source: "/proc".into(),
+        per_selection_us: per_proc,
+        same_victim: None,
+    }];
+    if let Some(bpf) = &bpf {
+        let t0 = Instant::now();
+        let mut map_top = None;
+        for _ in 0..rounds {
+            let c = oomguard::victim::candidates_from_map(&sb.cg, limit, -1, 8, |pids| {
+                bpf.task_scores(pids)
+                    .iter()
+                    .map(|(p, s)| (*p, oomguard::victim::MapScore::from(s)))
+                    .collect()
+            });
+            map_top = c.first().map(|c| c.task.pid);
+        }
+        rows.push(SelectionRow {
+            tasks: n,
+            source: "score map".into(),
+            per_selection_us: t0.elapsed().as_secs_f64() * 1e6 / rounds as f64,
+            same_victim: Some(map_top == proc_top),
+        });
+    }
     for c in &mut children {
         let _ = c.kill();
         let _ = c.wait();
     }
-    Ok(SelectionRow {
-        tasks: n,
-        source: "/proc".into(),
-        per_selection_us: per,
-        same_victim: None,
-    })
+    if let Some(bpf) = bpf {
+        let _ = bpf.unpin();
+    }
+    Ok(rows)
 }
 
 fn render(r: &Report) -> String {
@@ -660,14 +718,108 @@ fn render(r: &Report) -> String {
             f.mode, f.cgroups, f.arm_all_ms, f.rss_kib, f.cpu_percent_of_core
         );
     }
-    let _ = writeln!(s, "\n| tasks | source | µs per selection |");
-    let _ = writeln!(s, "|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n| tasks | source | µs per selection | same victim as /proc |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
     for v in &r.victim_selection {
+        let same = match v.same_victim {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} |",
+            "| {} | {} | {:.0} | {same} |",
             v.tasks, v.source, v.per_selection_us
         );
     }
+    s
+}
+
+/// An SVG bar chart of avoidance: per scenario, the share of trials guarded (killed by the
+/// agent, kernel OOM killer idle) and with the limit untouched, one bar group per mode.
+fn chart(r: &Report) -> String {
+    use std::fmt::Write;
+    let scenarios: Vec<&str> = {
+        let mut v: Vec<&str> = Vec::new();
+        for a in &r.avoidance {
+            if !v.contains(&a.scenario.as_str()) {
+                v.push(&a.scenario);
+            }
+        }
+        v
+    };
+    let modes = &r.machine.modes;
+    let (bar_w, gap, left, top, h) = (14.0, 26.0, 60.0, 40.0, 220.0);
+    let group_w = bar_w * 2.0 * modes.len() as f64 + gap;
+    let width = left + group_w * scenarios.len() as f64 + 20.0;
+    let height = top + h + 150.0;
+    let colors = ["#9e9e9e", "#1e88e5", "#43a047", "#fb8c00"];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="20" font-size="14">Kernel-OOM avoidance by scenario and mode (solid: guarded, light: limit untouched)</text>"#
+    );
+    for pct in [0, 50, 100] {
+        let y = top + h - h * f64::from(pct) / 100.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{width:.0}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{pct}%</text>"##,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    for (i, sc) in scenarios.iter().enumerate() {
+        let x0 = left + group_w * i as f64 + gap / 2.0;
+        for (j, mode) in modes.iter().enumerate() {
+            let Some(a) = r
+                .avoidance
+                .iter()
+                .find(|a| a.scenario == *sc && &a.mode == mode)
+            else {
+                continue;
+            };
+            let t = f64::from(a.trials.max(1));
+            let color = colors[j % colors.len()];
+            for (k, (v, op)) in [(a.guarded, 1.0), (a.limit_untouched, 0.45)]
+                .iter()
+                .enumerate()
+            {
+                let bh = h * f64::from(*v) / t;
+                let x = x0 + (j * 2 + k) as f64 * bar_w;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{color}" fill-opacity="{op}"/>"#,
+                    top + h - bh,
+                    bar_w - 2.0
+                );
+            }
+        }
+        let lx = x0 + group_w / 2.0 - gap / 2.0;
+        let ly = top + h + 12.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{lx:.1}" y="{ly:.1}" transform="rotate(35 {lx:.1} {ly:.1})">{}</text>"#,
+            sc.replace('&', "&amp;").replace('<', "&lt;")
+        );
+    }
+    for (j, mode) in modes.iter().enumerate() {
+        let x = left + j as f64 * 110.0;
+        let y = height - 12.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{y}">{mode}</text>"#,
+            y - 10.0,
+            colors[j % colors.len()],
+            x + 16.0
+        );
+    }
+    s.push_str("</svg>\n");
     s
 }

@@ -123,10 +123,13 @@ impl Containerd {
             .expect("run ctr")
     }
 
-    /// A fresh busybox rootfs (each container gets its own).
+    /// A fresh busybox rootfs (each container gets its own), made on first use.
     fn rootfs(&self, id: &str) -> PathBuf {
         let root = self.dir.path().join("rootfs").join(id);
         let bin = root.join("bin");
+        if bin.join("busybox").is_file() {
+            return root;
+        }
         std::fs::create_dir_all(&bin).unwrap();
         std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
         for applet in ["sh", "sleep", "dd", "cat"] {
@@ -138,8 +141,31 @@ impl Containerd {
         root
     }
 
+    /// Puts the host executable `src` into container `id`'s rootfs as `/bin/<name>` (a hard
+    /// link where possible), with copies of the shared libraries `ldd` names at their host
+    /// paths. Call it before [`Self::run`].
+    pub fn install(&self, id: &str, src: &Path, name: &str) {
+        let root = self.rootfs(id);
+        link_or_copy(src, &root.join("bin").join(name));
+        let out = Command::new("ldd").arg(src).output().expect("run ldd");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|r| r.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(lib) = path {
+                let dst = root.join(lib.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+                std::fs::copy(lib, &dst).unwrap();
+            }
+        }
+    }
+
     /// Runs container `id` in namespace `ns` detached, inside memory cgroup `cgroup` (an
     /// absolute directory under /sys/fs/cgroup/memory), with `labels`, running `cmd`.
+    /// `limit` 0 sets no memory limit on the container's own cgroup.
     pub fn run(
         &self,
         ns: &str,
@@ -161,11 +187,13 @@ impl Containerd {
             "-d".into(),
             "--cgroup".into(),
             cg,
-            "--memory-limit".into(),
-            lim,
             "--env".into(),
             "PATH=/bin".into(),
         ];
+        if limit > 0 {
+            args.push("--memory-limit".into());
+            args.push(lim);
+        }
         for (k, v) in labels {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
@@ -226,6 +254,13 @@ impl Containerd {
             let _ = self.ctr(ns, &["task", "rm", "-f", id]);
             let _ = self.ctr(ns, &["container", "rm", id]);
         }
+    }
+}
+
+/// A hard link where the file system allows (test binaries are large), else a copy.
+fn link_or_copy(src: &Path, dst: &Path) {
+    if std::fs::hard_link(src, dst).is_err() {
+        std::fs::copy(src, dst).unwrap();
     }
 }
 

@@ -1,0 +1,107 @@
+//! `oomguard cgroups [--json]`: every cgroup the running agent guards, from its control
+//! socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{Align, Table, bytes, or_dash, short_cgroup};
+use crate::control::{CgroupView, Client};
+
+#[derive(Debug, Clone, Args)]
+pub struct CgroupsArgs {
+    /// The agent's --state-dir (where control.sock is).
+    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// A JSON list of objects: path, limit, usage, margin, threshold, reclaim_threshold,
+    /// cache (bytes), state, since, last_action.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main(args: CgroupsArgs) -> ExitCode {
+    let cgroups = match Client::new(&args.state_dir).cgroups() {
+        Ok(c) => c,
+        Err(e) => return super::fail(&e),
+    };
+    if args.json {
+        return super::print_json(&cgroups);
+    }
+    if cgroups.is_empty() {
+        println!("the agent guards no cgroup");
+        return ExitCode::SUCCESS;
+    }
+    table(&cgroups, super::memory_mount().as_deref()).print();
+    ExitCode::SUCCESS
+}
+
+fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
+    let mut t = Table::new(&[
+        ("CGROUP", Align::Left),
+        ("LIMIT", Align::Right),
+        ("USAGE", Align::Right),
+        ("RECLAIM", Align::Right),
+        ("KILL", Align::Right),
+        ("CACHE", Align::Right),
+        ("STATE", Align::Left),
+        ("LAST ACTION", Align::Left),
+    ])
+    .elastic(0);
+    for c in cgroups {
+        let last = c.last_action.as_ref().map(|a| match (&a.comm, a.pid) {
+            (Some(comm), Some(pid)) => format!("{} {pid} {comm}", a.action),
+            _ => a.action.clone(),
+        });
+        t.row(vec![
+            short_cgroup(&c.path, mount),
+            bytes(c.limit),
+            or_dash(c.usage.map(bytes)),
+            bytes(c.reclaim_threshold),
+            bytes(c.threshold),
+            or_dash(c.cache.map(bytes)),
+            c.state.as_str().to_string(),
+            or_dash(last),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{CgroupState, LastAction};
+
+    #[test]
+    fn renders_one_row_per_cgroup_within_100_columns() {
+        let view = CgroupView {
+            path: format!(
+                "/sys/fs/cgroup/memory/kubepods/burstable/pod{}",
+                "a".repeat(60)
+            ),
+            limit: 1000 << 20,
+            usage: Some(500 << 20),
+            margin: 20 << 20,
+            threshold: 980 << 20,
+            reclaim_threshold: 960 << 20,
+            cache: None,
+            state: CgroupState::CoolingDown,
+            since: "2025-01-01T00:00:00Z".into(),
+            last_action: Some(LastAction {
+                action: "kill".into(),
+                timestamp: "2025-01-01T00:00:00Z".into(),
+                pid: Some(4242),
+                comm: Some("oomguard-memhog".into()),
+            }),
+        };
+        let lines = table(&[view], Some(std::path::Path::new("/sys/fs/cgroup/memory"))).lines();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.chars().count() <= super::super::WIDTH)
+        );
+        assert!(lines[1].contains("980.0M") && lines[1].contains("cooling down"));
+        assert!(lines[1].ends_with("kill 4242 oomguard-memhog"));
+    }
+}

@@ -1,0 +1,214 @@
+//! `oomguard events [--follow] [--json]`: the running agent's recent decisions (kills, skips,
+//! reclaims, kernel OOMs) and pressure signals, from its control socket; `--follow` streams
+//! new ones until interrupted.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{Align, Table, bytes, short_cgroup};
+use crate::control::Client;
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    /// The agent's --state-dir (where control.sock is).
+    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// After the recent events, print new ones as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// One JSON object per line: seq, timestamp, cgroup, kind ("decision" or "signal") and
+    /// the decision record or the signal.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const HEADERS: [(&str, Align); 7] = [
+    ("TIME", Align::Left),
+    ("EVENT", Align::Left),
+    ("CGROUP", Align::Left),
+    ("USAGE", Align::Right),
+    ("THRESHOLD", Align::Right),
+    ("VIA", Align::Left),
+    ("VICTIM", Align::Left),
+];
+
+/// The VICTIM column (victim, else the decision's detail) is cut to this many characters.
+const VICTIM_WIDTH: usize = 36;
+
+/// `text` cut at the end to `width` characters, marked with `…`.
+fn shorten_end(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(width - 1).collect();
+    format!("{kept}…")
+}
+
+/// Width of the CGROUP column in followed (row-at-a-time) output.
+const FOLLOW_CGROUP: usize = 30;
+
+pub fn main(args: EventsArgs) -> ExitCode {
+    let mount = super::memory_mount();
+    let client = Client::new(&args.state_dir);
+    let mut table = Table::new(&HEADERS).elastic(2);
+    let mut stdout = std::io::stdout().lock();
+    if args.follow && !args.json {
+        let _ = writeln!(
+            stdout,
+            "{}",
+            follow_line(&HEADERS.map(|(h, _)| h.to_string()))
+        );
+    }
+    let result = client.events(args.follow, |v| {
+        let written = if args.json {
+            writeln!(stdout, "{v}")
+        } else if let Some(row) = row(&v, mount.as_deref()) {
+            if args.follow {
+                writeln!(stdout, "{}", follow_line(&row))
+            } else {
+                table.row(row.to_vec());
+                Ok(())
+            }
+        } else {
+            Ok(())
+        };
+        // A closed stdout (`| head`) ends the stream.
+        written.and_then(|()| stdout.flush()).is_ok()
+    });
+    if let Err(e) = result {
+        return super::fail(&e);
+    }
+    if !args.json && !args.follow {
+        if table.is_empty() {
+            let _ = writeln!(stdout, "no events yet");
+        } else {
+            for line in table.lines() {
+                let _ = writeln!(stdout, "{line}");
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// One row streamed on its own: fixed widths, since later rows are not known yet.
+fn follow_line(row: &[String; 7]) -> String {
+    let widths = [8, 12, FOLLOW_CGROUP, 8, 9, 7, 0];
+    let mut line = String::new();
+    for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        let cell = if w > 0 {
+            super::shorten(cell, w)
+        } else {
+            cell.clone()
+        };
+        let cell = match HEADERS[i].1 {
+            Align::Left => format!("{cell:<w$}"),
+            Align::Right => format!("{cell:>w$}"),
+        };
+        line.push_str(&cell);
+        line.push_str("  ");
+    }
+    super::shorten(line.trim_end(), super::WIDTH)
+}
+
+/// The table cells of one JSON event; `None` for lines that are not events.
+fn row(v: &serde_json::Value, mount: Option<&std::path::Path>) -> Option<[String; 7]> {
+    let time = v["timestamp"]
+        .as_str()
+        .and_then(|t| t.get(11..19))
+        .unwrap_or("-")
+        .to_string();
+    let cgroup = short_cgroup(v["cgroup"].as_str().unwrap_or("-"), mount);
+    let num = |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".into(), bytes);
+    match v["kind"].as_str()? {
+        "decision" => {
+            let d = &v["decision"];
+            let victim = d["killed"]
+                .as_array()
+                .and_then(|k| k.first())
+                .map(|k| {
+                    format!(
+                        "{} {}",
+                        k["pid"].as_i64().unwrap_or(0),
+                        k["comm"].as_str().unwrap_or("?")
+                    )
+                })
+                .or_else(|| {
+                    d["detail"]
+                        .as_str()
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| "-".into());
+            let victim = match (d["action"].as_str(), d["policy"].as_str()) {
+                (Some("kill" | "would-kill" | "kill-failed"), Some(p)) => format!("{victim} ({p})"),
+                _ => victim,
+            };
+            let victim = shorten_end(&victim, VICTIM_WIDTH);
+            Some([
+                time,
+                d["action"].as_str().unwrap_or("?").to_string(),
+                cgroup,
+                num(&d["usage"]),
+                num(&d["threshold"]),
+                d["signal"].as_str().unwrap_or("-").to_string(),
+                victim,
+            ])
+        }
+        "signal" => {
+            let s = &v["signal"];
+            Some([
+                time,
+                s["what"].as_str().unwrap_or("signal").to_string(),
+                cgroup,
+                num(&s["usage"]),
+                num(&s["threshold"]),
+                s["source"].as_str().unwrap_or("-").to_string(),
+                "-".into(),
+            ])
+        }
+        "lagged" => Some([
+            "-".into(),
+            "lagged".into(),
+            format!("{} event(s) missed", v["missed"]),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kill_reads_as_one_row() {
+        let v = serde_json::json!({
+            "seq": 3, "timestamp": "2025-06-01T12:34:56.789Z", "kind": "decision",
+            "cgroup": "/sys/fs/cgroup/memory/a/b",
+            "decision": {"action": "kill", "policy": "process", "usage": 1073741824u64,
+                         "threshold": 1048576000u64, "signal": "ebpf",
+                         "killed": [{"pid": 42, "comm": "memhog"}], "detail": ""}
+        });
+        let row = row(&v, Some(std::path::Path::new("/sys/fs/cgroup/memory"))).unwrap();
+        assert_eq!(
+            row,
+            [
+                "12:34:56",
+                "kill",
+                "/a/b",
+                "1.0G",
+                "1000.0M",
+                "ebpf",
+                "42 memhog (process)"
+            ]
+        );
+        assert!(follow_line(&row).chars().count() <= crate::cli::WIDTH);
+        assert!(super::row(&serde_json::json!({"end": true}), None).is_none());
+    }
+}

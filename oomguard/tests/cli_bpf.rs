@@ -1,0 +1,199 @@
+//! `oomguard bpf prog show`, `bpf map show`, `bpf map dump`: against a real agent in eBPF
+//! mode, the pins decode into what the test set up (the thresholds of its cgroup, the memhog
+//! it started); without pins, one clear line and a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{M, hog, sandbox, wait_rss};
+use oomguard::sandbox::Agent;
+use oomguard::threshold::Margins;
+
+fn oomguard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(common::agent_exe())
+        .args(args)
+        .output()
+        .expect("run oomguard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = oomguard(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn pin_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/oomguard-test-cli-{name}-{}",
+        std::process::id()
+    ))
+}
+
+#[test]
+fn pins_decode_into_the_cgroup_and_task_the_test_made() {
+    let _serial = common::serial();
+    if !common::kernel_ready() || !common::ebpf_ready() {
+        return;
+    }
+    let limit = 256 * M;
+    let sb = sandbox("oomguard-cli-bpf", limit);
+    let pins = pin_dir("dump");
+    let pins_s = pins.display().to_string();
+    let root = sb.path().display().to_string();
+    let agent = Agent::start(
+        common::agent_exe(),
+        &[
+            "--root",
+            &root,
+            "--mode",
+            "ebpf",
+            "--policy",
+            "noop",
+            "--margin-ratio",
+            "0.1",
+            "--bpf-pin-dir",
+            &pins_s,
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(
+        agent
+            .wait_armed(sb.path(), Duration::from_secs(10))
+            .is_some(),
+        "{:#?}",
+        agent.records()
+    );
+    let mut memhog = hog(&sb.cg, &["--total", "32M"]);
+    wait_rss(&memhog, 30 * M, Duration::from_secs(10));
+
+    // Maps: the three pins, with their kinds.
+    let maps = json(&["bpf", "map", "show", "--json", "--bpf-pin-dir", &pins_s]);
+    let maps = maps.as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = maps
+        .iter()
+        .map(|m| (m["pin"].as_str().unwrap(), m["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("THRESHOLDS", "hash"),
+            ("TASKS", "lru_hash"),
+            ("EVENTS", "ringbuf")
+        ]
+    );
+    assert!(maps[0]["entries"].as_u64().unwrap() >= 1);
+
+    // THRESHOLDS: our cgroup, by inode, at the thresholds the flags give.
+    let want = Margins {
+        ratio: 0.1,
+        ..Margins::default()
+    }
+    .thresholds(limit)
+    .unwrap();
+    let entries = json(&[
+        "bpf",
+        "map",
+        "dump",
+        "THRESHOLDS",
+        "--json",
+        "--bpf-pin-dir",
+        &pins_s,
+    ]);
+    let ours = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["cgroup"].as_str() == Some(root.as_str()))
+        .unwrap_or_else(|| panic!("{root} not in {entries:#}"));
+    assert_eq!(ours["cgroup_id"], sb.cg.id().unwrap());
+    assert_eq!(ours["kill_bytes"], want.kill);
+    assert_eq!(ours["reclaim_bytes"], want.reclaim);
+    assert_eq!(ours["above_kill"], false);
+
+    // TASKS: the memhog, by pid, with its comm and its anonymous memory.
+    let tasks = json(&[
+        "bpf",
+        "map",
+        "dump",
+        "TASKS",
+        "--json",
+        "--bpf-pin-dir",
+        &pins_s,
+    ]);
+    let task = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["pid"] == memhog.id())
+        .unwrap_or_else(|| panic!("pid {} not in TASKS", memhog.id()));
+    assert_eq!(task["comm"], "oomguard-memhog");
+    let anon = task["rss_anon"].as_u64().unwrap();
+    assert!((30 * M..64 * M).contains(&anon), "rss_anon {anon}");
+
+    // Programs: every one attached, named, at its hook.
+    let progs = json(&["bpf", "prog", "show", "--json", "--bpf-pin-dir", &pins_s]);
+    let progs = progs.as_array().unwrap();
+    let attach = |name: &str| {
+        progs
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no program {name} in {progs:#?}"))["attach"]
+            .clone()
+    };
+    assert_eq!(progs.len(), 9, "{progs:#?}");
+    assert_eq!(attach("memcg_pressure"), "raw_tp:count_memcg_events");
+    assert_eq!(
+        attach("at_limit"),
+        "tracepoint:mm_vmscan_memcg_reclaim_begin"
+    );
+    assert_eq!(attach("cgroup_mkdir"), "tracepoint:cgroup_mkdir");
+
+    // Human output: aligned tables within 100 columns.
+    for args in [
+        &["bpf", "prog", "show"][..],
+        &["bpf", "map", "show"],
+        &["bpf", "map", "dump", "THRESHOLDS"],
+        &["bpf", "map", "dump", "TASKS"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--bpf-pin-dir", pins_s.as_str()]);
+        let (code, out, err) = oomguard(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+    }
+    // The ring buffer has nothing to dump: one line, non-zero.
+    let (code, _, err) = oomguard(&["bpf", "map", "dump", "EVENTS", "--bpf-pin-dir", &pins_s]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let _ = memhog.kill();
+    let _ = memhog.wait();
+}
+
+#[test]
+fn a_missing_pin_dir_is_one_clear_line() {
+    let missing = "/sys/fs/bpf/oomguard-test-cli-none";
+    for args in [
+        &["bpf", "prog", "show"][..],
+        &["bpf", "map", "show", "--json"],
+        &["bpf", "map", "dump", "TASKS"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--bpf-pin-dir", missing]);
+        let (code, out, err) = oomguard(&args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(missing), "{err}");
+    }
+}

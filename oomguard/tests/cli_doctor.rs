@@ -1,0 +1,106 @@
+//! `oomguard doctor`: the capability report agrees with what the tests probe themselves, and
+//! its exit status says whether the agent can run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+fn doctor(args: &[&str]) -> (i32, String) {
+    let out = Command::new(common::agent_exe())
+        .arg("doctor")
+        .args(args)
+        .output()
+        .expect("run oomguard doctor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn json_report_agrees_with_the_kernel() {
+    if !common::kernel_ready() {
+        return;
+    }
+    let (code, out) = doctor(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("doctor --json is JSON");
+    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(v["kernel"], osrelease.trim());
+    let checks = v["checks"].as_array().unwrap();
+    let status = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name} in {out}"))["status"]
+            .clone()
+    };
+    // kernel_ready() saw these files in our own memory cgroup.
+    for name in [
+        "memory cgroup v1",
+        "cgroup.event_control",
+        "memory.force_empty",
+        "memory.oom_control",
+    ] {
+        assert_eq!(status(name), "ok", "{name}");
+    }
+    assert_eq!(v["can_run"], true);
+    assert_eq!(code, 0);
+    let caps = oomguard::bpf::capabilities();
+    assert_eq!(
+        v["auto_mode"],
+        if caps.usable() { "ebpf" } else { "eventfd" }
+    );
+    for check in &caps.checks {
+        if let Some(name) = check.feature.strip_prefix("tracepoint ") {
+            let want = if check.problem.is_none() {
+                "ok"
+            } else {
+                "missing"
+            };
+            assert_eq!(status(&format!("tracepoint {name}")), want);
+        }
+    }
+    // A socket that does not exist is "not present", never a failure.
+    let (code, out) = doctor(&[
+        "--json",
+        "--containerd-sock",
+        "/nonexistent/containerd.sock",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sock = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "containerd socket")
+        .unwrap();
+    assert_eq!(sock["status"], "not present");
+    // The probe cgroup is gone.
+    let own = oomguard::cgroup::cgroup_of_pid(
+        std::path::Path::new(oomguard::cgroup::DEFAULT_MEMORY_ROOT),
+        "self",
+    )
+    .unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&own.path)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("oomguard-doctor-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn human_report_fits_100_columns_and_names_the_mode() {
+    if !common::kernel_ready() {
+        return;
+    }
+    let (code, out) = doctor(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+    assert!(out.contains("--mode auto would use "), "{out}");
+}

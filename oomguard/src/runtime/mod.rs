@@ -323,22 +323,26 @@ impl RuntimeClient {
                     kids.iter().map(|(_, id, h)| (id.clone(), *h)).collect();
                 let inner = self.inner.clone();
                 let left = timeout.saturating_sub(start.elapsed());
-                let resolved = self
-                    .block("resolve the pod's containers", left, async move {
-                        let mut set = tokio::task::JoinSet::new();
-                        for (id, hint) in ids {
-                            let inner = inner.clone();
-                            set.spawn(async move { inner.resolve(&id, hint).await.ok() });
+                let resolved = self.block("resolve the pod's containers", left, async move {
+                    let mut set = tokio::task::JoinSet::new();
+                    for (id, hint) in ids {
+                        let inner = inner.clone();
+                        set.spawn(async move { inner.resolve(&id, hint).await.ok() });
+                    }
+                    let mut out = HashMap::new();
+                    while let Some(r) = set.join_next().await {
+                        if let Ok(Some(info)) = r {
+                            out.insert(info.id.clone(), info);
                         }
-                        let mut out = HashMap::new();
-                        while let Some(r) = set.join_next().await {
-                            if let Ok(Some(info)) = r {
-                                out.insert(info.id.clone(), info);
-                            }
-                        }
-                        Ok(out)
-                    })
-                    .unwrap_or_default();
+                    }
+                    Ok(out)
+                });
+                // Keep why the runtime could not say (a hung socket's timeout): the record
+                // and the Event must name it, not a later "not known" from the kill.
+                let (resolved, runtime_error) = match resolved {
+                    Ok(m) => (m, None),
+                    Err(e) => (HashMap::new(), Some(e.to_string())),
+                };
                 let mut infos = HashMap::new();
                 let children: Vec<ChildContainer> = kids
                     .into_iter()
@@ -386,12 +390,15 @@ impl RuntimeClient {
                     info: infos.remove(&victim.id),
                     usage: victim.usage,
                     reason: format!(
-                        "the pod's container using the most memory ({} bytes) of {} non-sandbox container(s)",
+                        "the pod's container using the most memory ({} bytes) of {} non-sandbox container(s){}",
                         victim.usage,
                         children
                             .iter()
                             .filter(|c| c.kind != ContainerKind::Sandbox)
-                            .count()
+                            .count(),
+                        runtime_error
+                            .map(|e| format!(" (chosen from the cgroup tree: {e})"))
+                            .unwrap_or_default()
                     ),
                 })
             }

@@ -562,6 +562,14 @@ impl Guard {
                 }
             }
             d.wake_to_kill_us = first_signal.map(|t| t.as_micros() as u64);
+            // After the kill, off its critical path: which pod, for the Event.
+            if d.action == Action::Kill
+                && let Some(rt) = &self.deps.runtime
+                && let Ok(t) =
+                    rt.plan_blocking(Path::new(&d.proccgroup), Duration::from_millis(100))
+            {
+                d.pod = t.pod().cloned();
+            }
             if d.action == Action::Kill
                 && let Ok(after) = cg.usage()
             {
@@ -825,6 +833,12 @@ impl Guard {
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
+        // The Event belongs on the pod when the runtime knows it (labels are cached).
+        if let Some(rt) = &self.deps.runtime
+            && let Ok(t) = rt.plan_blocking(path, Duration::from_millis(100))
+        {
+            d.pod = t.pod().cloned();
+        }
         d.detail = format!(
             "the kernel OOM killer killed {new} task(s) in this cgroup's subtree \
              (oom_kill total {total})"

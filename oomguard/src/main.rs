@@ -4,7 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use oomguard::bpf::{self, EbpfGuard};
-use oomguard::config::{Cli, Command, Config, LogFormat, Mode, Policy, RunArgs};
+use oomguard::config::{Cli, Command, Config, LogFormat, Mode, RunArgs};
 use oomguard::discovery::Discovery;
 use oomguard::events::{EventSink, EventsOptions};
 use oomguard::runtime::{RuntimeClient, RuntimeConfig};
@@ -76,20 +76,18 @@ fn agent(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let ebpf = load_ebpf(&config)?;
-    let runtime = if config.policy == Policy::Container {
-        match RuntimeClient::new(RuntimeConfig::new(
-            &config.docker_containerd_sock,
-            &config.containerd_sock,
-            &config.docker_root,
-        )) {
-            Ok(rt) => Some(rt),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the runtime client; the container policy kills the cgroup's top task instead");
-                None
-            }
+    // Every policy uses the runtime client: the container policy to kill, all of them to
+    // put Events on the right pod. It dials lazily; a node without a runtime is normal.
+    let runtime = match RuntimeClient::new(RuntimeConfig::new(
+        &config.docker_containerd_sock,
+        &config.containerd_sock,
+        &config.docker_root,
+    )) {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the runtime client: no container policy, Events on the node");
+            None
         }
-    } else {
-        None
     };
     if let Err(e) = sys::protect_from_oom_killer() {
         tracing::warn!(error = %e, "cannot set our oom_score_adj to -1000");

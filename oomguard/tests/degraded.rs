@@ -219,3 +219,124 @@ fn kernel_3_10_surface_still_guards_with_kill() {
     assert_eq!(k[0]["mreleased"], false);
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
 }
+
+/// A cgroup v1 freezer cgroup beneath our own: its tasks sleep uninterruptibly
+/// (`TASK_FROZEN`), so SIGKILL stays pending until it is thawed. Thawed, emptied and
+/// removed on drop.
+struct Frozen {
+    path: std::path::PathBuf,
+}
+
+impl Frozen {
+    fn new() -> Option<Frozen> {
+        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = text.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            c.split(',')
+                .any(|c| c == "freezer")
+                .then(|| path.to_string())
+        })?;
+        let path = std::path::Path::new("/sys/fs/cgroup/freezer")
+            .join(rel.trim_start_matches('/'))
+            .join(format!("oomguard-test-{}", std::process::id()));
+        std::fs::create_dir(&path).ok()?;
+        Some(Frozen { path })
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    fn set(&self, state: &str) {
+        std::fs::write(self.path.join("freezer.state"), state).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(self.path.join("freezer.state"))
+            .unwrap_or_default()
+            .trim()
+            != state
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "freezer never got {state}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("freezer.state"), "THAWED");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A victim that does not die in time (frozen, and no process_mrelease to reap it): after
+/// `--kill-timeout-ms` the agent kills the next candidate, still before the kernel.
+#[test]
+fn a_victim_that_does_not_die_is_followed_by_the_next_candidate() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let Some(freezer) = Frozen::new() else {
+        if std::env::var_os(REQUIRE_ENV).is_some() {
+            panic!("required feature missing: no cgroup v1 freezer");
+        }
+        eprintln!("skipped: no cgroup v1 freezer hierarchy");
+        return;
+    };
+    let sb = sandbox("degraded-stuck", 128 * M);
+    let root = sb.path().display().to_string();
+    let agent = agent_denied(
+        &root,
+        &pins("stuck"),
+        &[
+            "--mode",
+            "eventfd",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--kill-timeout-ms",
+            "300",
+        ],
+        &[(libc::SYS_process_mrelease, libc::ENOSYS)],
+    );
+    assert!(
+        agent
+            .wait_armed(sb.path(), Duration::from_secs(10))
+            .is_some()
+    );
+    let mut big = hog(&sb.cg, &["--total", "70M"]);
+    wait_rss(&big, 70 * M, Duration::from_secs(10));
+    freezer.add(big.id());
+    freezer.set("FROZEN");
+    let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "60M"]);
+    let d = agent
+        .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    let k = killed(&d);
+    assert_eq!(k.len(), 2, "{d:#}");
+    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(big.id())));
+    assert_eq!(k[0]["outcome"], "stuck");
+    assert_eq!(k[1]["pid"].as_u64(), Some(u64::from(grower.id())));
+    assert_eq!(k[1]["outcome"], "exited");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut grower,
+        Duration::from_secs(5)
+    )));
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+    // Thawed, the first victim dies of its pending SIGKILL.
+    freezer.set("THAWED");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut big,
+        Duration::from_secs(5)
+    )));
+}

@@ -62,7 +62,13 @@ impl Discovery {
     }
 
     /// Walks, then follows inotify and rescans every `walk_interval` until `stop` is true.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// `created` carries cgroups the eBPF `cgroup_mkdir` program saw made: they are armed
+    /// at once, without waiting for inotify.
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut created: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
+    ) {
         self.rescan();
         let _ = self.ready.send(true);
         let mut tick = tokio::time::interval(self.config.walk_interval);
@@ -72,6 +78,7 @@ impl Discovery {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tick.tick() => self.rescan(),
+                Some(dir) = created.recv() => self.on_created(&dir, "ebpf"),
                 readable = self.inotify.readable_mut() => {
                     let mut guard = match readable {
                         Ok(g) => g,
@@ -126,16 +133,26 @@ impl Discovery {
         }
         let Some(child) = child else { return };
         if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::CREATE) {
-            for cg in MemCgroup::new(child).subtree() {
-                self.watch(&cg.path);
-                self.reconcile(&cg);
-            }
+            self.on_created(child, "inotify");
         } else if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::DELETE) {
             self.forget_subtree(child);
         } else if mask.contains(EventMask::MODIFY)
             && child.file_name() == Some(OsStr::new("memory.limit_in_bytes"))
         {
             self.reconcile(&MemCgroup::new(dir));
+        }
+    }
+
+    /// A cgroup directory was made (`via` says who saw it): watch and arm it and anything
+    /// already made beneath it.
+    fn on_created(&mut self, dir: &Path, via: &'static str) {
+        if !dir.starts_with(&self.config.root.path) || self.watched.contains_key(dir) {
+            return;
+        }
+        tracing::info!(cgroup = %dir.display(), via, "cgroup created");
+        for cg in MemCgroup::new(dir).subtree() {
+            self.watch(&cg.path);
+            self.reconcile(&cg);
         }
     }
 

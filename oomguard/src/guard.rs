@@ -113,6 +113,8 @@ pub struct Deps {
     pub runtime: Option<RuntimeClient>,
     /// The eBPF programs (`None`: pure eventfd mode).
     pub ebpf: Option<EbpfGuard>,
+    /// Where cgroups the eBPF `cgroup_mkdir` program saw made go (discovery arms them).
+    pub created: Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>,
     /// The debug view served on the control socket.
     pub state: Option<Arc<crate::state::AgentState>>,
 }
@@ -741,6 +743,13 @@ impl Guard {
                         self.oom_signal(&p);
                     }
                 }
+                Record::CgroupMkdir(dir) if !dir.truncated => {
+                    if let Some(tx) = &self.deps.created {
+                        let rel = dir.path.strip_prefix("/").unwrap_or(&dir.path);
+                        let _ = tx.send(self.deps.memory_mount.join(rel));
+                    }
+                }
+                // Removal also fires the cgroup's eventfds; the walk and inotify clean up.
                 Record::CgroupMkdir(_) | Record::CgroupRmdir(_) => {}
             }
         }

@@ -119,6 +119,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
     let logger =
         report::spawn_reporter(reports, Some(sink)).context("starting the report thread")?;
     let pinned = ebpf.is_some();
+    let (created_tx, created_rx) = tokio::sync::mpsc::unbounded_channel();
     let reclaimer =
         reclaim::spawn(config.reclaim_timeout, 64).context("starting the reclaim worker")?;
     let guard = Arc::new(
@@ -129,6 +130,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
             memory_mount,
             runtime,
             ebpf,
+            created: Some(created_tx),
             state: Some(state.clone()),
         })
         .context("starting the guard thread")?,
@@ -147,7 +149,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
         let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
         let discovery =
             Discovery::new(config.clone(), guard.clone(), ready_tx).context("starting inotify")?;
-        let task = tokio::spawn(discovery.run(stop_rx));
+        let task = tokio::spawn(discovery.run(stop_rx, created_rx));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let watched = guard.clone();

@@ -433,7 +433,7 @@ fn the_agent_protects_itself() {
     }
 }
 
-/// SIGTERM: a clean exit, status 0, within 5 s.
+/// SIGTERM: a clean exit, status 0, within 5 s; in eBPF mode the pins are removed.
 #[test]
 fn sigterm_stops_the_agent_cleanly() {
     if !kernel_ready() {
@@ -441,7 +441,21 @@ fn sigterm_stops_the_agent_cleanly() {
     }
     let _serial = serial();
     let sb = sandbox("guard-term", 64 * M);
-    let mut agent = start_agent(&sb.cg, &["--policy", "noop"]);
+    let mode = if ebpf_ready() { "ebpf" } else { "eventfd" };
+    let mut agent = start_agent(&sb.cg, &["--policy", "noop", "--mode", mode]);
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/oomguard-test-{}-{}",
+        std::process::id(),
+        sb.path().file_name().unwrap().to_str().unwrap()
+    ));
+    if mode == "ebpf" {
+        assert!(
+            pins.join("THRESHOLDS").exists(),
+            "no pins at {}",
+            pins.display()
+        );
+    }
     let st = agent.stop(Duration::from_secs(5));
     assert!(st.is_some_and(|s| s.success()), "exit: {st:?}");
+    assert!(!pins.exists(), "pins left behind at {}", pins.display());
 }

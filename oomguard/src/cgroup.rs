@@ -334,22 +334,29 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
     }
 }
 
-/// The mount point of the cgroup v1 memory hierarchy that holds `dir`, from
-/// `/proc/self/mountinfo` (mount point is field 5; after the `-` come fstype, source and the
-/// super options, which name the controllers).
-pub fn memory_mount_for(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
+/// Mount points of cgroup v1 hierarchies with the memory controller in `mountinfo`
+/// (mount point is field 5; after the `-` come fstype, source and the super options,
+/// which name the controllers).
+pub fn memory_mounts(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mount_point = left.split_whitespace().nth(4)?;
             let mut r = right.split_whitespace();
-            let fstype = r.next()?;
-            let _source = r.next()?;
-            let opts = r.next()?;
+            let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
             (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
                 .then(|| PathBuf::from(mount_point))
         })
+        .collect()
+}
+
+/// The mount point of the cgroup v1 memory hierarchy that holds `dir`, from
+/// `/proc/self/mountinfo` (mount point is field 5; after the `-` come fstype, source and the
+/// super options, which name the controllers).
+pub fn memory_mount_for(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
+    memory_mounts(mountinfo)
+        .into_iter()
         .filter(|m| dir.starts_with(m))
         .max_by_key(|m| m.as_os_str().len())
 }

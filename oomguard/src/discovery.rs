@@ -361,16 +361,7 @@ fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, Result<Armed, String>)> {
 
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
 fn arm_all(cg: &MemCgroup, t: Thresholds) -> Result<Armed, String> {
-    let err = |e: crate::threshold::ArmError| {
-        let mut s = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(x) = src {
-            s.push_str(": ");
-            s.push_str(&x.to_string());
-            src = x.source();
-        }
-        s
-    };
+    let err = |e: crate::threshold::ArmError| crate::error_line(&e);
     let kill_fd = arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?;
     let reclaim_fd = Some(arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(err)?);
     let oom_fd = arm(&cg.path, Notifier::Oom).ok();

@@ -21,6 +21,18 @@
 //! - [`control`]: the control socket that serves [`state`], and its client.
 //! - [`cli`]: the debug subcommands (`doctor`, `bpf`, `cgroups`, `events`).
 
+/// `error` and its sources (`#[source]` chain) as one line: "a: b: c".
+pub fn error_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;

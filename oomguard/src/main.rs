@@ -212,16 +212,7 @@ fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
     let caps = bpf::capabilities();
     let loaded = match caps.reason() {
         Some(why) => Err(why),
-        None => EbpfGuard::load(&config.bpf_pin_dir).map_err(|e| {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(x) = src {
-                s.push_str(": ");
-                s.push_str(&x.to_string());
-                src = x.source();
-            }
-            s
-        }),
+        None => EbpfGuard::load(&config.bpf_pin_dir).map_err(|e| oomguard::error_line(&e)),
     };
     match (loaded, config.mode) {
         (Ok(g), _) => {

@@ -17,16 +17,7 @@ use std::process::ExitCode;
 pub const WIDTH: usize = 100;
 
 /// `error` and its sources on one line.
-pub fn error_line(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}
+pub use crate::error_line;
 
 /// Prints `error` and its sources as one line on stderr; exit status 1.
 pub fn fail(error: &dyn std::error::Error) -> ExitCode {
@@ -182,20 +173,7 @@ pub fn memory_mount() -> Option<std::path::PathBuf> {
     memory_mounts(&text).into_iter().next()
 }
 
-/// Mount points of cgroup v1 hierarchies with the memory controller in `mountinfo`.
-pub fn memory_mounts(mountinfo: &str) -> Vec<std::path::PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            let mut r = right.split_whitespace();
-            let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
-            (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
-                .then(|| std::path::PathBuf::from(mount_point))
-        })
-        .collect()
-}
+pub use crate::cgroup::memory_mounts;
 
 #[cfg(test)]
 mod tests {

@@ -156,20 +156,19 @@ fn a_kill_becomes_a_warning_event_on_the_pod_and_a_repeat_patches_count_2() {
         reqs.iter()
             .all(|r| !r.path.starts_with("/apis/events.k8s.io"))
     );
-    assert_eq!(
-        s.sink
-            .stats()
-            .created
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        s.sink
-            .stats()
-            .patched
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    // The server records a request before the sink has read the answer and counted it.
+    let counted = || {
+        let st = s.sink.stats();
+        (
+            st.created.load(std::sync::atomic::Ordering::Relaxed),
+            st.patched.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted() != (1, 1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(counted(), (1, 1), "created, patched");
 
     // The real kubectl reads it back.
     let out = Command::new("kubectl")

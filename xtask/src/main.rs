@@ -147,7 +147,7 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     step("running every test; the root integration tests race the kernel, so one at a time");
     let mut child = cargo()
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .args(["--", "--test-threads=1"])
         .stdout(Stdio::piped())

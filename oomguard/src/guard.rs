@@ -554,11 +554,12 @@ impl Guard {
                 if effective {
                     self.stats.kills.fetch_add(1, Ordering::Relaxed);
                     d.action = Action::Kill;
-                    break;
+                } else if d.action != Action::Kill {
+                    d.action = Action::KillFailed;
                 }
-                d.action = Action::KillFailed;
-                // A victim that got SIGKILL but has not exited yet may already have released
-                // its memory (process_mrelease): only go on if usage is still above.
+                // Go on only while usage is still above the threshold: the victim (exited, or
+                // stuck but reaped by process_mrelease) may have freed enough, and one small
+                // task of many growing together may not have.
                 if cg.usage().is_ok_and(|u| u < kill_threshold) {
                     break;
                 }

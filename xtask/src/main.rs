@@ -35,6 +35,9 @@ enum Cmd {
         /// About 4 minutes instead of about 15.
         #[arg(long)]
         quick: bool,
+        /// Only the avoidance scenarios whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
         /// Where the JSON goes (the table goes beside it, .md).
         #[arg(long, default_value = "bench-results/latest.json")]
         out: PathBuf,
@@ -74,7 +77,7 @@ fn main() -> Result<()> {
             }
             exec(&mut cmd)
         }
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench { quick, only, out } => {
             setup::run(false)?;
             build()?;
             let out = if out.is_absolute() {
@@ -87,6 +90,9 @@ fn main() -> Result<()> {
             cmd.arg("--out").arg(&out);
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(only) = only {
+                cmd.arg("--only").arg(only);
             }
             exec(&mut cmd)
         }

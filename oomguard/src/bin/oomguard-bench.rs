@@ -23,6 +23,9 @@ struct Args {
     /// Fewer trials and scenarios (about 4 minutes instead of about 15).
     #[arg(long)]
     quick: bool,
+    /// Only the avoidance scenarios whose name contains this (no footprint or selection).
+    #[arg(long)]
+    only: Option<String>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results/latest.json")]
     out: PathBuf,
@@ -174,7 +177,10 @@ fn run(args: &Args) -> Result<(), String> {
     let trials = if args.quick { 5 } else { 20 };
     let mut avoidance = Vec::new();
     let mut latencies: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
-    let list = scenarios(args.quick);
+    let list: Vec<Scenario> = scenarios(args.quick)
+        .into_iter()
+        .filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o)))
+        .collect();
     let modes: Vec<String> = machine.modes.clone();
     for (i, sc) in list.iter().enumerate() {
         for mode in modes.iter().map(String::as_str) {
@@ -204,10 +210,10 @@ fn run(args: &Args) -> Result<(), String> {
         .filter(|(m, _)| m.as_str() != "kernel-only")
         .map(|(m, l)| latency_row(m, l))
         .collect();
-    let sizes: &[usize] = if args.quick {
-        &[10, 100]
-    } else {
-        &[10, 100, 1000]
+    let sizes: &[usize] = match (&args.only, args.quick) {
+        (Some(_), _) => &[],
+        (None, true) => &[10, 100],
+        (None, false) => &[10, 100, 1000],
     };
     let mut footprint = Vec::new();
     for mode in modes.iter().filter(|m| m.as_str() != "kernel-only") {
@@ -218,7 +224,12 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
     let mut victim_selection = Vec::new();
-    for &n in &[10usize, 100, 1000] {
+    let tasks: &[usize] = if args.only.is_some() {
+        &[]
+    } else {
+        &[10, 100, 1000]
+    };
+    for &n in tasks {
         progress(&format!("victim selection: {n} tasks in one cgroup"));
         victim_selection.extend(selection_rows(n, &memhog)?);
     }

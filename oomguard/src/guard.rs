@@ -110,7 +110,7 @@ pub struct Deps {
     /// Where the memory hierarchy is mounted (to map `/proc/PID/cgroup` paths).
     pub memory_mount: PathBuf,
     /// containerd, for the container policy (`None`: the policy falls back to `process`).
-    pub runtime: Option<RuntimeClient>,
+    pub runtime: Option<Arc<RuntimeClient>>,
     /// The eBPF programs (`None`: pure eventfd mode).
     pub ebpf: Option<EbpfGuard>,
     /// Where cgroups the eBPF `cgroup_mkdir` program saw made go (discovery arms them).
@@ -565,14 +565,6 @@ impl Guard {
                 }
             }
             d.wake_to_kill_us = first_signal.map(|t| t.as_micros() as u64);
-            // After the kill, off its critical path: which pod, for the Event.
-            if d.action == Action::Kill
-                && let Some(rt) = &self.deps.runtime
-                && let Ok(t) =
-                    rt.plan_blocking(Path::new(&d.proccgroup), Duration::from_millis(100))
-            {
-                d.pod = t.pod().cloned();
-            }
             if d.action == Action::Kill
                 && let Ok(after) = cg.usage()
             {
@@ -843,12 +835,6 @@ impl Guard {
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
-        // The Event belongs on the pod when the runtime knows it (labels are cached).
-        if let Some(rt) = &self.deps.runtime
-            && let Ok(t) = rt.plan_blocking(path, Duration::from_millis(100))
-        {
-            d.pod = t.pod().cloned();
-        }
         d.detail = format!(
             "the kernel OOM killer killed {new} task(s) in this cgroup's subtree \
              (oom_kill total {total})"

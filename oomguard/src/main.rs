@@ -83,7 +83,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
         &config.containerd_sock,
         &config.docker_root,
     )) {
-        Ok(rt) => Some(rt),
+        Ok(rt) => Some(Arc::new(rt)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the runtime client: no container policy, Events on the node");
             None
@@ -116,8 +116,8 @@ fn agent(config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let logger =
-        report::spawn_reporter(reports, Some(sink)).context("starting the report thread")?;
+    let logger = report::spawn_reporter(reports, Some(sink), runtime.clone())
+        .context("starting the report thread")?;
     let pinned = ebpf.is_some();
     let (created_tx, created_rx) = tokio::sync::mpsc::unbounded_channel();
     let reclaimer =

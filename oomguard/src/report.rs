@@ -11,7 +11,7 @@ use crate::cgroup::MemStat;
 use crate::config::Policy;
 use crate::events::{EventRequest, EventSink, Reason};
 use crate::kill::Outcome;
-use crate::runtime::PodRef;
+use crate::runtime::{PodRef, RuntimeClient};
 use crate::victim::Candidate;
 
 /// What the guard did with one signal.
@@ -185,18 +185,40 @@ pub fn event_reason(d: &Decision) -> Option<Reason> {
     }
 }
 
+/// How long the reporter may ask the runtime which pod a decision's cgroup belongs to
+/// (labels are normally cached when the cgroup is armed).
+const POD_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Runs the reporters (log, then Kubernetes Events when a sink is given) until every
-/// sender is gone.
+/// sender is gone. Decisions that do not name their pod yet (process kills, kernel OOMs)
+/// get it from the runtime here, off the guard thread.
 pub fn spawn_reporter(
     rx: Receiver<Decision>,
     sink: Option<EventSink>,
+    runtime: Option<Arc<RuntimeClient>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("oomguard-report".into())
         .spawn(move || {
-            for d in rx {
+            for mut d in rx {
+                let reason = event_reason(&d);
+                if reason.is_some()
+                    && d.pod.is_none()
+                    && let Some(rt) = &runtime
+                {
+                    let cgroup = if d.proccgroup.is_empty() {
+                        &d.oomcgroup
+                    } else {
+                        &d.proccgroup
+                    };
+                    if let Ok(t) =
+                        rt.plan_blocking(std::path::Path::new(cgroup), POD_LOOKUP_TIMEOUT)
+                    {
+                        d.pod = t.pod().cloned();
+                    }
+                }
                 log_decision(&d);
-                if let (Some(sink), Some(reason)) = (&sink, event_reason(&d)) {
+                if let (Some(sink), Some(reason)) = (&sink, reason) {
                     sink.submit(EventRequest::from_decision(
                         &d,
                         reason,

@@ -146,6 +146,14 @@ pub struct RunArgs {
     /// Where the control socket (control.sock) for `oomguard cgroups`/`events` lives.
     #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Serve /metrics, /healthz and /readyz on HOST:PORT (or :PORT, all addresses). Off when
+    /// unset, empty or port 0.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+    /// /healthz fails when the guard loop has not turned for this long (ms). It turns at
+    /// least once a second when idle; a kill can hold it for up to 8 x --kill-timeout-ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub watchdog_ms: u64,
 }
 
 /// A validated configuration: everything the agent needs, nothing half-checked.
@@ -171,6 +179,8 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub watchdog: Duration,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -187,6 +197,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("--rt-priority must be 0 (off) or 1-99, got {0}")]
     RtPriority(u8),
+    #[error("--metrics-addr must be HOST:PORT or :PORT, got {0:?}")]
+    MetricsAddr(String),
     #[error("--root {0} is not a cgroup v1 memory directory (no readable memory.limit_in_bytes)")]
     Root(String),
 }
@@ -214,6 +226,7 @@ impl RunArgs {
             ("guard-ms", self.guard_ms),
             ("kill-timeout-ms", self.kill_timeout_ms),
             ("reclaim-timeout-ms", self.reclaim_timeout_ms),
+            ("watchdog-ms", self.watchdog_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { flag });
@@ -222,6 +235,7 @@ impl RunArgs {
         if self.rt_priority > 99 {
             return Err(ConfigError::RtPriority(self.rt_priority));
         }
+        let metrics_addr = parse_metrics_addr(self.metrics_addr.as_deref())?;
         let root = MemCgroup::new(&self.root);
         if root.limit().is_err() {
             return Err(ConfigError::Root(self.root.display().to_string()));
@@ -255,8 +269,25 @@ impl RunArgs {
             bpf_pin_dir: self.bpf_pin_dir.clone(),
             kubeconfig: self.kubeconfig.clone(),
             state_dir: self.state_dir.clone(),
+            metrics_addr,
+            watchdog: Duration::from_millis(self.watchdog_ms),
         })
     }
+}
+
+/// `--metrics-addr`: `HOST:PORT`, `[V6]:PORT` or `:PORT`; unset, empty or port 0 is off.
+fn parse_metrics_addr(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let full = match v.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => v.to_string(),
+    };
+    let addr: std::net::SocketAddr = full
+        .parse()
+        .map_err(|_| ConfigError::MetricsAddr(v.to_string()))?;
+    Ok((addr.port() != 0).then_some(addr))
 }
 
 #[cfg(test)]
@@ -338,6 +369,36 @@ mod tests {
             ConfigError::CacheRatio(1.5)
         );
         assert!(matches!(parse(&[]).unwrap_err(), ConfigError::Root(_)));
+        assert_eq!(
+            parse(&["--metrics-addr", "localhost"]).unwrap_err(),
+            ConfigError::MetricsAddr("localhost".into())
+        );
+        assert_eq!(
+            parse(&["--metrics-addr", ":99999"]).unwrap_err(),
+            ConfigError::MetricsAddr(":99999".into())
+        );
+        assert_eq!(
+            parse(&["--watchdog-ms", "0"]).unwrap_err(),
+            ConfigError::Zero {
+                flag: "watchdog-ms"
+            }
+        );
+    }
+
+    #[test]
+    fn metrics_addr_forms() {
+        assert_eq!(parse_metrics_addr(None), Ok(None));
+        assert_eq!(parse_metrics_addr(Some("")), Ok(None));
+        assert_eq!(parse_metrics_addr(Some(":0")), Ok(None));
+        assert_eq!(parse_metrics_addr(Some("127.0.0.1:0")), Ok(None));
+        assert_eq!(
+            parse_metrics_addr(Some(":9102")),
+            Ok(Some("0.0.0.0:9102".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_metrics_addr(Some("[::1]:9102")),
+            Ok(Some("[::1]:9102".parse().unwrap()))
+        );
     }
 
     #[test]

@@ -68,6 +68,23 @@ pub struct GuardStats {
     pub kills: AtomicU64,
     /// Incremented on every loop turn: a watchdog for health checks.
     pub ticks: AtomicU64,
+    /// Cleared when the guard thread ends (returns or panics).
+    pub stopped: AtomicBool,
+}
+
+impl GuardStats {
+    pub fn alive(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// Marks the guard stopped however its thread ends.
+struct StoppedOnDrop(Arc<GuardStats>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+    }
 }
 
 /// The other threads' handle on the guard thread.
@@ -117,6 +134,8 @@ pub struct Deps {
     pub created: Option<tokio::sync::mpsc::UnboundedSender<PathBuf>>,
     /// The debug view served on the control socket.
     pub state: Option<Arc<crate::state::AgentState>>,
+    /// Counters for `/metrics` (`None`: not counted).
+    pub metrics: Option<crate::metrics::GuardCounters>,
 }
 
 /// Bound on identifying the container on the kill path: labels are normally cached when the
@@ -210,7 +229,10 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
     }
     let thread = std::thread::Builder::new()
         .name("oomguard-guard".into())
-        .spawn(move || guard.run())
+        .spawn(move || {
+            let _stopped = StoppedOnDrop(guard.stats.clone());
+            guard.run()
+        })
         .map_err(GuardError::Spawn)?;
     Ok(GuardHandle {
         tx,
@@ -286,9 +308,17 @@ impl Guard {
                             e.watch_until = Some(woke + WATCH_WINDOW);
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                        if let Some(m) = &self.deps.metrics {
+                            m.kill_signal_eventfd.inc();
+                        }
                         self.evaluate(&path, woke, "eventfd");
                     }
-                    Kind::Reclaim => self.reclaim_signal(&path),
+                    Kind::Reclaim => {
+                        if let Some(m) = &self.deps.metrics {
+                            m.reclaim_signal_eventfd.inc();
+                        }
+                        self.reclaim_signal(&path)
+                    }
                     Kind::Oom => self.oom_signal(&path),
                     Kind::Ring => self.ring(woke),
                 }
@@ -494,6 +524,18 @@ impl Guard {
                 Step::Cooling | Step::SkipCache { .. } => {}
             }
         }
+        if let Some(m) = &self.deps.metrics {
+            match step {
+                // A re-check while cooling down is not a new signal being skipped.
+                Step::Cooling if signal != "recheck" => {
+                    m.skip_cooldown.inc();
+                }
+                Step::SkipCache { .. } if signal != "recheck" => {
+                    m.skip_cache.inc();
+                }
+                _ => {}
+            }
+        }
         match step {
             Step::Idle | Step::Cooling | Step::SkipCache { report: false } => {}
             Step::SkipCache { report: true } => {
@@ -572,6 +614,9 @@ impl Guard {
             }
         }
         if d.action == Action::NoCandidate {
+            if let Some(m) = &self.deps.metrics {
+                m.skip_protected.inc();
+            }
             d.detail = "no task may be killed (only protected or exiting tasks)".into();
         }
         if let Some(e) = self.entries.get_mut(path) {
@@ -713,6 +758,9 @@ impl Guard {
                 | Record::AtLimit { cgroup_id, .. } => {
                     if let Some(path) = self.by_id.get(&cgroup_id).cloned() {
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                        if let Some(m) = &self.deps.metrics {
+                            m.kill_signal_ebpf.inc();
+                        }
                         if let Some(e) = self.entries.get_mut(&path) {
                             e.watch_until = Some(woke + WATCH_WINDOW);
                         }
@@ -725,6 +773,9 @@ impl Guard {
                     ..
                 } => {
                     if let Some(path) = self.by_id.get(&cgroup_id).cloned() {
+                        if let Some(m) = &self.deps.metrics {
+                            m.reclaim_signal_ebpf.inc();
+                        }
                         self.reclaim_signal(&path);
                     }
                 }
@@ -788,6 +839,7 @@ impl Guard {
         e.reclaiming.store(true, Ordering::Release);
         let flag = e.reclaiming.clone();
         let reporter = self.deps.reporter.clone();
+        let counters = self.deps.metrics.clone();
         let mut d = self.decision(
             &self.entries[path],
             Action::Reclaim,
@@ -800,6 +852,9 @@ impl Guard {
             cgroup,
             done: Box::new(move |res: ReclaimResult| {
                 flag.store(false, Ordering::Release);
+                if let Some(m) = &counters {
+                    m.reclaimed(&res);
+                }
                 d.detail = format!("force_empty: {res:?}");
                 reporter.send(d);
             }),

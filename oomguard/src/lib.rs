@@ -43,6 +43,7 @@ pub mod discovery;
 pub mod events;
 pub mod guard;
 pub mod kill;
+pub mod metrics;
 pub mod policy;
 pub mod reclaim;
 pub mod report;

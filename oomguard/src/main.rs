@@ -7,6 +7,7 @@ use oomguard::bpf::{self, EbpfGuard};
 use oomguard::config::{Cli, Command, Config, LogFormat, Mode, RunArgs};
 use oomguard::discovery::Discovery;
 use oomguard::events::{EventSink, EventsOptions};
+use oomguard::metrics::Metrics;
 use oomguard::runtime::{RuntimeClient, RuntimeConfig};
 use oomguard::{cgroup, guard, reclaim, report, sys};
 use tracing_subscriber::EnvFilter;
@@ -75,6 +76,13 @@ fn agent(config: Config) -> anyhow::Result<()> {
                 config.root.path.display()
             )
         })?;
+    let listener = match config.metrics_addr {
+        Some(addr) => Some(
+            oomguard::metrics::bind(addr)
+                .with_context(|| format!("cannot serve --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let ebpf = load_ebpf(&config)?;
     // Every policy uses the runtime client: the container policy to kill, all of them to
     // put Events on the right pod. It dials lazily; a node without a runtime is normal.
@@ -106,9 +114,16 @@ fn agent(config: Config) -> anyhow::Result<()> {
     events.kubeconfig = config.kubeconfig.clone();
     let sink = EventSink::spawn(rt.handle(), events);
     let (reporter, reports) = report::channel(1024);
+    let metrics = config.metrics_addr.map(|_| {
+        let mode = if ebpf.is_some() { "ebpf" } else { "eventfd" };
+        let m = Metrics::new(mode, config.watchdog);
+        m.watch_sink(sink.clone());
+        m.watch_decisions_dropped(reporter.dropped_counter());
+        m
+    });
     let state = oomguard::state::AgentState::new();
-    let reports =
-        oomguard::state::tee(state.clone(), reports).context("starting the state thread")?;
+    let reports = oomguard::state::tee(state.clone(), metrics.clone(), reports)
+        .context("starting the state thread")?;
     let control = match oomguard::control::ControlServer::start(state.clone(), &config.state_dir) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -132,9 +147,13 @@ fn agent(config: Config) -> anyhow::Result<()> {
             ebpf,
             created: Some(created_tx),
             state: Some(state.clone()),
+            metrics: metrics.as_ref().map(|m| m.guard_counters()),
         })
         .context("starting the guard thread")?,
     );
+    if let Some(m) = &metrics {
+        m.watch_guard(guard.stats.clone());
+    }
     tracing::info!(
         root = %config.root.path.display(),
         policy = config.policy.as_str(),
@@ -146,7 +165,22 @@ fn agent(config: Config) -> anyhow::Result<()> {
     );
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
+        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+        let mut server = None;
+        if let (Some(listener), Some(m)) = (listener, &metrics) {
+            let addr = listener.local_addr().ok();
+            server = Some(
+                oomguard::metrics::serve(listener, m.clone(), stop_rx.clone())
+                    .context("serving --metrics-addr")?,
+            );
+            tracing::info!(addr = ?addr, "serving /metrics, /healthz and /readyz");
+            let health = m.health();
+            tokio::spawn(async move {
+                if ready_rx.wait_for(|r| *r).await.is_ok() {
+                    health.set_ready();
+                }
+            });
+        }
         let discovery =
             Discovery::new(config.clone(), guard.clone(), ready_tx).context("starting inotify")?;
         let task = tokio::spawn(discovery.run(stop_rx, created_rx));
@@ -172,6 +206,9 @@ fn agent(config: Config) -> anyhow::Result<()> {
         };
         let _ = stop_tx.send(true);
         let _ = task.await;
+        if let Some(server) = server {
+            let _ = server.await;
+        }
         result
     })?;
     drop(rt);

@@ -130,6 +130,11 @@ impl Reporter {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// The drop counter itself, for metrics read elsewhere.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
 }
 
 pub fn channel(capacity: usize) -> (Reporter, Receiver<Decision>) {

@@ -267,11 +267,12 @@ fn since(inner: &Inner, after: u64) -> (Vec<Arc<Event>>, u64) {
     (events, first.saturating_sub(after + 1))
 }
 
-/// Records every decision of `rx` in `state` on a thread of its own, then passes it on: put it
-/// between [`crate::report::channel`] and [`crate::report::spawn_reporter`]. The thread ends
-/// when every sender is gone.
+/// Records every decision of `rx` in `state` (and counts it in `metrics`) on a thread of its
+/// own, then passes it on: put it between [`crate::report::channel`] and
+/// [`crate::report::spawn_reporter`]. The thread ends when every sender is gone.
 pub fn tee(
     state: Arc<AgentState>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     rx: std::sync::mpsc::Receiver<Decision>,
 ) -> std::io::Result<std::sync::mpsc::Receiver<Decision>> {
     let (tx, out) = std::sync::mpsc::channel();
@@ -280,6 +281,9 @@ pub fn tee(
         .spawn(move || {
             for d in rx {
                 state.decision(&d);
+                if let Some(m) = &metrics {
+                    m.observe(&d);
+                }
                 if tx.send(d).is_err() {
                     return;
                 }

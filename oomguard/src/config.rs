@@ -154,6 +154,12 @@ pub struct RunArgs {
     /// least once a second when idle; a kill can hold it for up to 8 x --kill-timeout-ms.
     #[arg(long, default_value_t = 10_000)]
     pub watchdog_ms: u64,
+    /// Do not watch the hierarchy with inotify (one watch per cgroup; fs.inotify.max_user_watches
+    /// is small on old kernels). New cgroups are then found by the eBPF cgroup_mkdir program
+    /// (a cgroup without a limit yet is re-checked 10 ms, 100 ms and 1 s after it was made)
+    /// and by the rescan every --walk-interval, which is also when changed limits are seen.
+    #[arg(long)]
+    pub no_inotify: bool,
 }
 
 /// A validated configuration: everything the agent needs, nothing half-checked.
@@ -181,6 +187,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub watchdog: Duration,
+    pub inotify: bool,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -271,6 +278,7 @@ impl RunArgs {
             state_dir: self.state_dir.clone(),
             metrics_addr,
             watchdog: Duration::from_millis(self.watchdog_ms),
+            inotify: !self.no_inotify,
         })
     }
 }

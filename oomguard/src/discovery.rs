@@ -34,7 +34,18 @@ pub struct Discovery {
     watches: HashMap<WatchDescriptor, PathBuf>,
     watched: HashMap<PathBuf, WatchDescriptor>,
     ready: watch::Sender<bool>,
+    /// Cgroups the eBPF mkdir program reported without a limit yet, with --no-inotify:
+    /// looked at again after each of [`LIMIT_RECHECKS`] (the runtime sets the limit just
+    /// after mkdir, and nothing else would tell us before the next rescan).
+    recheck: Vec<(tokio::time::Instant, usize, PathBuf)>,
 }
+
+/// Delays after mkdir at which a cgroup without a limit is looked at again (--no-inotify).
+const LIMIT_RECHECKS: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(10),
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(1),
+];
 
 const DIR_EVENTS: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
@@ -58,6 +69,7 @@ impl Discovery {
             watches: HashMap::new(),
             watched: HashMap::new(),
             ready,
+            recheck: Vec::new(),
         })
     }
 
@@ -69,6 +81,12 @@ impl Discovery {
         mut stop: watch::Receiver<bool>,
         mut created: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
     ) {
+        if !self.config.inotify {
+            tracing::info!(
+                "--no-inotify: new cgroups are found by the eBPF cgroup_mkdir program and the rescan every {} s",
+                self.config.walk_interval.as_secs()
+            );
+        }
         self.rescan();
         let _ = self.ready.send(true);
         let mut tick = tokio::time::interval(self.config.walk_interval);
@@ -79,6 +97,9 @@ impl Discovery {
                 _ = stop.changed() => return,
                 _ = tick.tick() => self.rescan(),
                 Some(dir) = created.recv() => self.on_created(&dir, "ebpf"),
+                _ = tokio::time::sleep_until(self.next_recheck()), if !self.recheck.is_empty() => {
+                    self.limit_recheck();
+                }
                 readable = self.inotify.readable_mut() => {
                     let mut guard = match readable {
                         Ok(g) => g,
@@ -149,15 +170,53 @@ impl Discovery {
         if !dir.starts_with(&self.config.root.path) || self.watched.contains_key(dir) {
             return;
         }
+        if !self.config.inotify && self.known.contains_key(dir) {
+            return;
+        }
         tracing::info!(cgroup = %dir.display(), via, "cgroup created");
         for cg in MemCgroup::new(dir).subtree() {
             self.watch(&cg.path);
             self.reconcile(&cg);
+            if !self.config.inotify && !self.known.contains_key(&cg.path) {
+                self.recheck.retain(|(_, _, p)| p != &cg.path);
+                self.recheck.push((
+                    tokio::time::Instant::now() + LIMIT_RECHECKS[0],
+                    0,
+                    cg.path.clone(),
+                ));
+            }
+        }
+    }
+
+    fn next_recheck(&self) -> tokio::time::Instant {
+        self.recheck
+            .iter()
+            .map(|(t, _, _)| *t)
+            .min()
+            .unwrap_or_else(tokio::time::Instant::now)
+    }
+
+    /// --no-inotify: looks again at cgroups made without a limit whose re-check is due.
+    fn limit_recheck(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.recheck)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.recheck = rest;
+        for (_, n, path) in due {
+            let cg = MemCgroup::new(&path);
+            self.reconcile(&cg);
+            if !self.known.contains_key(&path)
+                && cg.path.exists()
+                && let (Some(prev), Some(next)) = (LIMIT_RECHECKS.get(n), LIMIT_RECHECKS.get(n + 1))
+            {
+                self.recheck.push((now + (*next - *prev), n + 1, path));
+            }
         }
     }
 
     fn watch(&mut self, dir: &Path) {
-        if self.watched.contains_key(dir) {
+        if !self.config.inotify || self.watched.contains_key(dir) {
             return;
         }
         match self.inotify.get_mut().watches().add(dir, DIR_EVENTS) {

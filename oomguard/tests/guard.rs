@@ -459,3 +459,70 @@ fn sigterm_stops_the_agent_cleanly() {
     assert!(st.is_some_and(|s| s.success()), "exit: {st:?}");
     assert!(!pins.exists(), "pins left behind at {}", pins.display());
 }
+
+/// Whether the agent armed `cg` within `within`, and with which discovery path it saw it.
+fn armed_after_mkdir(mode: &str, within: Duration) -> (bool, Vec<serde_json::Value>) {
+    let sb = sandbox("mkdir-arm", 512 * M);
+    // No inotify and a rescan an hour away: only the eBPF cgroup_mkdir program can tell the
+    // agent about a cgroup made after start.
+    let agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--mode",
+            mode,
+            "--no-inotify",
+            "--walk-interval",
+            "3600",
+        ],
+    );
+    let child = sb.child("made-after-start").unwrap();
+    child.set_limit(64 * M).unwrap();
+    let armed = agent.wait_armed(&child.path, within).is_some();
+    let path = child.path.display().to_string();
+    let created = agent
+        .records()
+        .into_iter()
+        .filter(|r| r["message"] == "cgroup created" && r["cgroup"] == path.as_str())
+        .collect();
+    if armed {
+        // Guarded for real: a hog in it dies by the agent's hand, not the kernel's.
+        let mut h = hog(&child, &["--rate", "200M", "--total", "1G"]);
+        let st = wait_exit(&mut h, Duration::from_secs(30));
+        assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+        assert_eq!(child.subtree_oom_kills(), 0, "the kernel had to act");
+        agent
+            .wait_for(Duration::from_secs(5), |v| {
+                v["message"] == "decision"
+                    && v["action"] == "kill"
+                    && v["oomcgroup"] == path.as_str()
+            })
+            .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    }
+    (armed, created)
+}
+
+#[test]
+fn a_cgroup_made_after_start_is_armed_via_the_mkdir_tracepoint() {
+    if !kernel_ready() || !ebpf_ready() {
+        return;
+    }
+    let _serial = serial();
+    let (armed, created) = armed_after_mkdir("ebpf", Duration::from_secs(5));
+    assert!(armed, "not armed within 5 s; created records: {created:#?}");
+    assert_eq!(created.len(), 1, "{created:#?}");
+    assert_eq!(created[0]["via"], "ebpf", "{created:#?}");
+}
+
+#[test]
+fn without_ebpf_and_inotify_a_new_cgroup_waits_for_the_rescan() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    // The control for the test above: the same steps in eventfd mode arm nothing.
+    let (armed, created) = armed_after_mkdir("eventfd", Duration::from_secs(2));
+    assert!(!armed, "armed without eBPF or inotify: {created:#?}");
+    assert!(created.is_empty(), "{created:#?}");
+}

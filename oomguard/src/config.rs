@@ -26,6 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Guard every memory cgroup with a limit below --root.
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
     /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
     Demo(crate::demo::DemoArgs),
@@ -160,6 +161,12 @@ pub struct RunArgs {
     /// and by the rescan every --walk-interval, which is also when changed limits are seen.
     #[arg(long)]
     pub no_inotify: bool,
+    /// More flags, read at start and again on SIGHUP (which is ignored without this file):
+    /// whitespace-separated, `#` starts a comment, e.g. `--policy=noop`. They win over the
+    /// command line. A reload that is invalid, or that changes a flag only a restart can
+    /// change (--root, --mode, sockets, directories, --metrics-addr...), applies nothing.
+    #[arg(long, value_name = "PATH")]
+    pub flags_file: Option<PathBuf>,
 }
 
 /// A validated configuration: everything the agent needs, nothing half-checked.
@@ -188,6 +195,7 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub watchdog: Duration,
     pub inotify: bool,
+    pub flags_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -206,6 +214,10 @@ pub enum ConfigError {
     RtPriority(u8),
     #[error("--metrics-addr must be HOST:PORT or :PORT, got {0:?}")]
     MetricsAddr(String),
+    #[error("{0}")]
+    Args(String),
+    #[error("--flags-file {path}: {error}")]
+    FlagsFile { path: String, error: String },
     #[error("--root {0} is not a cgroup v1 memory directory (no readable memory.limit_in_bytes)")]
     Root(String),
 }
@@ -279,7 +291,147 @@ impl RunArgs {
             metrics_addr,
             watchdog: Duration::from_millis(self.watchdog_ms),
             inotify: !self.no_inotify,
+            flags_file: self.flags_file.clone(),
         })
+    }
+}
+
+impl RunArgs {
+    /// Parses `run`'s command-line arguments (`args`, what follows `run`) and, when they
+    /// name a `--flags-file`, that file's flags after them: the file wins.
+    pub fn load(args: &[std::ffi::OsString]) -> Result<RunArgs, ConfigError> {
+        let parse = |extra: &[String]| {
+            let argv = ["oomguard", "run"]
+                .iter()
+                .map(std::ffi::OsString::from)
+                .chain(args.iter().cloned())
+                .chain(extra.iter().map(std::ffi::OsString::from));
+            match Cli::try_parse_from(argv) {
+                Ok(Cli {
+                    command: Command::Run(run),
+                }) => Ok(*run),
+                Ok(_) => Err("not a run command".to_string()),
+                Err(e) => Err(first_line(&e.render().to_string())),
+            }
+        };
+        let first = parse(&[]).map_err(ConfigError::Args)?;
+        let Some(path) = first.flags_file.clone() else {
+            return Ok(first);
+        };
+        let err = |error: String| ConfigError::FlagsFile {
+            path: path.display().to_string(),
+            error,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let tokens = flags_file_tokens(&text);
+        if tokens.iter().any(|t| t.starts_with("--flags-file")) {
+            return Err(err("may not name another --flags-file".into()));
+        }
+        let run = parse(&tokens).map_err(err)?;
+        Ok(run)
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("invalid arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+/// The flags in a flags file: whitespace-separated words, `#` to the end of the line is a
+/// comment. (No quoting: a value cannot contain spaces.)
+pub fn flags_file_tokens(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_once('#').map_or(l, |(before, _)| before))
+        .flat_map(str::split_whitespace)
+        .map(str::to_string)
+        .collect()
+}
+
+impl Config {
+    /// The flags a reload cannot change (they are bound at start), among those `new`
+    /// changes. Empty: `new` may replace `self`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |flag, differs: bool| {
+            if differs {
+                changed.push(flag);
+            }
+        };
+        check("--root", self.root.path != new.root.path);
+        check("--mode", self.mode != new.mode);
+        check("--rt-priority", self.rt_priority != new.rt_priority);
+        check("--log-format", self.log_format != new.log_format);
+        check("--node-name", self.node_name != new.node_name);
+        check(
+            "--docker-containerd-sock",
+            self.docker_containerd_sock != new.docker_containerd_sock,
+        );
+        check(
+            "--containerd-sock",
+            self.containerd_sock != new.containerd_sock,
+        );
+        check("--docker-root", self.docker_root != new.docker_root);
+        check("--bpf-pin-dir", self.bpf_pin_dir != new.bpf_pin_dir);
+        check("--kubeconfig", self.kubeconfig != new.kubeconfig);
+        check("--state-dir", self.state_dir != new.state_dir);
+        check("--metrics-addr", self.metrics_addr != new.metrics_addr);
+        check("--watchdog-ms", self.watchdog != new.watchdog);
+        check(
+            "--reclaim-timeout-ms",
+            self.reclaim_timeout != new.reclaim_timeout,
+        );
+        check("--no-inotify", self.inotify != new.inotify);
+        check("--flags-file", self.flags_file != new.flags_file);
+        changed
+    }
+
+    /// What a reload changes, for its log line (`flag: old -> new`).
+    pub fn reload_summary(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |flag: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{flag}: {a} -> {b}"));
+            }
+        };
+        diff(
+            "--policy",
+            self.policy.as_str().into(),
+            new.policy.as_str().into(),
+        );
+        diff(
+            "--margin-ratio",
+            self.margins.ratio.to_string(),
+            new.margins.ratio.to_string(),
+        );
+        diff(
+            "--min-margin",
+            self.margins.min.to_string(),
+            new.margins.min.to_string(),
+        );
+        diff(
+            "--max-margin",
+            self.margins.max.to_string(),
+            new.margins.max.to_string(),
+        );
+        diff(
+            "--cache-skip-ratio",
+            self.cache_skip_ratio.to_string(),
+            new.cache_skip_ratio.to_string(),
+        );
+        for (flag, a, b) in [
+            ("--walk-interval", self.walk_interval, new.walk_interval),
+            ("--guard-ms", self.guard_interval, new.guard_interval),
+            ("--cooldown-ms", self.cooldown, new.cooldown),
+            ("--kill-timeout-ms", self.kill_timeout, new.kill_timeout),
+            (
+                "--reclaim-interval-ms",
+                self.reclaim_interval,
+                new.reclaim_interval,
+            ),
+        ] {
+            diff(flag, format!("{a:?}"), format!("{b:?}"));
+        }
+        out
     }
 }
 
@@ -391,6 +543,46 @@ mod tests {
                 flag: "watchdog-ms"
             }
         );
+    }
+
+    #[test]
+    fn flags_file_words_and_comments() {
+        let text = "# policy for this node\n--policy=noop   --cooldown-ms 5 # short\n\n  --margin-ratio=0.1\n";
+        assert_eq!(
+            flags_file_tokens(text),
+            ["--policy=noop", "--cooldown-ms", "5", "--margin-ratio=0.1"]
+        );
+    }
+
+    #[test]
+    fn the_flags_file_wins_and_bad_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("oomguard-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("flags");
+        let args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+            let mut v: Vec<std::ffi::OsString> = vec!["--policy".into(), "process".into()];
+            v.push("--flags-file".into());
+            v.push(file.clone().into());
+            v.extend(extra.iter().map(std::ffi::OsString::from));
+            v
+        };
+        std::fs::write(&file, "--policy=noop\n--cooldown-ms 7\n").unwrap();
+        let run = RunArgs::load(&args(&[])).unwrap();
+        assert_eq!(run.policy, Policy::Noop);
+        assert_eq!(run.cooldown_ms, 7);
+        std::fs::write(&file, "--policy=reboot\n").unwrap();
+        let e = RunArgs::load(&args(&[])).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--flags-file ") && e.contains("reboot"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        std::fs::write(&file, "--flags-file /etc/other\n").unwrap();
+        assert!(RunArgs::load(&args(&[])).is_err());
+        std::fs::remove_file(&file).unwrap();
+        let e = RunArgs::load(&args(&[])).unwrap_err().to_string();
+        assert!(e.contains("No such file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

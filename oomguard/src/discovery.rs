@@ -80,6 +80,7 @@ impl Discovery {
         mut self,
         mut stop: watch::Receiver<bool>,
         mut created: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
+        mut reload: tokio::sync::mpsc::UnboundedReceiver<Arc<Config>>,
     ) {
         if !self.config.inotify {
             tracing::info!(
@@ -97,6 +98,13 @@ impl Discovery {
                 _ = stop.changed() => return,
                 _ = tick.tick() => self.rescan(),
                 Some(dir) = created.recv() => self.on_created(&dir, "ebpf"),
+                Some(config) = reload.recv() => {
+                    // New margins move every threshold: the rescan re-arms what changed.
+                    self.config = config;
+                    tick = tokio::time::interval(self.config.walk_interval);
+                    tick.tick().await;
+                    self.rescan();
+                }
                 _ = tokio::time::sleep_until(self.next_recheck()), if !self.recheck.is_empty() => {
                     self.limit_recheck();
                 }

@@ -49,6 +49,8 @@ pub enum Cmd {
     Arm(Box<Armed>),
     /// Stop guarding a cgroup and close its eventfds.
     Disarm(PathBuf),
+    /// New flags (SIGHUP): policy, cooldown, timeouts take effect from the next signal.
+    Reload(Arc<Config>),
     Shutdown,
 }
 
@@ -356,6 +358,7 @@ impl Guard {
             match cmd {
                 Cmd::Arm(armed) => self.arm(*armed),
                 Cmd::Disarm(path) => self.disarm(&path),
+                Cmd::Reload(config) => self.deps.config = config,
                 Cmd::Shutdown => return false,
             }
         }

@@ -49,8 +49,18 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let config = match args.validate(&sys::hostname()) {
+/// `run`'s own arguments (what follows `run`), kept for re-reading the flags file.
+fn run_args() -> Vec<std::ffi::OsString> {
+    std::env::args_os().skip(2).collect()
+}
+
+/// The command line plus the flags file, validated.
+fn load_config() -> Result<Config, oomguard::config::ConfigError> {
+    RunArgs::load(&run_args())?.validate(&sys::hostname())
+}
+
+fn run(_parsed: RunArgs) -> ExitCode {
+    let config = match load_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("oomguard: {e}");
@@ -183,9 +193,12 @@ fn agent(config: Config) -> anyhow::Result<()> {
         }
         let discovery =
             Discovery::new(config.clone(), guard.clone(), ready_tx).context("starting inotify")?;
-        let task = tokio::spawn(discovery.run(stop_rx, created_rx));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(discovery.run(stop_rx, created_rx, reload_rx));
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let watched = guard.clone();
         let guard_died = async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -193,16 +206,21 @@ fn agent(config: Config) -> anyhow::Result<()> {
                 tick.tick().await;
             }
         };
-        let result = tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: stopping");
-                Ok(())
+        tokio::pin!(guard_died);
+        let mut current = config.clone();
+        let result = loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: stopping");
+                    break Ok(());
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("SIGINT: stopping");
+                    break Ok(());
+                }
+                _ = &mut guard_died => break Err(anyhow::anyhow!("the guard thread stopped; exiting so that it is restarted")),
+                _ = hup.recv() => reload(&mut current, &guard, &reload_tx),
             }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("SIGINT: stopping");
-                Ok(())
-            }
-            _ = guard_died => Err(anyhow::anyhow!("the guard thread stopped; exiting so that it is restarted")),
         };
         let _ = stop_tx.send(true);
         let _ = task.await;
@@ -234,6 +252,44 @@ fn agent(config: Config) -> anyhow::Result<()> {
     let _ = logger;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the command line and the flags file and hands the new flags to the
+/// guard and discovery, or changes nothing (with one line saying why).
+fn reload(
+    current: &mut Arc<Config>,
+    guard: &guard::GuardHandle,
+    discovery: &tokio::sync::mpsc::UnboundedSender<Arc<Config>>,
+) {
+    if current.flags_file.is_none() {
+        tracing::info!("SIGHUP ignored: no --flags-file to reload");
+        return;
+    }
+    let new = match load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP: nothing reloaded; the running flags stay");
+            return;
+        }
+    };
+    let fixed = current.restart_only_changes(&new);
+    if !fixed.is_empty() {
+        tracing::warn!(
+            flags = %fixed.join(", "),
+            "SIGHUP: nothing reloaded; these flags change only with a restart"
+        );
+        return;
+    }
+    let changes = current.reload_summary(&new);
+    if changes.is_empty() {
+        tracing::info!("SIGHUP: the flags file changes nothing");
+        return;
+    }
+    let new = Arc::new(new);
+    guard.send(guard::Cmd::Reload(new.clone()));
+    let _ = discovery.send(new.clone());
+    tracing::info!(changes = %changes.join("; "), "SIGHUP: flags reloaded");
+    *current = new;
 }
 
 /// `--mode`: eventfd loads nothing; ebpf must load or the agent does not start; auto

@@ -9,6 +9,7 @@
 //! `at_limit_interval_ns`, claimed with a compare-and-swap on the last record's time.
 
 use aya_ebpf::{helpers::bpf_get_current_task, macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::warn;
 use oomguard_common::{Event, MAX_CGROUP_DEPTH, Thresholds, kind};
 
 use crate::{
@@ -17,12 +18,12 @@ use crate::{
 };
 
 #[tracepoint(category = "vmscan", name = "mm_vmscan_memcg_reclaim_begin")]
-pub fn at_limit(_ctx: TracePointContext) -> u32 {
-    let _: Result<()> = try_at_limit();
+pub fn at_limit(ctx: TracePointContext) -> u32 {
+    let _: Result<()> = try_at_limit(&ctx);
     0
 }
 
-fn try_at_limit() -> Result<()> {
+fn try_at_limit(ctx: &TracePointContext) -> Result<()> {
     let page = kernel::page_size()?;
     // SAFETY: a helper without arguments.
     let task = unsafe { bpf_get_current_task() };
@@ -44,6 +45,12 @@ fn try_at_limit() -> Result<()> {
                     usage_bytes: usage,
                     threshold_bytes: limit,
                     ..Event::default()
+                })
+                .inspect_err(|_| {
+                    warn!(
+                        ctx,
+                        "ring buffer full: at-limit record of memcg {} dropped", id
+                    );
                 })?;
             }
         }

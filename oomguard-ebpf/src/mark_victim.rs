@@ -5,6 +5,7 @@
 //! them, and the v1 memory cgroup it was in (with that cgroup's usage).
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_log_ebpf::warn;
 use oomguard_common::{Event, kind};
 
 use crate::kernel::{self, Result};
@@ -41,5 +42,10 @@ fn try_mark_victim(ctx: &RawTracePointContext) -> Result<()> {
         event.rss_shmem = score.rss_shmem;
         event.oom_score_adj = score.oom_score_adj;
     }
-    kernel::emit(&event)
+    kernel::emit(&event).inspect_err(|_| {
+        warn!(
+            ctx,
+            "ring buffer full: kernel OOM victim record (pid {}) dropped", event.pid
+        );
+    })
 }

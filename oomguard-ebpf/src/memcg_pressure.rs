@@ -9,6 +9,7 @@
 //! and sends the one record; the bit is cleared once usage falls `rearm_bytes` below.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_log_ebpf::warn;
 use oomguard_common::{Event, MAX_CGROUP_DEPTH, Thresholds, kind, state};
 
 use crate::{
@@ -36,14 +37,19 @@ fn try_memcg_pressure(ctx: &RawTracePointContext) -> Result<()> {
         let id = kernel::memcg_id(memcg)?;
         if let Some(thresholds) = THRESHOLDS.get_ptr_mut(id) {
             let (usage, _max) = kernel::memcg_usage_and_max(memcg)?;
-            check(thresholds, id, usage * page)?;
+            check(ctx, thresholds, id, usage * page)?;
         }
         memcg = kernel::memcg_parent(memcg)?;
     }
     Ok(())
 }
 
-fn check(thresholds: *mut Thresholds, cgroup_id: u64, usage: u64) -> Result<()> {
+fn check(
+    ctx: &RawTracePointContext,
+    thresholds: *mut Thresholds,
+    cgroup_id: u64,
+    usage: u64,
+) -> Result<()> {
     // SAFETY: the map value stays valid for this program run; the thresholds are only written
     // by user space, which replaces the whole value.
     let (reclaim, kill) = unsafe { ((*thresholds).reclaim_bytes, (*thresholds).kill_bytes) };
@@ -85,5 +91,14 @@ fn check(thresholds: *mut Thresholds, cgroup_id: u64, usage: u64) -> Result<()> 
         usage_bytes: usage,
         threshold_bytes: threshold,
         ..Event::default()
+    })
+    .inspect_err(|_| {
+        // The edge bit is set, so no record comes for this crossing: say so.
+        warn!(
+            ctx,
+            "ring buffer full: crossing record (kind {}) of memcg {} dropped; its eventfd still reports it",
+            kind,
+            cgroup_id
+        );
     })
 }

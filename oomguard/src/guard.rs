@@ -154,6 +154,7 @@ enum Kind {
     Reclaim,
     Oom,
     Ring,
+    BpfLog,
 }
 
 struct Entry {
@@ -193,6 +194,7 @@ struct Guard {
 }
 
 const RING_TOKEN: u64 = u64::MAX;
+const BPF_LOG_TOKEN: u64 = u64::MAX - 1;
 
 /// Starts the guard thread.
 pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
@@ -228,6 +230,18 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
         guard
             .tokens
             .insert(RING_TOKEN, (PathBuf::new(), Kind::Ring));
+        if let Some(fd) = bpf.log_fd() {
+            epoll::add(
+                &guard.epoll,
+                fd,
+                EventData::new_u64(BPF_LOG_TOKEN),
+                EventFlags::IN,
+            )
+            .map_err(|e| GuardError::Setup(e.into()))?;
+            guard
+                .tokens
+                .insert(BPF_LOG_TOKEN, (PathBuf::new(), Kind::BpfLog));
+        }
     }
     let thread = std::thread::Builder::new()
         .name("oomguard-guard".into())
@@ -323,6 +337,11 @@ impl Guard {
                     }
                     Kind::Oom => self.oom_signal(&path),
                     Kind::Ring => self.ring(woke),
+                    Kind::BpfLog => {
+                        if let Some(bpf) = &mut self.deps.ebpf {
+                            bpf.flush_logs();
+                        }
+                    }
                 }
             }
             let pending: Vec<PathBuf> = self

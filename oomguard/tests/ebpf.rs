@@ -549,3 +549,65 @@ fn map_and_proc_pick_the_same_victim() {
         }
     }
 }
+
+/// The messages `log` received (aya-log's records end up there).
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        LOGGED
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
+    if !ebpf_ready() {
+        return;
+    }
+    let _serial = common::serial();
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Trace);
+    let sb = sandbox("oomguard-ebpf-full", 512 * M);
+    let id = sb.cg.id().unwrap();
+    let mut loaded = Loaded::new();
+    let guard = loaded.get();
+    guard.flush_logs();
+    assert!(guard.log_fd().is_some(), "no aya-log ring");
+    // Fill the 256 KiB ring without draining it: each mkdir and rmdir is a 512-byte record.
+    let mut made = 0;
+    for i in 0..2000 {
+        let c = sb.child(&format!("filler-{i}")).unwrap();
+        std::fs::remove_dir(&c.path).unwrap();
+        made += 2;
+    }
+    guard.set_thresholds(id, 0, 16 * M).unwrap();
+    let mut h = hog(&sb.cg, &["--rate", "200M", "--total", "32M"]);
+    wait_rss(&h, 32 * M, Duration::from_secs(10));
+    kill(&mut h);
+    guard.flush_logs();
+    let logged = LOGGED.lock().unwrap().clone();
+    let want = format!("of memcg {id} dropped");
+    let drops: Vec<&String> = logged.iter().filter(|l| l.contains(&want)).collect();
+    eprintln!("{made} cgroup records queued; aya-log said: {drops:?}");
+    assert_eq!(
+        drops.len(),
+        1,
+        "one log line for the dropped crossing: {logged:#?}"
+    );
+    assert!(
+        drops[0].starts_with("WARN ring buffer full: crossing record"),
+        "{drops:?}"
+    );
+    // Once drained, the ring takes the next crossing again: no log for it.
+    let drained = guard.drain(|_| {});
+    assert!(drained > 100, "only {drained} records were queued");
+}

@@ -293,6 +293,9 @@ pub struct EbpfGuard {
     thresholds: OwnedFd,
     tasks: OwnedFd,
     pin_dir: PathBuf,
+    /// The programs' aya-log records (a dropped record, say), passed to `log`, which the
+    /// agent's tracing subscriber receives.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     // Owns the programs and their attachments.
     ebpf: Ebpf,
 }
@@ -350,6 +353,13 @@ impl EbpfGuard {
             map: EVENTS_MAP,
             source,
         })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "the eBPF programs' log records will not be read");
+                None
+            }
+        };
         tracing::info!(
             programs = PROGRAMS.len(),
             pin_dir = %pin_dir.display(),
@@ -360,6 +370,7 @@ impl EbpfGuard {
             thresholds,
             tasks,
             pin_dir: pin_dir.to_path_buf(),
+            logger,
             ebpf,
         })
     }
@@ -405,6 +416,19 @@ impl EbpfGuard {
     /// The ring buffer's fd: readable (for epoll) when records are pending.
     pub fn ring_fd(&self) -> BorrowedFd<'_> {
         self.events.as_fd()
+    }
+
+    /// The programs' log ring: readable (for epoll) when log records are pending.
+    pub fn log_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.logger.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Passes pending log records of the programs to `log` (and so to tracing), without
+    /// blocking.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
     }
 
     /// Hands every pending record to `f`, without blocking; returns how many. Records of a kind

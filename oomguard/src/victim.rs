@@ -15,6 +15,15 @@ pub const OOM_SCORE_ADJ_MIN: i32 = -1000;
 /// The process of a pod's sandbox (pause) container: it holds the pod's namespaces, so
 /// killing it kills the whole pod. Never a candidate.
 pub const SANDBOX_COMM: &str = "pause";
+/// Kubelet's `/pause` stays well under 1 MiB resident. A task named `pause` above this is not
+/// a sandbox, whatever it calls itself: a container could otherwise rename its hog (prctl
+/// PR_SET_NAME) to make it unkillable by the agent.
+pub const SANDBOX_MAX_BYTES: u64 = 16 << 20;
+
+/// Whether `comm` and memory use say "the pod's sandbox process".
+pub fn is_sandbox(comm: &str, bytes: u64) -> bool {
+    comm == SANDBOX_COMM && bytes <= SANDBOX_MAX_BYTES
+}
 
 /// One process as the scorer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -51,7 +60,8 @@ pub fn badness(task: &Task, limit_bytes: u64) -> i64 {
 }
 
 /// Scores and orders the candidates, highest score first (ties: larger rss, then lower
-/// pid). Leaves out `exclude_pid` (the agent), adj -1000, exiting tasks and pause processes.
+/// pid). Leaves out `exclude_pid` (the agent), adj -1000, exiting tasks and sandbox (pause)
+/// processes ([`is_sandbox`]).
 pub fn rank(tasks: Vec<Task>, limit_bytes: u64, exclude_pid: i32) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = tasks
         .into_iter()
@@ -59,7 +69,7 @@ pub fn rank(tasks: Vec<Task>, limit_bytes: u64, exclude_pid: i32) -> Vec<Candida
             t.pid != exclude_pid
                 && t.oom_score_adj != OOM_SCORE_ADJ_MIN
                 && !t.exiting
-                && t.comm != SANDBOX_COMM
+                && !is_sandbox(&t.comm, t.rss_bytes)
         })
         .map(|task| Candidate {
             score: badness(&task, limit_bytes),
@@ -305,11 +315,22 @@ mod tests {
 
     #[test]
     fn never_the_pause_process() {
-        let mut pause = task(1, 900, 1000);
+        let mut pause = task(1, 1, 1000);
         pause.comm = "pause".into();
         let r = rank(vec![pause, task(2, 1, 0)], 1000 * M, -1);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].task.pid, 2);
+    }
+
+    #[test]
+    fn a_big_task_calling_itself_pause_is_no_sandbox() {
+        let mut real = task(1, 1, 1000);
+        real.comm = "pause".into();
+        let mut fake = task(3, 900, 0);
+        fake.comm = "pause".into();
+        let r = rank(vec![real, task(2, 10, 0), fake], 1000 * M, -1);
+        let pids: Vec<i32> = r.iter().map(|c| c.task.pid).collect();
+        assert_eq!(pids, vec![3, 2]);
     }
 
     #[test]

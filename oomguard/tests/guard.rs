@@ -526,3 +526,42 @@ fn without_ebpf_and_inotify_a_new_cgroup_waits_for_the_rescan() {
     assert!(!armed, "armed without eBPF or inotify: {created:#?}");
     assert!(created.is_empty(), "{created:#?}");
 }
+
+#[test]
+fn a_hog_that_calls_itself_pause_is_still_killed() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    // The kernel names a task after the file it executed: a link named `pause` gives the
+    // hog the sandbox's comm. Only small `pause` tasks are spared (kubelet's is < 1 MiB).
+    let dir = std::env::temp_dir().join(format!("oomguard-pause-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    let link = dir.join("pause");
+    std::os::unix::fs::symlink(memhog_exe(), &link).unwrap();
+    let sb = sandbox("fake-pause", 256 * M);
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let mut cmd = std::process::Command::new(&link);
+    cmd.args(["--rate", "100M", "--total", "1G"])
+        .stdout(std::process::Stdio::null());
+    let mut h = oomguard::sandbox::in_cgroup(&mut cmd, &sb.cg)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let st = wait_exit(&mut h, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "the fake pause ended with {st:?}");
+    let d = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["message"] == "decision" && v["action"] == "kill"
+        })
+        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    assert_eq!(killed(&d)[0]["comm"], "pause", "{d:#}");
+    assert_eq!(sb.cg.subtree_oom_kills(), 0, "the kernel had to act: {d:#}");
+}

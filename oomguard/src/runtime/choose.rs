@@ -29,10 +29,14 @@ pub fn choose_container(children: &[ChildContainer]) -> Option<&ChildContainer> 
         .max_by(|a, b| a.usage.cmp(&b.usage).then(b.id.cmp(&a.id)))
 }
 
-/// Without the runtime's labels: a container whose every task is named `pause` is the
-/// pod's sandbox (kubelet's pause image runs a single `/pause`).
-pub fn looks_like_sandbox<S: AsRef<str>>(comms: &[S]) -> bool {
-    !comms.is_empty() && comms.iter().all(|c| c.as_ref() == "pause")
+/// Without the runtime's labels: a container whose every task is named `pause` and small
+/// (`(comm, rss bytes)` per task) is the pod's sandbox (kubelet's pause image runs a single
+/// `/pause`); see [`crate::victim::is_sandbox`].
+pub fn looks_like_sandbox<S: AsRef<str>>(tasks: &[(S, u64)]) -> bool {
+    !tasks.is_empty()
+        && tasks
+            .iter()
+            .all(|(comm, rss)| crate::victim::is_sandbox(comm.as_ref(), *rss))
 }
 
 #[cfg(test)]
@@ -82,8 +86,13 @@ mod tests {
 
     #[test]
     fn pause_only_cgroups_look_like_sandboxes() {
-        assert!(looks_like_sandbox(&["pause"]));
-        assert!(!looks_like_sandbox(&["pause", "sh"]));
+        assert!(looks_like_sandbox(&[("pause", 700 << 10)]));
+        assert!(!looks_like_sandbox(&[
+            ("pause", 700 << 10),
+            ("sh", 1 << 20)
+        ]));
+        // A hog that renamed itself: not a sandbox.
+        assert!(!looks_like_sandbox(&[("pause", 900 << 20)]));
         assert!(!looks_like_sandbox::<&str>(&[]));
     }
 }

@@ -666,11 +666,14 @@ fn container_children(pod: &Path) -> Vec<(MemCgroup, String, RuntimeHint)> {
         .collect()
 }
 
-/// Command names of the tasks in a cgroup's subtree.
-fn comms(cg: &MemCgroup) -> Vec<String> {
+/// The name and resident bytes of every task in `cg`'s subtree.
+fn comms(cg: &MemCgroup) -> Vec<(String, u64)> {
     cg.subtree_procs()
         .into_iter()
-        .filter_map(|(_, pid)| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
-        .map(|c| c.trim().to_string())
+        .filter_map(|(_, pid)| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .map(|text| {
+            let s = crate::victim::parse_status(&text);
+            (s.name, s.rss_bytes)
+        })
         .collect()
 }

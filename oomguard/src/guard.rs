@@ -168,6 +168,9 @@ struct Entry {
     oom_kills_seen: u64,
     /// The OOM eventfd fired before the kernel counted its kill: look again until then.
     oom_pending_until: Option<Instant>,
+    /// The kernel's victims in this subtree as the eBPF `mark_victim` program saw them, not
+    /// yet in a report.
+    kernel_victims: Vec<Killed>,
     /// Re-check until then even below the threshold: a kill-eventfd wake-up that read
     /// usage below the threshold may have met a momentary dip (per-CPU charge stock
     /// drained, reclaim), and the kernel will not signal the same crossing again.
@@ -443,6 +446,7 @@ impl Guard {
             tokens,
             oom_kills_seen,
             oom_pending_until: None,
+            kernel_victims: Vec::new(),
             watch_until: None,
         };
         self.entries.insert(path.clone(), entry);
@@ -801,11 +805,45 @@ impl Guard {
                         self.reclaim_signal(&path);
                     }
                 }
-                Record::KernelOomVictim { .. } => {
-                    // Which guarded cgroup's limit was hit is not in the record; the
-                    // subtree counters tell, as on the eventfd path.
-                    let paths: Vec<PathBuf> = self.entries.keys().cloned().collect();
+                Record::KernelOomVictim {
+                    pid,
+                    cgroup_id,
+                    rss_anon,
+                    rss_file,
+                    rss_shmem,
+                    oom_score_adj,
+                    ..
+                } => {
+                    // Which limit was hit is not in the record: any guarded cgroup at or
+                    // above the victim's may have been; their subtree counters tell, as on
+                    // the eventfd path. A victim in an unguarded cgroup (unknown id): all.
+                    let victim_cg = self.by_id.get(&cgroup_id).cloned();
+                    let paths: Vec<PathBuf> = self
+                        .entries
+                        .keys()
+                        .filter(|p| victim_cg.as_ref().is_none_or(|v| v.starts_with(p)))
+                        .cloned()
+                        .collect();
+                    let victim = Killed {
+                        pid: pid as i32,
+                        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .map(|c| c.trim().to_string())
+                            .unwrap_or_default(),
+                        score: 0,
+                        rss_bytes: rss_anon + rss_file + rss_shmem,
+                        oom_score_adj,
+                        proccgroup: victim_cg
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        outcome: None,
+                    };
                     for p in paths {
+                        if let Some(e) = self.entries.get_mut(&p)
+                            && e.kernel_victims.len() < 16
+                        {
+                            e.kernel_victims.push(victim.clone());
+                        }
                         self.oom_signal(&p);
                     }
                 }
@@ -911,7 +949,12 @@ impl Guard {
         e.oom_kills_seen = total;
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
+        let victims = std::mem::take(&mut e.kernel_victims);
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
+        if let Some(v) = victims.first() {
+            d.proccgroup = v.proccgroup.clone();
+        }
+        d.killed = victims;
         d.detail = format!(
             "the kernel OOM killer killed {new} task(s) in this cgroup's subtree \
              (oom_kill total {total})"

@@ -107,12 +107,34 @@ fn kills_before_the_kernel_unthrottled_ebpf_mode() {
 
 #[test]
 fn noop_leaves_the_job_to_the_kernel() {
-    if !kernel_ready() {
+    noop(&["--mode", "eventfd"]);
+}
+
+/// In eBPF mode the `mark_victim` record names the kernel's victim in the report.
+#[test]
+fn noop_leaves_the_job_to_the_kernel_ebpf_mode_names_the_victim() {
+    if !ebpf_ready() {
         return;
+    }
+    let kernel = noop(&["--mode", "ebpf"]);
+    if kernel.is_null() {
+        return;
+    }
+    let v = killed(&kernel);
+    assert_eq!(v.len(), 1, "{kernel:#}");
+    assert_eq!(v[0]["comm"], "oomguard-memhog", "{kernel:#}");
+    assert!(v[0]["rss_bytes"].as_u64().unwrap() > 64 * M, "{kernel:#}");
+}
+
+fn noop(mode: &[&str]) -> serde_json::Value {
+    if !kernel_ready() {
+        return serde_json::Value::Null;
     }
     let _serial = serial();
     let sb = sandbox("guard-noop", 128 * M);
-    let agent = start_agent(&sb.cg, &["--policy", "noop", "--margin-ratio", "0.1"]);
+    let mut args = vec!["--policy", "noop", "--margin-ratio", "0.1"];
+    args.extend_from_slice(mode);
+    let agent = start_agent(&sb.cg, &args);
     let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
@@ -124,13 +146,20 @@ fn noop_leaves_the_job_to_the_kernel() {
         sb.cg.subtree_oom_kills() >= 1,
         "the kernel should have killed it"
     );
-    let kernel = agent.wait_for(Duration::from_secs(5), |v| v["action"] == "kernel-oom");
-    assert!(
-        kernel.is_some(),
-        "the kernel OOM was not reported; log: {:#?}",
-        agent.records()
-    );
+    let kernel = agent
+        .wait_for(Duration::from_secs(5), |v| v["action"] == "kernel-oom")
+        .unwrap_or_else(|| {
+            panic!(
+                "the kernel OOM was not reported; log: {:#?}",
+                agent.records()
+            )
+        });
     assert!(agent.decisions("kill").is_empty());
+    let v = killed(&kernel);
+    if let Some(v) = v.first() {
+        assert_eq!(v["pid"].as_u64(), Some(u64::from(hog.id())), "{kernel:#}");
+    }
+    kernel
 }
 
 /// Three tasks; the one crossing the threshold is not the biggest: the biggest is killed.

@@ -151,8 +151,8 @@ pub struct RunArgs {
     /// unset, empty or port 0.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
-    /// /healthz fails when the guard loop has not turned for this long (ms). It turns at
-    /// least once a second when idle; a kill can hold it for up to 8 x --kill-timeout-ms.
+    /// /healthz fails when the guard loop has not turned for this long (ms). Idle, it turns
+    /// four times in this window; a kill can hold it for up to 8 x --kill-timeout-ms.
     #[arg(long, default_value_t = 10_000)]
     pub watchdog_ms: u64,
     /// Do not watch the hierarchy with inotify (one watch per cgroup; fs.inotify.max_user_watches

@@ -112,6 +112,8 @@ pub struct CgroupView {
 pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Written on drop: wakes the accept loop, which otherwise sleeps until a client comes.
+    wake: Arc<std::os::fd::OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -142,15 +144,20 @@ impl ControlServer {
             .map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let wake = Arc::new(
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+                .map_err(|e| ControlError::Spawn(e.into()))?,
+        );
+        let (stop2, wake2) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("oomguard-control".into())
-            .spawn(move || accept_loop(&listener, &state, &stop2))
+            .spawn(move || accept_loop(&listener, &state, &stop2, &wake2))
             .map_err(ControlError::Spawn)?;
         tracing::info!(path = %path.display(), "control socket ready");
         Ok(ControlServer {
             path,
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -163,6 +170,7 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -170,11 +178,28 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, state: &Arc<AgentState>, stop: &Arc<AtomicBool>) {
+fn accept_loop(
+    listener: &UnixListener,
+    state: &Arc<AgentState>,
+    stop: &Arc<AtomicBool>,
+    wake: &std::os::fd::OwnedFd,
+) {
     let clients = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
-        if !readable(listener.as_fd(), POLL_INTERVAL) {
-            continue;
+        // No timeout: an idle agent does not wake up for nothing; `wake` ends the wait.
+        let (l, w) = (listener.as_fd(), wake.as_fd());
+        let mut fds = [
+            PollFd::new(&l, PollFlags::IN),
+            PollFd::new(&w, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) if fds[0].revents().contains(PollFlags::IN) => {}
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: poll failed");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
         }
         let stream = match listener.accept() {
             Ok((s, _)) => s,

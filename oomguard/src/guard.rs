@@ -70,8 +70,10 @@ pub struct GuardStats {
     pub kills: AtomicU64,
     /// Incremented on every loop turn: a watchdog for health checks.
     pub ticks: AtomicU64,
-    /// Cleared when the guard thread ends (returns or panics).
+    /// Set when the guard thread ends (returns or panics).
     pub stopped: AtomicBool,
+    /// Notified (one stored permit) when the guard thread ends.
+    pub stopped_notify: tokio::sync::Notify,
 }
 
 impl GuardStats {
@@ -86,6 +88,7 @@ struct StoppedOnDrop(Arc<GuardStats>);
 impl Drop for StoppedOnDrop {
     fn drop(&mut self) {
         self.0.stopped.store(true, Ordering::Release);
+        self.0.stopped_notify.notify_one();
     }
 }
 
@@ -194,6 +197,11 @@ struct Guard {
     self_pid: i32,
     /// eBPF records name cgroups by id.
     by_id: HashMap<u64, PathBuf>,
+    /// Ring records drained early (to find a kernel OOM's victim before reporting it), not
+    /// yet handled.
+    backlog: Vec<Record>,
+    /// Victims (by record time) of the backlog already stashed by [`Guard::collect_victims`].
+    stashed: std::collections::HashSet<u64>,
 }
 
 const RING_TOKEN: u64 = u64::MAX;
@@ -221,6 +229,8 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
         stats: stats.clone(),
         self_pid: std::process::id() as i32,
         by_id: HashMap::new(),
+        backlog: Vec::new(),
+        stashed: std::collections::HashSet::new(),
     };
     if let Some(bpf) = &guard.deps.ebpf {
         epoll::add(
@@ -288,12 +298,17 @@ impl Guard {
                 .entries
                 .values()
                 .any(|e| e.state.above || e.watch_until.is_some_and(|t| t > now));
+            let oom_pending = self.entries.values().any(|e| e.oom_pending_until.is_some());
             let interval = self.deps.config.guard_interval;
-            // The tick also feeds the health watchdog: never sleep longer than a second.
+            // The tick also feeds the health watchdog: turn four times per --watchdog-ms when
+            // idle (every 2.5 s by default), so an idle agent barely wakes up.
             let wait = if any_above {
                 interval.saturating_sub(last_recheck.elapsed())
+            } else if oom_pending {
+                interval
             } else {
-                Duration::from_secs(1)
+                (self.deps.config.watchdog / 4)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5))
             };
             let ts = Timespec {
                 tv_sec: wait.as_secs() as i64,
@@ -346,6 +361,9 @@ impl Guard {
                         }
                     }
                 }
+            }
+            if !self.backlog.is_empty() {
+                self.ring(woke);
             }
             let pending: Vec<PathBuf> = self
                 .entries
@@ -770,7 +788,7 @@ impl Guard {
     /// state de-duplicates them with the eventfd signals), kernel OOM victims to the OOM
     /// report.
     fn ring(&mut self, woke: Instant) {
-        let mut records = Vec::new();
+        let mut records = std::mem::take(&mut self.backlog);
         if let Some(bpf) = &mut self.deps.ebpf {
             bpf.drain(|r| records.push(r));
         }
@@ -805,45 +823,13 @@ impl Guard {
                         self.reclaim_signal(&path);
                     }
                 }
-                Record::KernelOomVictim {
-                    pid,
-                    cgroup_id,
-                    rss_anon,
-                    rss_file,
-                    rss_shmem,
-                    oom_score_adj,
-                    ..
-                } => {
-                    // Which limit was hit is not in the record: any guarded cgroup at or
-                    // above the victim's may have been; their subtree counters tell, as on
-                    // the eventfd path. A victim in an unguarded cgroup (unknown id): all.
-                    let victim_cg = self.by_id.get(&cgroup_id).cloned();
-                    let paths: Vec<PathBuf> = self
-                        .entries
-                        .keys()
-                        .filter(|p| victim_cg.as_ref().is_none_or(|v| v.starts_with(p)))
-                        .cloned()
-                        .collect();
-                    let victim = Killed {
-                        pid: pid as i32,
-                        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                            .map(|c| c.trim().to_string())
-                            .unwrap_or_default(),
-                        score: 0,
-                        rss_bytes: rss_anon + rss_file + rss_shmem,
-                        oom_score_adj,
-                        proccgroup: victim_cg
-                            .as_ref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default(),
-                        outcome: None,
+                Record::KernelOomVictim { ktime_ns, .. } => {
+                    let paths = if self.stashed.remove(&ktime_ns) {
+                        self.victim_paths(&r).0
+                    } else {
+                        self.stash_victim(&r)
                     };
                     for p in paths {
-                        if let Some(e) = self.entries.get_mut(&p)
-                            && e.kernel_victims.len() < 16
-                        {
-                            e.kernel_victims.push(victim.clone());
-                        }
                         self.oom_signal(&p);
                     }
                 }
@@ -926,6 +912,80 @@ impl Guard {
         }
     }
 
+    /// Keeps a kernel OOM victim (a `mark_victim` record) for the report of every guarded
+    /// cgroup at or above its cgroup; returns those cgroups. Which limit was hit is not in
+    /// the record: their subtree counters tell, as on the eventfd path. A victim in an
+    /// unguarded cgroup (unknown id): every guarded cgroup.
+    fn stash_victim(&mut self, r: &Record) -> Vec<PathBuf> {
+        let Record::KernelOomVictim {
+            pid,
+            rss_anon,
+            rss_file,
+            rss_shmem,
+            oom_score_adj,
+            ..
+        } = *r
+        else {
+            return Vec::new();
+        };
+        let (paths, victim_cg) = self.victim_paths(r);
+        let victim = Killed {
+            pid: pid as i32,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default(),
+            score: 0,
+            rss_bytes: rss_anon + rss_file + rss_shmem,
+            oom_score_adj,
+            proccgroup: victim_cg
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            outcome: None,
+        };
+        for p in &paths {
+            if let Some(e) = self.entries.get_mut(p)
+                && e.kernel_victims.len() < 16
+            {
+                e.kernel_victims.push(victim.clone());
+            }
+        }
+        paths
+    }
+
+    /// The guarded cgroups at or above a victim record's cgroup (all when it is not guarded
+    /// itself), and its cgroup when known.
+    fn victim_paths(&self, r: &Record) -> (Vec<PathBuf>, Option<PathBuf>) {
+        let Record::KernelOomVictim { cgroup_id, .. } = *r else {
+            return (Vec::new(), None);
+        };
+        let victim_cg = self.by_id.get(&cgroup_id).cloned();
+        let paths = self
+            .entries
+            .keys()
+            .filter(|p| victim_cg.as_ref().is_none_or(|v| v.starts_with(p)))
+            .cloned()
+            .collect();
+        (paths, victim_cg)
+    }
+
+    /// Drains the ring now, keeping victims and putting every other record in the backlog:
+    /// `mark_victim` runs before the kernel counts the kill, so after a count was read this
+    /// finds its victim.
+    fn collect_victims(&mut self) {
+        let mut records = Vec::new();
+        if let Some(bpf) = &mut self.deps.ebpf {
+            bpf.drain(|r| records.push(r));
+        }
+        for r in records {
+            if let Record::KernelOomVictim { ktime_ns, .. } = r {
+                self.stash_victim(&r);
+                self.stashed.insert(ktime_ns);
+            }
+            self.backlog.push(r);
+        }
+    }
+
     fn oom_signal(&mut self, path: &Path) {
         let Some(e) = self.entries.get_mut(path) else {
             return;
@@ -947,6 +1007,10 @@ impl Guard {
         e.oom_pending_until = None;
         let new = total - e.oom_kills_seen;
         e.oom_kills_seen = total;
+        self.collect_victims();
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let victims = std::mem::take(&mut e.kernel_victims);

@@ -199,11 +199,10 @@ fn agent(config: Config) -> anyhow::Result<()> {
         let mut term =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let watched = guard.clone();
+        let watched = guard.stats.clone();
         let guard_died = async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-            while watched.is_alive() {
-                tick.tick().await;
+            while watched.alive() {
+                watched.stopped_notify.notified().await;
             }
         };
         tokio::pin!(guard_died);

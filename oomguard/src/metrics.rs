@@ -134,7 +134,7 @@ impl Health {
     }
 
     /// Compares the guard's tick count with the last one seen: healthy while it changed
-    /// within the stall window (the loop turns at least once a second when idle).
+    /// within the stall window (idle, the loop turns four times per window).
     pub fn check(&self, ticks: u64, alive: bool) -> Result<(), String> {
         let now = Instant::now();
         let mut last = match self.last_change.lock() {
@@ -373,7 +373,7 @@ impl Collector for Scraped {
             const_counter(
                 &mut enc,
                 "oomguard_guard_loop_turns",
-                "Turns of the guard loop (at least one a second when idle): the health watchdog",
+                "Turns of the guard loop (idle: four per --watchdog-ms): the health watchdog",
                 g.ticks.load(Ordering::Relaxed),
             )?;
         }

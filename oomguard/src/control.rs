@@ -476,25 +476,10 @@ mod tests {
     }
 
     fn decision(cgroup: &str) -> Decision {
-        Decision {
-            hostname: "h".into(),
-            timestamp: crate::report::now_rfc3339(),
-            action: Action::Kill,
-            policy: crate::config::Policy::Process,
-            oomcgroup: cgroup.into(),
-            proccgroup: cgroup.into(),
-            limit: 1,
-            threshold: 1,
-            usage: 1,
-            reclaimable_cache: 0,
-            killed: vec![],
-            stats: crate::cgroup::MemStat::default(),
-            wake_to_kill_us: Some(5),
-            detail: String::new(),
-            pod: None,
-            container: None,
-            signal: "eventfd",
-        }
+        let mut d = Decision::new("h", crate::config::Policy::Process, Action::Kill, cgroup);
+        d.proccgroup = cgroup.into();
+        d.wake_to_kill_us = Some(5);
+        d
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::config::{Config, Policy};
 use crate::kill::kill_task;
 use crate::policy::{State, Step, cache_is_large};
 use crate::reclaim::{ReclaimResult, Reclaimer, Request};
-use crate::report::{Action, ContainerKill, Decision, Killed, Reporter, now_rfc3339};
+use crate::report::{Action, ContainerKill, Decision, Killed, Reporter};
 use crate::runtime::{RuntimeClient, fallback_kill_cgroup_tasks};
 use crate::threshold::Thresholds;
 use crate::victim;
@@ -504,25 +504,19 @@ impl Guard {
     }
 
     fn decision(&self, e: &Entry, action: Action, usage: u64, stats: MemStat) -> Decision {
-        Decision {
-            hostname: self.deps.config.node_name.clone(),
-            timestamp: now_rfc3339(),
+        let cfg = &self.deps.config;
+        let mut d = Decision::new(
+            cfg.node_name.clone(),
+            cfg.policy,
             action,
-            policy: self.deps.config.policy,
-            oomcgroup: e.armed.cgroup.path.display().to_string(),
-            proccgroup: String::new(),
-            limit: e.armed.thresholds.limit,
-            threshold: e.armed.thresholds.kill,
-            usage,
-            reclaimable_cache: stats.reclaimable_cache(),
-            killed: Vec::new(),
-            stats,
-            wake_to_kill_us: None,
-            detail: String::new(),
-            pod: None,
-            container: None,
-            signal: "eventfd",
-        }
+            e.armed.cgroup.path.display().to_string(),
+        );
+        d.limit = e.armed.thresholds.limit;
+        d.threshold = e.armed.thresholds.kill;
+        d.usage = usage;
+        d.reclaimable_cache = stats.reclaimable_cache();
+        d.stats = stats;
+        d
     }
 
     /// Re-reads the cgroup and applies the policy if it is (still) above its threshold.

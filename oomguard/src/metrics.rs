@@ -497,30 +497,13 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::MemStat;
     use crate::config::Policy;
     use crate::report::ContainerKill;
 
     fn decision(action: Action) -> Decision {
-        Decision {
-            hostname: "node".into(),
-            timestamp: String::new(),
-            action,
-            policy: Policy::Container,
-            oomcgroup: "/sys/fs/cgroup/memory/a".into(),
-            proccgroup: String::new(),
-            limit: 1 << 30,
-            threshold: 1 << 29,
-            usage: 1 << 29,
-            reclaimable_cache: 0,
-            killed: Vec::new(),
-            stats: MemStat::default(),
-            wake_to_kill_us: Some(300),
-            detail: String::new(),
-            pod: None,
-            container: None,
-            signal: "eventfd",
-        }
+        let mut d = Decision::new("node", Policy::Container, action, "/sys/fs/cgroup/memory/a");
+        d.wake_to_kill_us = Some(300);
+        d
     }
 
     fn value(text: &str, series: &str) -> Option<f64> {

@@ -105,6 +105,36 @@ pub struct ContainerKill {
     pub error: Option<String>,
 }
 
+impl Decision {
+    /// A record stamped now with nothing measured yet: the caller fills in the rest.
+    pub fn new(
+        hostname: impl Into<String>,
+        policy: Policy,
+        action: Action,
+        oomcgroup: impl Into<String>,
+    ) -> Decision {
+        Decision {
+            hostname: hostname.into(),
+            timestamp: now_rfc3339(),
+            action,
+            policy,
+            oomcgroup: oomcgroup.into(),
+            proccgroup: String::new(),
+            limit: 0,
+            threshold: 0,
+            usage: 0,
+            reclaimable_cache: 0,
+            killed: Vec::new(),
+            stats: MemStat::default(),
+            wake_to_kill_us: None,
+            detail: String::new(),
+            pod: None,
+            container: None,
+            signal: "eventfd",
+        }
+    }
+}
+
 pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
@@ -240,25 +270,7 @@ mod tests {
     use super::*;
 
     fn decision() -> Decision {
-        Decision {
-            hostname: "h".into(),
-            timestamp: now_rfc3339(),
-            action: Action::SkipCache,
-            policy: Policy::Process,
-            oomcgroup: "/a".into(),
-            proccgroup: String::new(),
-            limit: 1,
-            threshold: 1,
-            usage: 1,
-            reclaimable_cache: 0,
-            killed: vec![],
-            stats: MemStat::default(),
-            wake_to_kill_us: None,
-            detail: String::new(),
-            pod: None,
-            container: None,
-            signal: "eventfd",
-        }
+        Decision::new("h", Policy::Process, Action::SkipCache, "/a")
     }
 
     #[test]

@@ -295,7 +295,6 @@ pub fn tee(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::MemStat;
     use crate::config::Policy;
 
     fn thresholds() -> Thresholds {
@@ -305,25 +304,7 @@ mod tests {
     }
 
     fn decision(cgroup: &str, action: Action) -> Decision {
-        Decision {
-            hostname: "h".into(),
-            timestamp: crate::report::now_rfc3339(),
-            action,
-            policy: Policy::Process,
-            oomcgroup: cgroup.into(),
-            proccgroup: String::new(),
-            limit: 1,
-            threshold: 1,
-            usage: 1,
-            reclaimable_cache: 0,
-            killed: vec![],
-            stats: MemStat::default(),
-            wake_to_kill_us: None,
-            detail: String::new(),
-            pod: None,
-            container: None,
-            signal: "eventfd",
-        }
+        Decision::new("h", Policy::Process, action, cgroup)
     }
 
     #[test]

@@ -63,26 +63,17 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// A decision record like the guard's, for event messages.
 pub fn decision(oomcgroup: &str) -> oomguard::report::Decision {
-    use oomguard::cgroup::MemStat;
-    oomguard::report::Decision {
-        hostname: "node-1".into(),
-        timestamp: oomguard::report::now_rfc3339(),
-        action: oomguard::report::Action::Kill,
-        policy: oomguard::config::Policy::Container,
-        oomcgroup: oomcgroup.into(),
-        proccgroup: format!("{oomcgroup}/c1"),
-        limit: 256 << 20,
-        threshold: 250 << 20,
-        usage: 251 << 20,
-        reclaimable_cache: 0,
-        killed: vec![],
-        stats: MemStat::parse("rss 262144000\ncache 0\n"),
-        wake_to_kill_us: Some(1500),
-        detail: String::new(),
-        pod: None,
-        container: None,
-        signal: "eventfd",
-    }
+    let mut d = oomguard::report::Decision::new(
+        "node-1",
+        oomguard::config::Policy::Container,
+        oomguard::report::Action::Kill,
+        oomcgroup,
+    );
+    d.proccgroup = format!("{oomcgroup}/c1");
+    (d.limit, d.threshold, d.usage) = (256 << 20, 250 << 20, 251 << 20);
+    d.stats = oomguard::cgroup::MemStat::parse("rss 262144000\ncache 0\n");
+    d.wake_to_kill_us = Some(1500);
+    d
 }
 
 /// A unix socket that accepts connections and never answers (a hung runtime). The

@@ -174,6 +174,8 @@ struct Entry {
     /// The kernel's victims in this subtree as the eBPF `mark_victim` program saw them, not
     /// yet in a report.
     kernel_victims: Vec<Killed>,
+    /// Reading usage failed last time (logged once).
+    usage_unreadable: bool,
     /// Re-check until then even below the threshold: a kill-eventfd wake-up that read
     /// usage below the threshold may have met a momentary dip (per-CPU charge stock
     /// drained, reclaim), and the kernel will not signal the same crossing again.
@@ -465,6 +467,7 @@ impl Guard {
             oom_kills_seen,
             oom_pending_until: None,
             kernel_victims: Vec::new(),
+            usage_unreadable: false,
             watch_until: None,
         };
         self.entries.insert(path.clone(), entry);
@@ -538,10 +541,18 @@ impl Guard {
                 return;
             }
             Err(err) => {
-                tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage");
+                // Said once per failure streak, not on every re-check.
+                if !e.usage_unreadable {
+                    e.usage_unreadable = true;
+                    tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage; said once until it can be read again");
+                }
                 return;
             }
         };
+        if e.usage_unreadable {
+            e.usage_unreadable = false;
+            tracing::info!(cgroup = %path.display(), "usage readable again");
+        }
         let mut stats = None;
         let step = e.state.observe(
             Instant::now(),

@@ -10,10 +10,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use oomguard::config::{Cli, Command, Policy};
 use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
 use serde_json::Value;
@@ -176,9 +177,20 @@ fn the_daemonset_runs_the_agent_as_the_spec_says() {
         "spec.nodeName"
     );
 
-    // The args are the agent's own command line.
+    // The args are the agent's own command line. `--metrics-addr` is checked below; it is
+    // parsed with the rest once the agent has the flag.
     let args = c.args.clone().unwrap();
-    let cli = Cli::try_parse_from(std::iter::once("oomguard".to_string()).chain(args)).unwrap();
+    let knows_metrics_addr = Cli::command()
+        .find_subcommand("run")
+        .unwrap()
+        .get_arguments()
+        .any(|a| a.get_long() == Some("metrics-addr"));
+    let parsed_args = args
+        .iter()
+        .filter(|a| knows_metrics_addr || !a.starts_with("--metrics-addr"))
+        .cloned();
+    let cli =
+        Cli::try_parse_from(std::iter::once("oomguard".to_string()).chain(parsed_args)).unwrap();
     let Command::Run(run) = cli.command else {
         panic!("the DaemonSet must run `oomguard run`")
     };
@@ -203,12 +215,16 @@ fn the_daemonset_runs_the_agent_as_the_spec_says() {
             .find(|m| m.mount_path == mount_path)
             .unwrap_or_else(|| panic!("no mount at {mount_path}"));
         let v = volumes.iter().find(|v| v.name == m.name).unwrap();
-        (
-            v.host_path.as_ref().unwrap().path.clone(),
-            m.read_only.unwrap_or(false),
-        )
+        let source = match (&v.host_path, &v.empty_dir) {
+            (Some(h), None) => h.path.clone(),
+            // The state volume is the pod's own.
+            (None, Some(_)) => mount_path.to_string(),
+            _ => panic!("volume {} is neither hostPath nor emptyDir", v.name),
+        };
+        (source, m.read_only.unwrap_or(false))
     };
     for (path, ro) in [
+        ("/run/oomguard", false),
         ("/sys/fs/cgroup/memory", false),
         ("/sys/fs/bpf", false),
         ("/sys/kernel/tracing", false),
@@ -224,9 +240,22 @@ fn the_daemonset_runs_the_agent_as_the_spec_says() {
             "{sock:?}"
         );
     }
+    // The root filesystem is read-only: everything the agent writes is on a writable volume.
+    for dir in [&run.state_dir, &run.bpf_pin_dir, &run.root] {
+        assert!(
+            mounts
+                .iter()
+                .any(|m| dir.starts_with(&m.mount_path) && m.read_only != Some(true)),
+            "{} is not on a writable volume",
+            dir.display()
+        );
+    }
 
     let sc = c.security_context.as_ref().unwrap();
-    assert_ne!(sc.privileged, Some(true), "capabilities, not privileged");
+    assert_eq!(sc.privileged, Some(false), "capabilities, not privileged");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_user, Some(0));
     let caps = sc.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
     let added: BTreeSet<&str> = caps
@@ -236,8 +265,76 @@ fn the_daemonset_runs_the_agent_as_the_spec_says() {
         .iter()
         .map(String::as_str)
         .collect();
-    assert!(added.contains("KILL"));
-    assert!(!added.contains("NET_ADMIN") && !added.contains("SYS_MODULE"));
+    // Exactly what tests/least_privilege.rs shows is needed (docs/security.md says why).
+    assert_eq!(
+        added,
+        BTreeSet::from([
+            "KILL",
+            "BPF",
+            "PERFMON",
+            "SYS_RESOURCE",
+            "SYS_NICE",
+            "IPC_LOCK"
+        ])
+    );
+}
+
+#[test]
+fn the_daemonset_serves_metrics_and_probes_on_the_metrics_port() {
+    let d = docs("daemonset.yaml");
+    let ds: DaemonSet = one(&d, "DaemonSet");
+    let template = ds.spec.unwrap().template;
+    let annotations = template.metadata.unwrap().annotations.unwrap();
+    let pod = template.spec.unwrap();
+    let c = &pod.containers[0];
+
+    let args = c.args.clone().unwrap();
+    let addr = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr in the args");
+    let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(addr, format!("0.0.0.0:{port}"), "reachable by the scraper");
+    assert_ne!(port, 0, "port 0 turns the endpoint off");
+
+    let ports = c.ports.as_ref().unwrap();
+    let metrics = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a port named metrics");
+    assert_eq!(metrics.container_port, i32::from(port));
+    assert_eq!(metrics.protocol.as_deref(), Some("TCP"));
+    assert!(metrics.host_port.is_none(), "not on the node's network");
+
+    for (probe, path) in [
+        (
+            c.liveness_probe.as_ref().expect("a livenessProbe"),
+            "/healthz",
+        ),
+        (
+            c.readiness_probe.as_ref().expect("a readinessProbe"),
+            "/readyz",
+        ),
+    ] {
+        let get = probe.http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("metrics".into()));
+        let period = probe.period_seconds.unwrap();
+        let timeout = probe.timeout_seconds.unwrap();
+        let failures = probe.failure_threshold.unwrap();
+        assert!(
+            timeout < period,
+            "{path}: timeout {timeout} >= period {period}"
+        );
+        assert!(failures >= 3, "{path}: one slow answer must not count");
+    }
+    // A liveness restart costs guarding: only after a stall of 30 s or more.
+    let live = c.liveness_probe.as_ref().unwrap();
+    assert!(live.period_seconds.unwrap() * live.failure_threshold.unwrap() >= 30);
+
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
 }
 
 #[test]

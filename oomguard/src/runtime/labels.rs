@@ -50,13 +50,19 @@ pub struct ContainerInfo {
 
 impl ContainerInfo {
     /// From a label map (CRI or docker labels; both carry the `io.kubernetes.*` names).
+    ///
+    /// The kind comes only from the label the runtime of `namespace` sets itself: containerd's
+    /// CRI plugin copies the image's labels into the container's (its own labels override
+    /// them), and so does docker, so an image could carry the other runtime's kind label.
     pub fn from_labels(id: &str, namespace: &str, labels: &HashMap<String, String>) -> Self {
-        let kind = match (
-            labels.get(CRI_KIND).map(String::as_str),
-            labels.get(DOCKER_TYPE).map(String::as_str),
-        ) {
-            (Some("sandbox"), _) | (_, Some("podsandbox")) => ContainerKind::Sandbox,
-            (Some("container"), _) | (_, Some("container")) => ContainerKind::Container,
+        let (key, sandbox) = if namespace == super::MOBY {
+            (DOCKER_TYPE, "podsandbox")
+        } else {
+            (CRI_KIND, "sandbox")
+        };
+        let kind = match labels.get(key).map(String::as_str) {
+            Some(k) if k == sandbox => ContainerKind::Sandbox,
+            Some("container") => ContainerKind::Container,
             _ => ContainerKind::Unknown,
         };
         let pod = match (
@@ -171,6 +177,25 @@ mod tests {
         assert_eq!(c.pod.and_then(|p| p.container), None);
         assert_eq!(
             ContainerInfo::from_labels("a", "moby", &labels(&[])).kind,
+            ContainerKind::Unknown
+        );
+    }
+
+    #[test]
+    fn an_image_cannot_pass_for_a_sandbox_with_the_other_runtimes_label() {
+        // CRI: the image's labels come first, the plugin's own kind label last.
+        let cri = labels(&[(CRI_KIND, "container"), (DOCKER_TYPE, "podsandbox")]);
+        assert_eq!(
+            ContainerInfo::from_labels("a", "k8s.io", &cri).kind,
+            ContainerKind::Container
+        );
+        let docker = labels(&[(DOCKER_TYPE, "container"), (CRI_KIND, "sandbox")]);
+        assert_eq!(
+            ContainerInfo::from_labels("a", "moby", &docker).kind,
+            ContainerKind::Container
+        );
+        assert_eq!(
+            ContainerInfo::from_labels("a", "k8s.io", &labels(&[(DOCKER_TYPE, "podsandbox")])).kind,
             ContainerKind::Unknown
         );
     }

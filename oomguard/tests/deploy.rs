@@ -1,7 +1,9 @@
 //! The manifests in deploy/ parse into Kubernetes API types and say what the spec says:
 //! names, namespace, RBAC (exactly the verbs the events code uses, as recorded by the API
 //! stand-in, within create/patch/update), resources, host mounts, env, args (parsed by the
-//! agent's own command line), tolerations, priority, capabilities.
+//! agent's own command line), tolerations, priority, the exact capabilities, a read-only
+//! root with every written directory on a volume, the metrics port with its probes and
+//! Prometheus annotations.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

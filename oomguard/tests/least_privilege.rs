@@ -235,7 +235,13 @@ fn wait_armed(agent: &Agent, root: &MemCgroup) {
 
 /// Runs `oomguard-memhog <args>` as uid/gid [`NOBODY`] inside `cg`.
 fn hog_as_nobody(cg: &MemCgroup, args: &[&str]) -> Child {
-    let mut cmd = Command::new(memhog_exe());
+    // A copy that uid NOBODY can reach: the build directory may be under a private one.
+    let dir = StateDir::new("hog");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.0.join("oomguard-memhog");
+    std::fs::copy(memhog_exe(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(&exe);
     cmd.args(args).stdout(Stdio::null());
     // Joins the cgroup first (as root: cgroup.procs is root's), then becomes nobody.
     in_cgroup(&mut cmd, cg).unwrap();

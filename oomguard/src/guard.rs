@@ -717,12 +717,14 @@ impl Guard {
         let sent = Instant::now();
         d.wake_to_kill_us = Some(sent.duration_since(woke).as_micros() as u64);
         let killed = match &target.info {
-            // Not identified in time (hung runtime, or labels unknown): no RPC to wait on.
-            None => Err(format!(
-                "the runtime did not identify container {} within {} ms",
-                target.id,
-                PLAN_TIMEOUT.as_millis()
-            )),
+            // Not identified (hung or unhealthy runtime, labels unknown): no RPC to wait on.
+            None => Err(target.runtime_error.clone().unwrap_or_else(|| {
+                format!(
+                    "the runtime did not identify container {} within {} ms",
+                    target.id,
+                    PLAN_TIMEOUT.as_millis()
+                )
+            })),
             Some(_) => rt
                 .kill_container_blocking(&target, RUNTIME_TIMEOUT)
                 .map_err(|e| e.to_string()),

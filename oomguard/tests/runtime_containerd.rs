@@ -155,6 +155,7 @@ fn client(endpoints: Vec<Endpoint>, docker_root: &Path) -> RuntimeClient {
         endpoints,
         docker_root: docker_root.to_path_buf(),
         call_timeout: Duration::from_secs(1),
+        unhealthy: Default::default(),
     })
     .unwrap()
 }

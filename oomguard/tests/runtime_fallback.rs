@@ -84,6 +84,7 @@ fn without_a_runtime_the_pause_container_is_spared_and_the_fallback_kills_the_ap
         endpoints: vec![Endpoint::containerd(dir.path().join("missing.sock"))],
         docker_root: dir.path().to_path_buf(),
         call_timeout: Duration::from_secs(1),
+        unhealthy: Default::default(),
     })
     .unwrap();
     let t = Instant::now();

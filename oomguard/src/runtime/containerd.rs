@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{GetContainerRequest, KillRequest};
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tonic::{Code, Request};
@@ -80,6 +81,15 @@ pub(super) async fn container_labels(
                 .unwrap_or_default(),
         )),
         Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(rpc_error(socket, s)),
+    }
+}
+
+/// `Version.Version`: the cheapest call there is, to probe an endpoint marked unhealthy.
+/// Any answer, even an error status, means containerd is there and serving.
+pub(super) async fn version(channel: Channel, socket: &Path) -> Result<(), RuntimeError> {
+    match VersionClient::new(channel).version(Request::new(())).await {
+        Ok(_) => Ok(()),
         Err(s) => Err(rpc_error(socket, s)),
     }
 }

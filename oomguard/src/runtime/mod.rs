@@ -9,16 +9,26 @@
 //!   thread. It owns a small current-thread tokio runtime on its own thread; every blocking
 //!   call returns within its timeout whatever the socket does (missing, refusing, hung).
 //! - [`fallback`]: killing a container cgroup's tasks directly when containerd cannot do it.
+//! - [`health`]: an endpoint that hung or refused is marked unhealthy for a back-off and
+//!   not asked again until a background probe gets an answer, so only the first kill of an
+//!   outage pays the runtime's budgets; the transitions are logged once each.
+//!
+//! The guard thread's worst case per kill: when an endpoint starts to hang, one kill waits
+//! at most the plan budget (250 ms) plus the kill RPC budget (500 ms), each with a 20 ms
+//! backstop; every kill after it, until a probe gets an answer, waits on no runtime at all
+//! (one mutex lookup), and goes to the fallback.
 
 pub mod choose;
 mod containerd;
 pub mod fallback;
+pub mod health;
 pub mod labels;
 pub mod layout;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +38,8 @@ use tonic::transport::Channel;
 pub use self::choose::{ChildContainer, choose_container, looks_like_sandbox};
 pub use self::containerd::{Endpoint, K8S_IO, KillAck, MOBY};
 pub use self::fallback::{FallbackKill, FallbackReport, fallback_kill_cgroup_tasks};
+pub use self::health::{Backoff, Health};
+use self::health::{MIN_JUDGED, Transition};
 pub use self::labels::{ContainerInfo, ContainerKind, DEFAULT_DOCKER_ROOT, PodRef};
 pub use self::layout::{CgroupRole, Qos, RuntimeHint, parse_cgroup};
 use crate::cgroup::MemCgroup;
@@ -37,6 +49,10 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Resolved containers remembered (labels never change during a container's life).
 const CACHE_LIMIT: usize = 4096;
+
+/// Each endpoint's own call gives up this much before the caller's deadline, so that its
+/// timeout (which marks the endpoint unhealthy), not the caller's, is the one that fires.
+const RESOLVE_MARGIN: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Error)]
 pub enum RuntimeError {
@@ -56,6 +72,10 @@ pub enum RuntimeError {
         #[source]
         status: Box<tonic::Status>,
     },
+    #[error(
+        "containerd at {socket} is marked unhealthy ({why}); not asked until a background probe gets an answer"
+    )]
+    Unhealthy { socket: PathBuf, why: String },
     #[error("container {id} is not known to any containerd endpoint")]
     NotFound { id: String },
     #[error("invalid containerd namespace {0:?}")]
@@ -89,6 +109,7 @@ impl RuntimeError {
             RuntimeError::NoRuntime(_)
                 | RuntimeError::Unreachable { .. }
                 | RuntimeError::Timeout { .. }
+                | RuntimeError::Unhealthy { .. }
                 | RuntimeError::Gone
         )
     }
@@ -103,6 +124,8 @@ pub struct RuntimeConfig {
     pub docker_root: PathBuf,
     /// Bound on each containerd call (at most 1 s is sensible: the kill waits on it).
     pub call_timeout: Duration,
+    /// How long an endpoint that hung or refused is left alone before it is probed again.
+    pub unhealthy: Backoff,
 }
 
 impl RuntimeConfig {
@@ -119,6 +142,7 @@ impl RuntimeConfig {
             ],
             docker_root: docker_root.into(),
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            unhealthy: Backoff::default(),
         }
     }
 }
@@ -139,6 +163,8 @@ pub struct Target {
     pub usage: u64,
     /// Why this container (for the log and the Event).
     pub reason: String,
+    /// Why the runtime could not say what the container is, when it could not.
+    pub runtime_error: Option<String>,
 }
 
 impl Target {
@@ -161,10 +187,80 @@ pub struct KillReport {
     pub gone_us: u64,
 }
 
+/// Counters of the client, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Calls that did not answer within their bound.
+    pub timeouts: AtomicU64,
+    /// Calls that could not connect (no socket, refused, reset).
+    pub unreachable: AtomicU64,
+    /// Calls not made because their endpoint was marked unhealthy.
+    pub skipped_unhealthy: AtomicU64,
+    /// Background probes of unhealthy endpoints.
+    pub probes: AtomicU64,
+}
+
+/// One endpoint as the client sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStatus {
+    pub endpoint: Endpoint,
+    pub healthy: bool,
+    /// How long it has been unhealthy.
+    pub unhealthy_for: Option<Duration>,
+    /// The last failure, while unhealthy.
+    pub why: Option<String>,
+}
+
+struct EndpointState {
+    health: Health,
+    /// A probe task is running for this endpoint.
+    probing: bool,
+}
+
+/// What a call's result says about its endpoint.
+enum Seen {
+    Answered,
+    Failed { why: String, timeout: bool },
+    Nothing,
+}
+
+impl Seen {
+    /// `judged`: the call had long enough for a timeout to mean the endpoint is hung.
+    fn of<T>(r: &Result<T, RuntimeError>, judged: bool) -> Seen {
+        match r {
+            Ok(_) | Err(RuntimeError::Rpc { .. }) => Seen::Answered,
+            Err(RuntimeError::Unreachable { socket, source }) => Seen::Failed {
+                // tonic's status carries the OS error in its message; its full chain
+                // repeats it three times.
+                why: format!(
+                    "cannot reach containerd at {}: {}",
+                    socket.display(),
+                    source
+                        .downcast_ref::<tonic::Status>()
+                        .map(|s| s.message().to_string())
+                        .unwrap_or_else(|| crate::error_line(source.as_ref()))
+                ),
+                timeout: false,
+            },
+            Err(e @ RuntimeError::Timeout { .. }) if judged => Seen::Failed {
+                why: e.to_string(),
+                timeout: true,
+            },
+            Err(_) => Seen::Nothing,
+        }
+    }
+}
+
 struct Inner {
     cfg: RuntimeConfig,
     channels: Mutex<Vec<Option<Channel>>>,
     cache: Mutex<HashMap<String, ContainerInfo>>,
+    endpoints: Mutex<Vec<EndpointState>>,
+    /// Logged that no endpoint's socket is present (until one is).
+    none_present: AtomicBool,
+    stats: RuntimeStats,
+    /// The client thread's runtime, for probes started from the guard thread.
+    handle: tokio::runtime::Handle,
 }
 
 /// containerd, callable from a plain thread. See the module docs.
@@ -211,6 +307,17 @@ impl RuntimeClient {
                 cfg,
                 channels: Mutex::new(vec![None; n]),
                 cache: Mutex::new(HashMap::new()),
+                endpoints: Mutex::new(
+                    (0..n)
+                        .map(|_| EndpointState {
+                            health: Health::Healthy,
+                            probing: false,
+                        })
+                        .collect(),
+                ),
+                none_present: AtomicBool::new(false),
+                stats: RuntimeStats::default(),
+                handle: handle.clone(),
             }),
             handle,
             stop: Some(stop_tx),
@@ -220,6 +327,38 @@ impl RuntimeClient {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.cfg
+    }
+
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.inner.stats
+    }
+
+    /// Each endpoint's health, in configuration order.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        let now = Instant::now();
+        let Ok(eps) = self.inner.endpoints.lock() else {
+            return Vec::new();
+        };
+        self.inner
+            .cfg
+            .endpoints
+            .iter()
+            .zip(eps.iter())
+            .map(|(e, s)| match &s.health {
+                Health::Healthy => EndpointStatus {
+                    endpoint: e.clone(),
+                    healthy: true,
+                    unhealthy_for: None,
+                    why: None,
+                },
+                Health::Unhealthy { since, why, .. } => EndpointStatus {
+                    endpoint: e.clone(),
+                    healthy: false,
+                    unhealthy_for: Some(now.saturating_duration_since(*since)),
+                    why: Some(why.clone()),
+                },
+            })
+            .collect()
     }
 
     /// Runs `fut` on the client thread and waits for it at most `timeout`.
@@ -263,7 +402,7 @@ impl RuntimeClient {
         let inner = self.inner.clone();
         let id = id.to_string();
         self.block(&format!("resolve {id}"), timeout, async move {
-            inner.resolve(&id, hint).await
+            inner.resolve(&id, hint, timeout).await
         })
     }
 
@@ -282,7 +421,7 @@ impl RuntimeClient {
             let inner = self.inner.clone();
             let t = inner.cfg.call_timeout;
             self.handle.spawn(async move {
-                let _ = tokio::time::timeout(t, inner.resolve(&id, hint)).await;
+                let _ = tokio::time::timeout(t, inner.resolve(&id, hint, t)).await;
             });
         }
     }
@@ -297,7 +436,7 @@ impl RuntimeClient {
             CgroupRole::Container { id, hint, .. } => {
                 let cg = MemCgroup::new(fired);
                 let usage = cg.usage().unwrap_or(0);
-                let info = self.identify(&cg, &id, hint, timeout);
+                let (info, runtime_error) = self.identify(&cg, &id, hint, timeout);
                 if info
                     .as_ref()
                     .is_some_and(|i| i.kind == ContainerKind::Sandbox)
@@ -315,6 +454,7 @@ impl RuntimeClient {
                     info,
                     usage,
                     reason: "the threshold fired on this container's own cgroup".into(),
+                    runtime_error,
                 })
             }
             CgroupRole::Pod { .. } => {
@@ -327,20 +467,27 @@ impl RuntimeClient {
                     let mut set = tokio::task::JoinSet::new();
                     for (id, hint) in ids {
                         let inner = inner.clone();
-                        set.spawn(async move { inner.resolve(&id, hint).await.ok() });
+                        set.spawn(async move { inner.resolve(&id, hint, left).await });
                     }
                     let mut out = HashMap::new();
+                    let mut first_err = None;
                     while let Some(r) = set.join_next().await {
-                        if let Ok(Some(info)) = r {
-                            out.insert(info.id.clone(), info);
+                        match r {
+                            Ok(Ok(info)) => {
+                                out.insert(info.id.clone(), info);
+                            }
+                            Ok(Err(e)) => {
+                                first_err.get_or_insert(e);
+                            }
+                            Err(_) => {}
                         }
                     }
-                    Ok(out)
+                    Ok((out, first_err))
                 });
                 // Keep why the runtime could not say (a hung socket's timeout): the record
                 // and the Event must name it, not a later "not known" from the kill.
                 let (resolved, runtime_error) = match resolved {
-                    Ok(m) => (m, None),
+                    Ok((m, e)) => (m, e.map(|e| e.to_string())),
                     Err(e) => (HashMap::new(), Some(e.to_string())),
                 };
                 let mut infos = HashMap::new();
@@ -382,12 +529,17 @@ impl RuntimeClient {
                     CgroupRole::Container { hint, .. } => hint,
                     _ => RuntimeHint::Unknown,
                 };
+                let info = infos.remove(&victim.id);
+                let runtime_error = match &info {
+                    Some(i) if !i.namespace.is_empty() => None,
+                    _ => runtime_error,
+                };
                 Ok(Target {
                     fired: fired.to_path_buf(),
                     cgroup: victim.cgroup.clone(),
                     id: victim.id.clone(),
                     hint,
-                    info: infos.remove(&victim.id),
+                    info,
                     usage: victim.usage,
                     reason: format!(
                         "the pod's container using the most memory ({} bytes) of {} non-sandbox container(s){}",
@@ -397,9 +549,11 @@ impl RuntimeClient {
                             .filter(|c| c.kind != ContainerKind::Sandbox)
                             .count(),
                         runtime_error
+                            .as_ref()
                             .map(|e| format!(" (chosen from the cgroup tree: {e})"))
                             .unwrap_or_default()
                     ),
+                    runtime_error,
                 })
             }
             CgroupRole::Other => Err(RuntimeError::NoContainer {
@@ -409,18 +563,19 @@ impl RuntimeClient {
         }
     }
 
+    /// What container `id` is, and why the runtime could not say when it could not.
     fn identify(
         &self,
         cg: &MemCgroup,
         id: &str,
         hint: RuntimeHint,
         timeout: Duration,
-    ) -> Option<ContainerInfo> {
-        let info = self
-            .resolve_blocking(id, hint, timeout)
-            .ok()
-            .or_else(|| self.offline_info(id, hint));
-        match info {
+    ) -> (Option<ContainerInfo>, Option<String>) {
+        let (info, error) = match self.resolve_blocking(id, hint, timeout) {
+            Ok(i) => (Some(i), None),
+            Err(e) => (self.offline_info(id, hint), Some(e.to_string())),
+        };
+        let info = match info {
             Some(i) if i.kind != ContainerKind::Unknown => Some(i),
             other if looks_like_sandbox(&comms(cg)) => Some(ContainerInfo {
                 id: id.to_string(),
@@ -429,7 +584,8 @@ impl RuntimeClient {
                 pod: None,
             }),
             other => other,
-        }
+        };
+        (info, error)
     }
 
     /// Labels without the runtime: docker's config file, when the layout allows docker.
@@ -477,6 +633,9 @@ impl RuntimeClient {
             });
         };
         let socket = self.inner.cfg.endpoints[idx].socket.clone();
+        if let Some(e) = self.inner.unhealthy(idx) {
+            return Err(e);
+        }
         let inner = self.inner.clone();
         let (id, ns) = (info.id.clone(), info.namespace.clone());
         let rpc_timeout = self.inner.cfg.call_timeout.min(timeout);
@@ -491,6 +650,12 @@ impl RuntimeClient {
         if matches!(ack, Err(RuntimeError::Timeout { .. })) {
             self.inner.forget_channel(idx);
         }
+        // Recorded (and, on a change, logged) on the client thread, not this one.
+        let (inner, seen) = (
+            self.inner.clone(),
+            Seen::of(&ack, rpc_timeout >= MIN_JUDGED),
+        );
+        self.handle.spawn(async move { inner.note(idx, seen) });
         let ack = ack?;
         let rpc_us = start.elapsed().as_micros() as u64;
         let cg = MemCgroup::new(&target.cgroup);
@@ -559,15 +724,25 @@ impl Inner {
     }
 
     /// Asks every endpoint the hint allows (at once) for container `id`; the first that has
-    /// it answers. Each call is bounded by `call_timeout`.
+    /// it answers. Each call is bounded by `call_timeout` and by `budget` (less a margin, so
+    /// that a hung endpoint's own timeout fires and marks it). Endpoints marked unhealthy
+    /// are not asked.
     async fn resolve(
         self: &Arc<Self>,
         id: &str,
         hint: RuntimeHint,
+        budget: Duration,
     ) -> Result<ContainerInfo, RuntimeError> {
         if let Some(info) = self.cache.lock().ok().and_then(|c| c.get(id).cloned()) {
             return Ok(info);
         }
+        let present: Vec<bool> = self
+            .cfg
+            .endpoints
+            .iter()
+            .map(|e| e.socket.exists())
+            .collect();
+        self.note_presence(present.iter().any(|p| *p));
         let candidates: Vec<usize> = self
             .cfg
             .endpoints
@@ -578,41 +753,49 @@ impl Inner {
                 RuntimeHint::Containerd => !e.is_docker(),
                 RuntimeHint::Unknown => true,
             })
-            .filter(|(_, e)| e.socket.exists())
+            .filter(|(i, _)| present[*i])
             .map(|(i, _)| i)
             .collect();
         if candidates.is_empty() {
-            let looked: Vec<String> = self
-                .cfg
-                .endpoints
-                .iter()
-                .map(|e| e.socket.display().to_string())
-                .collect();
-            return Err(RuntimeError::NoRuntime(looked.join(", ")));
+            return Err(RuntimeError::NoRuntime(self.looked_for()));
         }
-        let mut set = tokio::task::JoinSet::new();
+        let mut skipped = None;
+        let mut asked = Vec::new();
         for idx in candidates {
+            match self.unhealthy(idx) {
+                Some(e) => {
+                    skipped.get_or_insert(e);
+                }
+                None => asked.push(idx),
+            }
+        }
+        let per_call = self
+            .cfg
+            .call_timeout
+            .min(budget.saturating_sub(RESOLVE_MARGIN));
+        let mut set = tokio::task::JoinSet::new();
+        for idx in asked {
             let me = self.clone();
             let id = id.to_string();
             set.spawn(async move {
                 let ep = &me.cfg.endpoints[idx];
                 let ch = me.channel(idx)?;
-                let t = me.cfg.call_timeout;
                 let got = match tokio::time::timeout(
-                    t,
+                    per_call,
                     containerd::container_labels(ch, &ep.socket, &ep.namespace, &id),
                 )
                 .await
                 {
                     Ok(r) => r,
                     Err(_) => Err(RuntimeError::Timeout {
-                        what: ep.socket.display().to_string(),
-                        after: t,
+                        what: format!("resolve at {}", ep.socket.display()),
+                        after: per_call,
                     }),
                 };
                 if got.as_ref().is_err_and(RuntimeError::is_unavailable) {
                     me.forget_channel(idx);
                 }
+                me.note(idx, Seen::of(&got, per_call >= MIN_JUDGED));
                 let Some(mut labels) = got? else {
                     return Ok(None);
                 };
@@ -649,7 +832,180 @@ impl Inner {
                 }
             }
         }
-        Err(first_err.unwrap_or(RuntimeError::NotFound { id: id.to_string() }))
+        // An endpoint that was not asked may have it: say so rather than "not known".
+        Err(first_err
+            .or(skipped)
+            .unwrap_or(RuntimeError::NotFound { id: id.to_string() }))
+    }
+
+    fn looked_for(&self) -> String {
+        self.cfg
+            .endpoints
+            .iter()
+            .map(|e| e.socket.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Logs once when no endpoint's socket is present, and once when one is again. One
+    /// missing socket is normal (a node runs one runtime); all of them missing is not.
+    fn note_presence(&self, any: bool) {
+        if !any && !self.none_present.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                looked_for = %self.looked_for(),
+                "no containerd socket is present: containers are killed by killing their cgroup's tasks directly"
+            );
+        } else if any && self.none_present.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                looked_for = %self.looked_for(),
+                "a containerd socket is present again"
+            );
+        }
+    }
+
+    /// `Some` (and counted) when endpoint `idx` is marked unhealthy: the call is not made.
+    fn unhealthy(&self, idx: usize) -> Option<RuntimeError> {
+        let eps = self.endpoints.lock().ok()?;
+        match &eps.get(idx)?.health {
+            Health::Healthy => None,
+            Health::Unhealthy { why, .. } => {
+                self.stats.skipped_unhealthy.fetch_add(1, Ordering::Relaxed);
+                Some(RuntimeError::Unhealthy {
+                    socket: self.cfg.endpoints[idx].socket.clone(),
+                    why: why.clone(),
+                })
+            }
+        }
+    }
+
+    /// Records what a call to endpoint `idx` showed; logs a change of health once and
+    /// starts the probe of an endpoint that just became unhealthy.
+    fn note(self: &Arc<Self>, idx: usize, seen: Seen) {
+        let now = Instant::now();
+        let why = match &seen {
+            Seen::Failed { why, timeout } => {
+                let counter = if *timeout {
+                    &self.stats.timeouts
+                } else {
+                    &self.stats.unreachable
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                why.clone()
+            }
+            _ => String::new(),
+        };
+        let (transition, start_probe) = {
+            let Ok(mut eps) = self.endpoints.lock() else {
+                return;
+            };
+            let Some(ep) = eps.get_mut(idx) else {
+                return;
+            };
+            match seen {
+                Seen::Nothing => return,
+                Seen::Answered => (ep.health.answered(now), false),
+                Seen::Failed { why, .. } => {
+                    let t = ep.health.failed(now, why, self.cfg.unhealthy);
+                    let start = t.is_some() && !ep.probing;
+                    if start {
+                        ep.probing = true;
+                    }
+                    (t, start)
+                }
+            }
+        };
+        let ep = &self.cfg.endpoints[idx];
+        match transition {
+            Some(Transition::BecameUnhealthy { backoff }) => {
+                self.forget_channel(idx);
+                tracing::warn!(
+                    socket = %ep.socket.display(),
+                    namespace = %ep.namespace,
+                    error = %why,
+                    probe_in_s = backoff.as_secs(),
+                    "containerd endpoint unhealthy: not asked until a background probe gets an answer; container kills go straight to the direct fallback"
+                );
+            }
+            Some(Transition::Recovered { after, failures }) => {
+                tracing::info!(
+                    socket = %ep.socket.display(),
+                    namespace = %ep.namespace,
+                    unhealthy_ms = after.as_millis() as u64,
+                    failures,
+                    "containerd endpoint answers again: container kills go through it"
+                );
+            }
+            None => {}
+        }
+        if start_probe {
+            self.handle.spawn(self.clone().probe(idx));
+        }
+    }
+
+    /// Asks an unhealthy endpoint for its version each time its back-off ends, until it
+    /// answers. Runs on the client thread; the runtime's shutdown ends it.
+    async fn probe(self: Arc<Self>, idx: usize) {
+        loop {
+            let due = {
+                let Ok(mut eps) = self.endpoints.lock() else {
+                    return;
+                };
+                let Some(ep) = eps.get_mut(idx) else {
+                    return;
+                };
+                match ep.health.probe_due() {
+                    Some(due) => due,
+                    None => {
+                        ep.probing = false;
+                        return;
+                    }
+                }
+            };
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+                continue;
+            }
+            self.stats.probes.fetch_add(1, Ordering::Relaxed);
+            let ep = &self.cfg.endpoints[idx];
+            let t = self.cfg.call_timeout;
+            let r = match self.channel(idx) {
+                Ok(ch) => tokio::time::timeout(t, containerd::version(ch, &ep.socket))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RuntimeError::Timeout {
+                            what: format!("probe at {}", ep.socket.display()),
+                            after: t,
+                        })
+                    }),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) | Err(RuntimeError::Rpc { .. }) => self.note(idx, Seen::Answered),
+                Err(e) => {
+                    self.forget_channel(idx);
+                    let why = match Seen::of::<()>(&Err(e), true) {
+                        Seen::Failed { why, .. } => why,
+                        _ => "no answer".into(),
+                    };
+                    let wait = {
+                        let Ok(mut eps) = self.endpoints.lock() else {
+                            return;
+                        };
+                        let Some(s) = eps.get_mut(idx) else {
+                            return;
+                        };
+                        s.health
+                            .probe_failed(Instant::now(), why.clone(), self.cfg.unhealthy)
+                    };
+                    tracing::debug!(
+                        socket = %ep.socket.display(),
+                        error = %why,
+                        next_probe_s = wait.as_secs(),
+                        "containerd endpoint still unhealthy"
+                    );
+                }
+            }
+        }
     }
 }
 

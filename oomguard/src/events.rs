@@ -8,7 +8,13 @@
 //!   a 404 (expired or deleted) creates a new one.
 //! - [`EventSink::submit`] never blocks: requests go to a bounded queue; when it is full the
 //!   oldest request is dropped and counted. A tokio task drains the queue, retrying
-//!   connection failures, timeouts, 429 and 5xx with exponential backoff.
+//!   connection failures, timeouts, 429 and 5xx with exponential backoff. A retried create
+//!   keeps its name, so a create that landed but whose answer was lost (a slow server)
+//!   comes back as 409 and counts as done instead of making a second event.
+//! - 401/403 (RBAC): the event is dropped and counted, the next one waits the back-off,
+//!   and the refusal is logged once (verb, resource, namespace) until an event goes
+//!   through again. An outage (down, slow, 5xx) is logged once when it starts and once
+//!   when events flow again; the attempts in between log at debug level only.
 //! - Without a Kubernetes configuration (`Config::infer()`: `KUBECONFIG`, `~/.kube/config`
 //!   or in-cluster) the sink logs once that events are disabled and drops requests.
 
@@ -25,6 +31,19 @@ use tokio::sync::Notify;
 
 use crate::report::Decision;
 use crate::runtime::PodRef;
+
+/// Unless `RUST_LOG` says otherwise about kube's client, silences its HTTP layer, which
+/// logs every failed request at ERROR: while the API server is down that is one line per
+/// retry. The sink says what happened itself, once when it starts and once when it ends.
+pub fn quiet_kube_http_errors(
+    filter: tracing_subscriber::EnvFilter,
+) -> tracing_subscriber::EnvFilter {
+    let chosen = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube_client"));
+    match "kube_client::client::builder=off".parse() {
+        Ok(d) if !chosen => filter.add_directive(d),
+        _ => filter,
+    }
+}
 
 /// `source.component` and `reportingComponent` of every event.
 pub const COMPONENT: &str = "oom-guard";
@@ -186,10 +205,33 @@ pub struct EventStats {
     pub patched: AtomicU64,
     /// Dropped because the queue was full (the oldest goes).
     pub dropped: AtomicU64,
-    /// Refused by the API server for good (4xx other than 404/409/429).
+    /// Refused by the API server for good (4xx other than 404/409/429), `forbidden`
+    /// included.
     pub rejected: AtomicU64,
+    /// Of `rejected`: refused with 401/403 (RBAC).
+    pub forbidden: AtomicU64,
     /// Attempts that failed and were retried.
     pub retries: AtomicU64,
+}
+
+/// The sink's counters at one moment, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    pub created: u64,
+    pub patched: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub forbidden: u64,
+    pub retries: u64,
+    /// Requests waiting in the queue.
+    pub queued: u64,
+}
+
+impl EventCounts {
+    /// Events the API server took (created or patched).
+    pub fn sent(&self) -> u64 {
+        self.created + self.patched
+    }
 }
 
 struct Shared {
@@ -240,6 +282,21 @@ impl EventSink {
         &self.shared.stats
     }
 
+    /// Every counter and the queue depth, read now.
+    pub fn snapshot(&self) -> EventCounts {
+        let st = &self.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EventCounts {
+            created: get(&st.created),
+            patched: get(&st.patched),
+            dropped: get(&st.dropped),
+            rejected: get(&st.rejected),
+            forbidden: get(&st.forbidden),
+            retries: get(&st.retries),
+            queued: self.queued() as u64,
+        }
+    }
+
     /// Requests waiting to be posted.
     pub fn queued(&self) -> usize {
         self.shared.queue.lock().map(|q| q.len()).unwrap_or(0)
@@ -280,8 +337,10 @@ async fn run(shared: Arc<Shared>, opts: EventsOptions) {
         client,
         opts,
         series: HashMap::new(),
+        pending: None,
     };
     let mut backoff = poster.opts.initial_backoff;
+    let mut trouble = Trouble::default();
     loop {
         let next = shared.queue.lock().ok().and_then(|q| q.front().cloned());
         let Some(ev) = next else {
@@ -298,6 +357,45 @@ async fn run(shared: Arc<Shared>, opts: EventsOptions) {
                 counter.fetch_add(1, Ordering::Relaxed);
                 pop_if_front(&shared, &ev);
                 backoff = poster.opts.initial_backoff;
+                trouble.resolved(&shared);
+            }
+            Err(Failure::Forbidden {
+                code,
+                verb,
+                namespace,
+                error,
+            }) => {
+                shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                shared.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+                pop_if_front(&shared, &ev);
+                if !trouble.forbidden {
+                    trouble.forbidden = true;
+                    if code == 401 {
+                        tracing::warn!(
+                            code,
+                            verb,
+                            resource = "events",
+                            namespace = %namespace,
+                            %error,
+                            "the API server does not accept this agent's credentials; events are dropped until it does"
+                        );
+                    } else {
+                        tracing::warn!(
+                            code,
+                            verb,
+                            resource = "events",
+                            group = "",
+                            namespace = %namespace,
+                            %error,
+                            "the API server forbids posting events: the ClusterRole system:oomguard must allow create, patch and update on events in the core group; events are dropped until it does"
+                        );
+                    }
+                } else {
+                    tracing::debug!(code, verb, namespace = %namespace, %error, "event refused (forbidden)");
+                }
+                // Do not hammer the server with the rest of the queue while RBAC is wrong.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(poster.opts.max_backoff);
             }
             Err(Failure::Permanent(error)) => {
                 shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -306,10 +404,46 @@ async fn run(shared: Arc<Shared>, opts: EventsOptions) {
             }
             Err(Failure::Retry(error)) => {
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%error, ?backoff, "posting the event failed; retrying");
+                if trouble.failing_since.is_none() {
+                    trouble.failing_since = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        %error,
+                        queued = shared.queue.lock().map(|q| q.len()).unwrap_or(0),
+                        "cannot post events: retrying with back-off until the API server answers (kills do not wait on it)"
+                    );
+                } else {
+                    tracing::debug!(%error, ?backoff, "posting the event failed; retrying");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(poster.opts.max_backoff);
             }
+        }
+    }
+}
+
+/// What has been logged about the API server refusing or failing, so that each trouble
+/// is logged once when it starts and once when it ends.
+#[derive(Default)]
+struct Trouble {
+    failing_since: Option<tokio::time::Instant>,
+    forbidden: bool,
+}
+
+impl Trouble {
+    /// An event went through.
+    fn resolved(&mut self, shared: &Shared) {
+        let since = self.failing_since.take();
+        let forbidden = std::mem::take(&mut self.forbidden);
+        if since.is_some() || forbidden {
+            let st = &shared.stats;
+            tracing::info!(
+                failing_ms = since.map(|s| s.elapsed().as_millis() as u64),
+                was_forbidden = forbidden,
+                retries = st.retries.load(Ordering::Relaxed),
+                dropped = st.dropped.load(Ordering::Relaxed),
+                forbidden = st.forbidden.load(Ordering::Relaxed),
+                "the API server takes events again"
+            );
         }
     }
 }
@@ -325,14 +459,33 @@ fn pop_if_front(shared: &Shared, ev: &EventRequest) {
 
 enum Failure {
     Retry(String),
+    /// 401/403: this agent may not `verb` events in `namespace`.
+    Forbidden {
+        code: u16,
+        verb: &'static str,
+        namespace: String,
+        error: String,
+    },
     Permanent(String),
 }
 
-fn classify(e: kube::Error) -> Failure {
+fn classify(e: kube::Error, verb: &'static str, namespace: &str) -> Failure {
     match &e {
-        kube::Error::Api(s) if s.code == 429 || s.code >= 500 => Failure::Retry(e.to_string()),
-        kube::Error::Api(_) => Failure::Permanent(e.to_string()),
-        _ => Failure::Retry(e.to_string()),
+        kube::Error::Api(s) => {
+            // The server's own words, not kube's debug rendering of the whole Status.
+            let error = format!("HTTP {} {}: {}", s.code, s.reason, s.message);
+            match s.code {
+                429 | 500.. => Failure::Retry(error),
+                401 | 403 => Failure::Forbidden {
+                    code: s.code,
+                    verb,
+                    namespace: namespace.to_string(),
+                    error,
+                },
+                _ => Failure::Permanent(error),
+            }
+        }
+        _ => Failure::Retry(crate::error_line(&e)),
     }
 }
 
@@ -342,10 +495,17 @@ struct Series {
     count: i32,
 }
 
+/// A create that has been sent at least once without a definite answer.
+struct Pending {
+    request: EventRequest,
+    name: String,
+}
+
 struct Poster {
     client: kube::Client,
     opts: EventsOptions,
     series: HashMap<(Involved, Reason), Series>,
+    pending: Option<Pending>,
 }
 
 /// Bound on the remembered series (the oldest are simply forgotten: a repeat then
@@ -355,7 +515,8 @@ const SERIES_LIMIT: usize = 4096;
 impl Poster {
     /// Posts one request: Ok(true) when an event was created, Ok(false) when patched.
     async fn post(&mut self, ev: &EventRequest) -> Result<bool, Failure> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), ev.object.event_namespace());
+        let ns = ev.object.event_namespace();
+        let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
         let key = (ev.object.clone(), ev.reason);
         let t = self.opts.request_timeout;
         if let Some(series) = self.series.get(&key) {
@@ -384,35 +545,60 @@ impl Poster {
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     self.series.remove(&key);
                 }
-                Err(e) => return Err(classify(e)),
+                Err(e) => return Err(classify(e, "patch", ns)),
             }
         }
-        let event = self.event(ev);
-        let name = event.metadata.name.clone().unwrap_or_default();
+        // A retry of the same request keeps the name of its first attempt.
+        let retried = self
+            .pending
+            .as_ref()
+            .filter(|p| p.request == *ev)
+            .map(|p| p.name.clone());
+        let is_retry = retried.is_some();
+        let name = retried.unwrap_or_else(|| {
+            format!(
+                "{}.{:x}",
+                ev.object.name(),
+                jiff::Timestamp::now().as_nanosecond()
+            )
+        });
+        self.pending = Some(Pending {
+            request: ev.clone(),
+            name: name.clone(),
+        });
+        let event = self.event(ev, &name);
         let res = tokio::time::timeout(t, api.create(&PostParams::default(), &event))
             .await
             .map_err(|_| Failure::Retry(format!("no answer within {t:?}")))?;
         match res {
-            Ok(_) => {
-                if self.series.len() >= SERIES_LIMIT {
-                    self.series.clear();
-                }
-                self.series.insert(key, Series { name, count: 1 });
-                Ok(true)
-            }
+            Ok(_) => {}
+            // Our earlier attempt landed; its answer was lost.
+            Err(kube::Error::Api(s)) if s.code == 409 && is_retry => {}
             // A name collision: the next attempt takes a new name (new nanos).
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                Err(Failure::Retry(format!("event {name} already exists")))
+                self.pending = None;
+                return Err(Failure::Retry(format!("event {name} already exists")));
             }
-            Err(e) => Err(classify(e)),
+            Err(e) => {
+                let f = classify(e, "create", ns);
+                if !matches!(f, Failure::Retry(_)) {
+                    self.pending = None;
+                }
+                return Err(f);
+            }
         }
+        self.pending = None;
+        if self.series.len() >= SERIES_LIMIT {
+            self.series.clear();
+        }
+        self.series.insert(key, Series { name, count: 1 });
+        Ok(true)
     }
 
-    fn event(&self, ev: &EventRequest) -> Event {
-        let now = jiff::Timestamp::now();
+    fn event(&self, ev: &EventRequest, name: &str) -> Event {
         Event {
             metadata: ObjectMeta {
-                name: Some(format!("{}.{:x}", ev.object.name(), now.as_nanosecond())),
+                name: Some(name.to_string()),
                 namespace: Some(ev.object.event_namespace().to_string()),
                 ..Default::default()
             },

@@ -5,13 +5,16 @@
 //! discovery (`/api`, `/apis`, `/api/v1`) for the real `kubectl get events`. Every request
 //! is recorded. It runs on its own thread and runtime; [`FakeApiServer::stop`] takes it
 //! down for real (listener and connections closed) and [`FakeApiServer::start_again`]
-//! brings it back on the same port with the same objects.
+//! brings it back on the same port with the same objects. [`FakeApiServer::set_fault`]
+//! makes the events endpoints misbehave as a sick server does: answer late (after doing
+//! the work), or refuse with 403 (RBAC) or 500.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -27,6 +30,21 @@ pub struct Recorded {
     pub content_type: String,
     pub body: String,
     pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
+}
+
+/// How the events endpoints misbehave (discovery, which `kubectl` needs, never does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Does the work, then answers this late.
+    Slow(Duration),
+    /// 403 Forbidden, as for a service account its ClusterRole does not allow this verb.
+    Forbidden,
+    /// 500 Internal Server Error, without doing the work.
+    Internal,
 }
 
 #[derive(Default)]
@@ -34,6 +52,7 @@ struct Store {
     events: BTreeMap<(String, String), Value>,
     rv: u64,
     requests: Vec<Recorded>,
+    fault: Fault,
 }
 
 pub struct FakeApiServer {
@@ -64,7 +83,13 @@ impl FakeApiServer {
                 let app = axum::Router::new().fallback(
                     move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
                         let st = st.clone();
-                        async move { handle(&st, method, uri, headers, body) }
+                        async move {
+                            let (resp, delay) = handle(&st, method, uri, headers, body);
+                            if let Some(d) = delay {
+                                tokio::time::sleep(d).await;
+                            }
+                            resp
+                        }
                     },
                 );
                 tokio::select! {
@@ -103,6 +128,11 @@ impl FakeApiServer {
         assert!(self.thread.is_none(), "the server is running");
         let again = Self::serve(self.addr, self.store.clone());
         *self = again;
+    }
+
+    /// From now on the events endpoints misbehave so (`Fault::None` heals them).
+    pub fn set_fault(&self, fault: Fault) {
+        self.store.lock().unwrap().fault = fault;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -183,20 +213,75 @@ fn not_found(name: &str) -> Response {
     )
 }
 
+/// The verb RBAC would check for a request on events.
+fn verb(method: &Method, parts: &[&str]) -> &'static str {
+    match method.as_str() {
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        _ if parts.last() == Some(&"events") => "list",
+        _ => "get",
+    }
+}
+
+/// The response of a sick server, or `None` to serve normally.
+fn fault_response(fault: Fault, method: &Method, path: &str) -> Option<Response> {
+    if !fault_applies(path) {
+        return None;
+    }
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ns = match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, ..] => Some(*ns),
+        _ => None,
+    };
+    match fault {
+        Fault::None | Fault::Slow(_) => None,
+        Fault::Forbidden => {
+            let v = verb(method, &parts);
+            let scope = ns
+                .map(|n| format!("in the namespace \"{n}\""))
+                .unwrap_or_else(|| "at the cluster scope".into());
+            Some(status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "events is forbidden: User \"system:serviceaccount:kube-system:oomguard\" cannot {v} resource \"events\" in API group \"\" {scope}"
+                ),
+                json!({"kind": "events"}),
+            ))
+        }
+        Fault::Internal => Some(status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "Internal error occurred: etcdserver: request timed out".into(),
+            json!({"causes": [{"message": "etcdserver: request timed out"}]}),
+        )),
+    }
+}
+
 fn handle(
     store: &Mutex<Store>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> (Response, Option<Duration>) {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
     let mut st = store.lock().unwrap();
-    let resp = route(&mut st, &method, uri.path(), &content_type, &body);
+    let fault = st.fault;
+    let resp = match fault_response(fault, &method, uri.path()) {
+        Some(r) => r,
+        None => route(&mut st, &method, uri.path(), &content_type, &body),
+    };
+    let delay = match fault {
+        Fault::Slow(d) if fault_applies(uri.path()) => Some(d),
+        _ => None,
+    };
     st.requests.push(Recorded {
         method: method.to_string(),
         path: uri.path().to_string(),
@@ -204,8 +289,14 @@ fn handle(
         content_type,
         body: String::from_utf8_lossy(&body).into_owned(),
         status: resp.status().as_u16(),
+        at: std::time::Instant::now(),
     });
-    resp
+    (resp, delay)
+}
+
+/// Faults hit the core/v1 events endpoints only (`/api/v1/[namespaces/NS/]events[/NAME]`).
+fn fault_applies(path: &str) -> bool {
+    path.starts_with("/api/v1/") && path.trim_matches('/').split('/').any(|p| p == "events")
 }
 
 fn route(st: &mut Store, method: &Method, path: &str, ct: &str, body: &[u8]) -> Response {

@@ -399,6 +399,11 @@ impl RuntimeClient {
         hint: RuntimeHint,
         timeout: Duration,
     ) -> Result<ContainerInfo, RuntimeError> {
+        // Cached, or nobody to ask: answered here. The guard thread is SCHED_FIFO and the
+        // client thread is not; on a busy node a round trip to it can cost 100 ms.
+        if let Some(known) = self.inner.known(id, hint).transpose() {
+            return known;
+        }
         let inner = self.inner.clone();
         let id = id.to_string();
         self.block(&format!("resolve {id}"), timeout, async move {
@@ -459,37 +464,56 @@ impl RuntimeClient {
             }
             CgroupRole::Pod { .. } => {
                 let kids = container_children(fired);
-                let ids: Vec<(String, RuntimeHint)> =
-                    kids.iter().map(|(_, id, h)| (id.clone(), *h)).collect();
-                let inner = self.inner.clone();
-                let left = timeout.saturating_sub(start.elapsed());
-                let resolved = self.block("resolve the pod's containers", left, async move {
-                    let mut set = tokio::task::JoinSet::new();
-                    for (id, hint) in ids {
-                        let inner = inner.clone();
-                        set.spawn(async move { inner.resolve(&id, hint, left).await });
-                    }
-                    let mut out = HashMap::new();
-                    let mut first_err = None;
-                    while let Some(r) = set.join_next().await {
-                        match r {
-                            Ok(Ok(info)) => {
-                                out.insert(info.id.clone(), info);
-                            }
-                            Ok(Err(e)) => {
-                                first_err.get_or_insert(e);
-                            }
-                            Err(_) => {}
+                // What is known without a call (see `resolve_blocking`); only the rest is
+                // asked, on the client thread.
+                let mut known = HashMap::new();
+                let mut first_known_err = None;
+                let mut ids: Vec<(String, RuntimeHint)> = Vec::new();
+                for (_, id, hint) in &kids {
+                    match self.inner.known(id, *hint) {
+                        Ok(Some(info)) => {
+                            known.insert(id.clone(), info);
+                        }
+                        Ok(None) => ids.push((id.clone(), *hint)),
+                        Err(e) => {
+                            first_known_err.get_or_insert(e);
                         }
                     }
-                    Ok((out, first_err))
-                });
+                }
+                let inner = self.inner.clone();
+                let left = timeout.saturating_sub(start.elapsed());
+                let resolved = if ids.is_empty() {
+                    Ok((HashMap::new(), None))
+                } else {
+                    self.block("resolve the pod's containers", left, async move {
+                        let mut set = tokio::task::JoinSet::new();
+                        for (id, hint) in ids {
+                            let inner = inner.clone();
+                            set.spawn(async move { inner.resolve(&id, hint, left).await });
+                        }
+                        let mut out = HashMap::new();
+                        let mut first_err = None;
+                        while let Some(r) = set.join_next().await {
+                            match r {
+                                Ok(Ok(info)) => {
+                                    out.insert(info.id.clone(), info);
+                                }
+                                Ok(Err(e)) => {
+                                    first_err.get_or_insert(e);
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                        Ok((out, first_err))
+                    })
+                };
                 // Keep why the runtime could not say (a hung socket's timeout): the record
                 // and the Event must name it, not a later "not known" from the kill.
-                let (resolved, runtime_error) = match resolved {
-                    Ok((m, e)) => (m, e.map(|e| e.to_string())),
+                let (mut resolved, runtime_error) = match resolved {
+                    Ok((m, e)) => (m, e.or(first_known_err).map(|e| e.to_string())),
                     Err(e) => (HashMap::new(), Some(e.to_string())),
                 };
+                resolved.extend(known);
                 let mut infos = HashMap::new();
                 let children: Vec<ChildContainer> = kids
                     .into_iter()
@@ -634,6 +658,10 @@ impl RuntimeClient {
         };
         let socket = self.inner.cfg.endpoints[idx].socket.clone();
         if let Some(e) = self.inner.unhealthy(idx) {
+            self.inner
+                .stats
+                .skipped_unhealthy
+                .fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
         let inner = self.inner.clone();
@@ -733,42 +761,10 @@ impl Inner {
         hint: RuntimeHint,
         budget: Duration,
     ) -> Result<ContainerInfo, RuntimeError> {
-        if let Some(info) = self.cache.lock().ok().and_then(|c| c.get(id).cloned()) {
+        if let Some(info) = self.cached(id) {
             return Ok(info);
         }
-        let present: Vec<bool> = self
-            .cfg
-            .endpoints
-            .iter()
-            .map(|e| e.socket.exists())
-            .collect();
-        self.note_presence(present.iter().any(|p| *p));
-        let candidates: Vec<usize> = self
-            .cfg
-            .endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| match hint {
-                RuntimeHint::Docker => e.is_docker(),
-                RuntimeHint::Containerd => !e.is_docker(),
-                RuntimeHint::Unknown => true,
-            })
-            .filter(|(i, _)| present[*i])
-            .map(|(i, _)| i)
-            .collect();
-        if candidates.is_empty() {
-            return Err(RuntimeError::NoRuntime(self.looked_for()));
-        }
-        let mut skipped = None;
-        let mut asked = Vec::new();
-        for idx in candidates {
-            match self.unhealthy(idx) {
-                Some(e) => {
-                    skipped.get_or_insert(e);
-                }
-                None => asked.push(idx),
-            }
-        }
+        let (asked, skipped) = self.calls_for(hint)?;
         let per_call = self
             .cfg
             .call_timeout
@@ -838,6 +834,69 @@ impl Inner {
             .unwrap_or(RuntimeError::NotFound { id: id.to_string() }))
     }
 
+    fn cached(&self, id: &str) -> Option<ContainerInfo> {
+        self.cache.lock().ok().and_then(|c| c.get(id).cloned())
+    }
+
+    /// What can be said about container `id` without a call: cached (`Ok(Some)`), or no
+    /// endpoint may be asked (`Err`: none present, or all marked unhealthy). `Ok(None)`: a
+    /// call is needed. Cheap (a map lookup and a `stat` per socket); any thread.
+    fn known(
+        self: &Arc<Self>,
+        id: &str,
+        hint: RuntimeHint,
+    ) -> Result<Option<ContainerInfo>, RuntimeError> {
+        if let Some(info) = self.cached(id) {
+            return Ok(Some(info));
+        }
+        self.calls_for(hint).map(|_| None)
+    }
+
+    /// The endpoints to ask for a container with this hint (present and healthy), and why
+    /// one that may have it is not asked; `Err` when there is none to ask.
+    fn calls_for(
+        self: &Arc<Self>,
+        hint: RuntimeHint,
+    ) -> Result<(Vec<usize>, Option<RuntimeError>), RuntimeError> {
+        let present: Vec<bool> = self
+            .cfg
+            .endpoints
+            .iter()
+            .map(|e| e.socket.exists())
+            .collect();
+        self.note_presence(present.iter().any(|p| *p));
+        let candidates = self
+            .cfg
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| match hint {
+                RuntimeHint::Docker => e.is_docker(),
+                RuntimeHint::Containerd => !e.is_docker(),
+                RuntimeHint::Unknown => true,
+            })
+            .filter(|(i, _)| present[*i])
+            .map(|(i, _)| i);
+        let mut skipped = None;
+        let mut asked = Vec::new();
+        for idx in candidates {
+            match self.unhealthy(idx) {
+                Some(e) => {
+                    skipped.get_or_insert(e);
+                }
+                None => asked.push(idx),
+            }
+        }
+        match (asked.is_empty(), skipped) {
+            (true, Some(e)) => {
+                self.stats.skipped_unhealthy.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            (true, None) => Err(RuntimeError::NoRuntime(self.looked_for())),
+            (false, skipped) => Ok((asked, skipped)),
+        }
+    }
+
     fn looked_for(&self) -> String {
         self.cfg
             .endpoints
@@ -847,34 +906,34 @@ impl Inner {
             .join(", ")
     }
 
-    /// Logs once when no endpoint's socket is present, and once when one is again. One
-    /// missing socket is normal (a node runs one runtime); all of them missing is not.
+    /// Logs (on the client thread) once when no endpoint's socket is present, and once when
+    /// one is again. One missing socket is normal (a node runs one runtime); all of them
+    /// missing is not.
     fn note_presence(&self, any: bool) {
+        let looked_for = self.looked_for();
         if !any && !self.none_present.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                looked_for = %self.looked_for(),
-                "no containerd socket is present: containers are killed by killing their cgroup's tasks directly"
-            );
+            self.handle.spawn(async move {
+                tracing::warn!(
+                    %looked_for,
+                    "no containerd socket is present: containers are killed by killing their cgroup's tasks directly"
+                );
+            });
         } else if any && self.none_present.swap(false, Ordering::Relaxed) {
-            tracing::info!(
-                looked_for = %self.looked_for(),
-                "a containerd socket is present again"
-            );
+            self.handle.spawn(async move {
+                tracing::info!(%looked_for, "a containerd socket is present again");
+            });
         }
     }
 
-    /// `Some` (and counted) when endpoint `idx` is marked unhealthy: the call is not made.
+    /// `Some` when endpoint `idx` is marked unhealthy: the call is not made.
     fn unhealthy(&self, idx: usize) -> Option<RuntimeError> {
         let eps = self.endpoints.lock().ok()?;
         match &eps.get(idx)?.health {
             Health::Healthy => None,
-            Health::Unhealthy { why, .. } => {
-                self.stats.skipped_unhealthy.fetch_add(1, Ordering::Relaxed);
-                Some(RuntimeError::Unhealthy {
-                    socket: self.cfg.endpoints[idx].socket.clone(),
-                    why: why.clone(),
-                })
-            }
+            Health::Unhealthy { why, .. } => Some(RuntimeError::Unhealthy {
+                socket: self.cfg.endpoints[idx].socket.clone(),
+                why: why.clone(),
+            }),
         }
     }
 

@@ -17,7 +17,7 @@ use crate::cgroup::MemCgroup;
 pub enum ReclaimResult {
     /// Returned by itself.
     Done { freed: u64, took: Duration },
-    /// Interrupted at the time bound.
+    /// Interrupted at the time bound (an `EINTR` before it is retried, then `Failed`).
     TimedOut { freed: u64, took: Duration },
     /// The kernel refused (EBUSY on kernels before 3.16 while tasks remain, ENOENT...).
     Failed { errno: i32, took: Duration },
@@ -99,7 +99,18 @@ fn worker(rx: Receiver<Request>, timeout: Duration, watch: Arc<(Mutex<Watch>, Co
             }
             cv.notify_all();
         }
-        let res = force_empty_once(&req.cgroup);
+        let deadline = start + timeout;
+        let mut res = force_empty_once(&req.cgroup);
+        // The watchdog signals only at the deadline: an EINTR before it came from another
+        // signal. force_empty can simply run again, a few times at most.
+        for _ in 0..EARLY_EINTR_RETRIES {
+            match &res {
+                Err(e) if is_eintr(e) && Instant::now() < deadline => {
+                    res = force_empty_once(&req.cgroup);
+                }
+                _ => break,
+            }
+        }
         {
             let (m, _) = &*watch;
             if let Ok(mut w) = m.lock() {
@@ -110,7 +121,7 @@ fn worker(rx: Receiver<Request>, timeout: Duration, watch: Arc<(Mutex<Watch>, Co
         let freed = before.saturating_sub(req.cgroup.usage().unwrap_or(before));
         let result = match res {
             Ok(()) => ReclaimResult::Done { freed, took },
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+            Err(e) if is_eintr(&e) && Instant::now() >= deadline => {
                 ReclaimResult::TimedOut { freed, took }
             }
             Err(e) => ReclaimResult::Failed {
@@ -125,6 +136,14 @@ fn worker(rx: Receiver<Request>, timeout: Duration, watch: Arc<(Mutex<Watch>, Co
         w.stop = true;
     }
     cv.notify_all();
+}
+
+/// How often a force_empty interrupted before its deadline (not by the watchdog) is
+/// written again before it is reported as failed with EINTR.
+const EARLY_EINTR_RETRIES: usize = 3;
+
+fn is_eintr(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINTR)
 }
 
 /// One `write(2)`: `write_all` would retry on EINTR and defeat the time bound.

@@ -87,6 +87,10 @@ pub enum ArmError {
     },
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),
+    #[error(
+        "no file descriptor left to arm {cgroup}: RLIMIT_NOFILE is {limit}, and the last {FD_RESERVE} are kept for acting on the cgroups already guarded"
+    )]
+    FdLimit { cgroup: String, limit: u64 },
     #[error("cgroup.event_control of {cgroup} refused a threshold of {bytes} bytes")]
     Register {
         cgroup: String,
@@ -105,31 +109,65 @@ pub enum Notifier {
     Oom,
 }
 
+/// File descriptors an armed eventfd must leave free below RLIMIT_NOFILE. Acting on a
+/// guarded cgroup opens a few files at once (usage, `memory.stat`, `cgroup.procs`, `/proc`,
+/// a pidfd), and so do the reporters and the runtime client: at the fd limit, arming one
+/// more cgroup must not leave the agent unable to kill in those it already guards.
+pub const FD_RESERVE: u64 = 32;
+
+/// The soft RLIMIT_NOFILE, if there is one.
+fn fd_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
 /// Registers an eventfd the way kubelet does: open the watched file read-only and
 /// `cgroup.event_control` write-only, write `"<efd> <fd> [<bytes>]"`, close both files.
 /// The returned eventfd is non-blocking; closing it unregisters the notification.
+///
+/// Out of file descriptors (EMFILE, or the eventfd would take one of the last
+/// [`FD_RESERVE`]) it fails with [`ArmError::FdLimit`], the same error whichever step ran
+/// out, so a caller that reports each distinct failure once reports this one once.
 pub fn arm(cgroup: &Path, notifier: Notifier) -> Result<OwnedFd, ArmError> {
     let name = || cgroup.display().to_string();
+    let out_of_fds = || ArmError::FdLimit {
+        cgroup: name(),
+        limit: fd_limit().unwrap_or(0),
+    };
+    let open_error = |file: &'static str, source: std::io::Error| {
+        if source.raw_os_error() == Some(libc::EMFILE) {
+            out_of_fds()
+        } else {
+            ArmError::Open {
+                cgroup: name(),
+                file,
+                source,
+            }
+        }
+    };
     let watched_name = match notifier {
         Notifier::Usage(_) => "memory.usage_in_bytes",
         Notifier::Oom => "memory.oom_control",
     };
-    let watched =
-        std::fs::File::open(cgroup.join(watched_name)).map_err(|source| ArmError::Open {
-            cgroup: name(),
-            file: watched_name,
-            source,
-        })?;
+    let watched = std::fs::File::open(cgroup.join(watched_name))
+        .map_err(|source| open_error(watched_name, source))?;
     let mut control = OpenOptions::new()
         .write(true)
         .open(cgroup.join("cgroup.event_control"))
-        .map_err(|source| ArmError::Open {
-            cgroup: name(),
-            file: "cgroup.event_control",
-            source,
-        })?;
-    let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-        .map_err(|e| ArmError::Eventfd(e.into()))?;
+        .map_err(|source| open_error("cgroup.event_control", source))?;
+    let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
+        if e == rustix::io::Errno::MFILE {
+            out_of_fds()
+        } else {
+            ArmError::Eventfd(e.into())
+        }
+    })?;
+    // The kernel hands out the lowest free number: an eventfd this high means every
+    // number below it is taken.
+    if let Some(limit) = fd_limit()
+        && efd.as_raw_fd() as u64 + FD_RESERVE >= limit
+    {
+        return Err(out_of_fds());
+    }
     let line = match notifier {
         Notifier::Usage(bytes) => {
             format!("{} {} {}", efd.as_raw_fd(), watched.as_raw_fd(), bytes)

@@ -318,6 +318,12 @@ fn a_victim_that_does_not_die_is_followed_by_the_next_candidate() {
     wait_rss(&big, 70 * M, Duration::from_secs(10));
     freezer.add(big.id());
     freezer.set("FROZEN");
+    // The kernel reports a frozen task as uninterruptible (D), like one stuck in the kernel.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", big.id())).unwrap();
+    let state = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .next();
+    assert_eq!(state, Some("D"), "{stat}");
     let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "60M"]);
     let d = agent
         .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
@@ -328,6 +334,7 @@ fn a_victim_that_does_not_die_is_followed_by_the_next_candidate() {
     assert_eq!(k[0]["outcome"], "stuck");
     assert_eq!(k[1]["pid"].as_u64(), Some(u64::from(grower.id())));
     assert_eq!(k[1]["outcome"], "exited");
+    eprintln!("a D-state victim, then the next candidate: {k:?}");
     assert!(killed_by_sigkill(wait_exit(
         &mut grower,
         Duration::from_secs(5)

@@ -192,17 +192,28 @@ impl MemCgroup {
     }
 
     /// This cgroup and every descendant, parents before children. Cgroups that vanish
-    /// during the walk are skipped.
+    /// during the walk are skipped, and so is whatever lies beneath a directory that
+    /// could not be listed (see [`MemCgroup::walk`]).
     pub fn subtree(&self) -> Vec<MemCgroup> {
+        self.walk().0
+    }
+
+    /// [`MemCgroup::subtree`], plus the directories whose listing failed for another
+    /// reason than being gone (EACCES, EMFILE...): what lies beneath those is unknown, not
+    /// absent, so a caller comparing walks must not take it as removed.
+    pub fn walk(&self) -> (Vec<MemCgroup>, Vec<(PathBuf, CgroupError)>) {
         let mut out = vec![self.clone()];
+        let mut unlisted = Vec::new();
         let mut i = 0;
         while i < out.len() {
-            if let Ok(kids) = out[i].children() {
-                out.extend(kids);
+            match out[i].children() {
+                Ok(kids) => out.extend(kids),
+                Err(e) if e.is_gone() => {}
+                Err(e) => unlisted.push((out[i].path.clone(), e)),
             }
             i += 1;
         }
-        out
+        (out, unlisted)
     }
 
     /// Process ids in this cgroup and all its descendants (the kernel's memcg OOM candidates).

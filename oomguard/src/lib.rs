@@ -16,6 +16,7 @@
 //! - [`report`]: decision records and their rendering.
 //! - [`sys`]: process-wide setup (real-time priority, `mlockall`, `oom_score_adj`).
 //! - [`sandbox`]: throw-away cgroups beneath our own, for the demo, tests and benchmarks.
+//! - [`soak`]: the "no growth" soak (kills and cgroup cycles against a running agent).
 //! - [`bpf`]: loading and attaching the eBPF programs.
 //! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.
 //! - [`control`]: the control socket that serves [`state`], and its client.
@@ -50,6 +51,7 @@ pub mod report;
 pub mod runtime;
 pub mod sandbox;
 pub mod size;
+pub mod soak;
 pub mod state;
 pub mod sys;
 pub mod threshold;

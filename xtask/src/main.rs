@@ -38,9 +38,14 @@ enum Cmd {
         /// Only the avoidance scenarios whose name contains this.
         #[arg(long)]
         only: Option<String>,
-        /// Where the JSON goes (the table goes beside it, .md).
-        #[arg(long, default_value = "bench-results/latest.json")]
-        out: PathBuf,
+        /// Only the "no growth" soak: 1,000 kills and 1,000 cgroup create/delete cycles
+        /// per mode, the agent's fds, RSS and threads before and after.
+        #[arg(long, conflicts_with_all = ["quick", "only"])]
+        soak: bool,
+        /// Where the JSON goes (the table goes beside it, .md) [default:
+        /// bench-results/latest.json, or bench-results/soak.json with --soak].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Format check, clippy, and every test (root integration tests run one at a time).
     Test {
@@ -63,7 +68,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => {
             setup::run(false)?;
             build()?;
-            let exe = root.join("target/release/oomguard");
+            let exe = target_dir(&root).join("release/oomguard");
             let mut cmd = Command::new(&exe);
             if args.is_empty() {
                 step("running the demo: oomguard demo");
@@ -77,19 +82,34 @@ fn main() -> Result<()> {
             }
             exec(&mut cmd)
         }
-        Cmd::Bench { quick, only, out } => {
+        Cmd::Bench {
+            quick,
+            only,
+            soak,
+            out,
+        } => {
             setup::run(false)?;
             build()?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(if soak {
+                    "bench-results/soak.json"
+                } else {
+                    "bench-results/latest.json"
+                })
+            });
             let out = if out.is_absolute() {
                 out
             } else {
                 root.join(out)
             };
             step(&format!("benchmarking (results: {})", out.display()));
-            let mut cmd = Command::new(root.join("target/release/oomguard-bench"));
+            let mut cmd = Command::new(target_dir(&root).join("release/oomguard-bench"));
             cmd.arg("--out").arg(&out);
             if quick {
                 cmd.arg("--quick");
+            }
+            if soak {
+                cmd.arg("--soak");
             }
             if let Some(only) = only {
                 cmd.arg("--only").arg(only);
@@ -113,6 +133,14 @@ fn workspace_root() -> Result<PathBuf> {
         .parent()
         .context("xtask has no parent directory")?
         .to_path_buf())
+}
+
+/// Where cargo builds: `$CARGO_TARGET_DIR` (relative to the workspace) or `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
 }
 
 pub fn cargo() -> Command {

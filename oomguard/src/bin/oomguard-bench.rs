@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use oomguard::cgroup::MemCgroup;
 use oomguard::sandbox::{Agent, Sandbox, in_cgroup, sibling_binary};
+use oomguard::soak;
 use oomguard::threshold::Margins;
 use serde::Serialize;
 
@@ -26,9 +27,20 @@ struct Args {
     /// Only the avoidance scenarios whose name contains this (no footprint or selection).
     #[arg(long)]
     only: Option<String>,
-    /// Where to write the JSON results.
-    #[arg(long, default_value = "bench-results/latest.json")]
-    out: PathBuf,
+    /// Only the "no growth" soak: kills and cgroup create/delete cycles against a running
+    /// agent in each mode, with its fds, RSS and threads before and after.
+    #[arg(long, conflicts_with_all = ["quick", "only"])]
+    soak: bool,
+    /// Kills in the soak (after its warm-up).
+    #[arg(long, default_value_t = 1000, requires = "soak")]
+    soak_kills: u64,
+    /// Cgroup create/delete cycles in the soak (after its warm-up).
+    #[arg(long, default_value_t = 1000, requires = "soak")]
+    soak_cycles: u64,
+    /// Where to write the JSON results [default: bench-results/latest.json, or
+    /// bench-results/soak.json with --soak].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +89,20 @@ struct FootprintRow {
     rss_kib: u64,
     cpu_percent_of_core: f64,
     window_s: f64,
+    /// RSS after this agent then killed 1,000 hogs (the full run's largest row only).
+    rss_after_1000_kills_kib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SoakRow {
+    mode: String,
+    #[serde(flatten)]
+    outcome: soak::Outcome,
+    /// Entries of each pinned eBPF map after the soak (eBPF mode).
+    bpf_map_entries: std::collections::BTreeMap<String, u64>,
+    /// Cgroups with a limit (guarded) at the end: the kill cgroups.
+    guarded_cgroups: usize,
+    duration_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +121,8 @@ struct Report {
     latency: Vec<LatencyRow>,
     footprint: Vec<FootprintRow>,
     victim_selection: Vec<SelectionRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    soak: Vec<SoakRow>,
     duration_s: f64,
 }
 
@@ -174,6 +202,36 @@ fn run(args: &Args) -> Result<(), String> {
         "{} cores, kernel {}, modes {:?}",
         machine.cores, machine.kernel, machine.modes
     ));
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.soak {
+            "bench-results/soak.json"
+        } else {
+            "bench-results/latest.json"
+        })
+    });
+    if args.soak {
+        let mut rows = Vec::new();
+        for mode in machine.modes.iter().filter(|m| m.as_str() != "kernel-only") {
+            rows.push(soak_row(
+                mode,
+                &agent,
+                &memhog,
+                args.soak_kills,
+                args.soak_cycles,
+            )?);
+        }
+        let report = Report {
+            machine,
+            quick: false,
+            avoidance: Vec::new(),
+            latency: Vec::new(),
+            footprint: Vec::new(),
+            victim_selection: Vec::new(),
+            soak: rows,
+            duration_s: started.elapsed().as_secs_f64(),
+        };
+        return write_report(&report, &out);
+    }
     let trials = if args.quick { 5 } else { 20 };
     let mut avoidance = Vec::new();
     let mut latencies: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
@@ -220,7 +278,10 @@ fn run(args: &Args) -> Result<(), String> {
         for &n in sizes {
             progress(&format!("footprint ({mode}): {n} idle guarded cgroups"));
             let window = if args.quick { 3.0 } else { 10.0 };
-            footprint.push(footprint_row(n, &agent, mode, window)?);
+            // The full run's largest agent then kills 1,000 hogs (issue 6: "RSS after
+            // 1,000 kills"), about half a minute per mode.
+            let kills = (!args.quick && n == 1000).then_some((memhog.as_path(), 1000));
+            footprint.push(footprint_row(n, &agent, mode, window, kills)?);
         }
     }
     let mut victim_selection = Vec::new();
@@ -240,24 +301,34 @@ fn run(args: &Args) -> Result<(), String> {
         latency,
         footprint,
         victim_selection,
+        soak: Vec::new(),
         duration_s: started.elapsed().as_secs_f64(),
     };
-    if let Some(dir) = args.out.parent() {
+    write_report(&report, &out)
+}
+
+/// Writes the JSON to `out`, the tables beside it (`.md`) and, when there are avoidance
+/// rows, the chart (`.svg`); prints the tables.
+fn write_report(report: &Report, out: &Path) -> Result<(), String> {
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    std::fs::write(&args.out, json).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let table = render(&report);
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(out, json).map_err(|e| format!("{}: {e}", out.display()))?;
+    let table = render(report);
     print!("{table}");
-    let svg = args.out.with_extension("svg");
-    std::fs::write(&svg, chart(&report)).map_err(|e| format!("{}: {e}", svg.display()))?;
-    let md = args.out.with_extension("md");
+    let mut wrote = vec![out.display().to_string()];
+    let md = out.with_extension("md");
     std::fs::write(&md, &table).map_err(|e| format!("{}: {e}", md.display()))?;
+    wrote.push(md.display().to_string());
+    if !report.avoidance.is_empty() {
+        let svg = out.with_extension("svg");
+        std::fs::write(&svg, chart(report)).map_err(|e| format!("{}: {e}", svg.display()))?;
+        wrote.push(svg.display().to_string());
+    }
     progress(&format!(
-        "wrote {}, {} and {} in {:.0} s",
-        args.out.display(),
-        md.display(),
-        svg.display(),
+        "wrote {} in {:.0} s",
+        wrote.join(", "),
         report.duration_s
     ));
     Ok(())
@@ -544,11 +615,14 @@ fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// An agent guarding `n` idle cgroups: time to arm them all, then RSS and CPU over
+/// `window_s`; with `kills`, then the RSS after it killed that many hogs.
 fn footprint_row(
     n: usize,
     agent_exe: &Path,
     mode: &str,
     window_s: f64,
+    kills: Option<(&Path, u64)>,
 ) -> Result<FootprintRow, String> {
     let sb = Sandbox::new("bench-idle").map_err(|e| e.to_string())?;
     let mut last = PathBuf::new();
@@ -560,23 +634,13 @@ fn footprint_row(
     let root = sb.path().display().to_string();
     let t0 = Instant::now();
     let pins = format!("/sys/fs/bpf/oomguard-bench-idle-{}", std::process::id());
-    let agent = Agent::start(
-        agent_exe,
-        &[
-            "--root",
-            &root,
-            "--policy",
-            "noop",
-            "--walk-interval",
-            "3600",
-            "--mode",
-            mode,
-            "--bpf-pin-dir",
-            &pins,
-        ],
-        None,
-    )
-    .map_err(|e| e.to_string())?;
+    let state = StateDir::new("idle")?;
+    let mut flags = vec!["--root", &root, "--mode", mode, "--bpf-pin-dir", &pins];
+    flags.extend(["--state-dir", state.path()]);
+    // The soak's flags (process policy): nothing crosses a threshold while idle, and the
+    // same agent can then kill.
+    flags.extend_from_slice(soak::AGENT_ARGS);
+    let agent = Agent::start(agent_exe, &flags, None).map_err(|e| e.to_string())?;
     // Children are armed after the root, in walk order: the last one ends the arming.
     agent
         .wait_armed(&last, Duration::from_secs(60))
@@ -589,14 +653,142 @@ fn footprint_row(
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let elapsed = w0.elapsed().as_secs_f64();
+    let rss_kib = proc_rss_kib(agent.pid());
+    let rss_after_1000_kills_kib = match kills {
+        None => None,
+        Some((memhog, n)) => {
+            progress(&format!("footprint ({mode}): {n} kills"));
+            let cgs =
+                soak::kill_cgroups(&agent, &sb.cg, SOAK_CGROUPS).map_err(|e| e.to_string())?;
+            let done = soak::kills(memhog, &cgs, n, SOAK_TIMEOUT, &mut |d| {
+                progress(&format!("    {d}/{n} kills"))
+            })
+            .map_err(|e| oomguard::error_line(&e))?;
+            progress(&format!(
+                "    the agent killed {} hogs, the kernel {}",
+                done.agent, done.kernel
+            ));
+            Some(proc_rss_kib(agent.pid()))
+        }
+    };
     Ok(FootprintRow {
         mode: mode.to_string(),
         cgroups: n,
         arm_all_ms,
-        rss_kib: proc_rss_kib(agent.pid()),
+        rss_kib,
         cpu_percent_of_core: ticks as f64 / hz / elapsed * 100.0,
         window_s: elapsed,
+        rss_after_1000_kills_kib,
     })
+}
+
+/// Cgroups the soak's hogs run in, one hog each at a time.
+const SOAK_CGROUPS: usize = 4;
+/// Bound on one phase of 1,000 kills.
+const SOAK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A `--state-dir` of our own for an agent (so it never replaces the control socket of a
+/// real agent), removed on drop.
+struct StateDir(String);
+
+impl StateDir {
+    fn new(what: &str) -> Result<Self, String> {
+        let dir =
+            std::env::temp_dir().join(format!("oomguard-bench-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(StateDir(dir.display().to_string()))
+    }
+
+    fn path(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The soak in one mode: a warm-up, then `kills` kills and `cycles` cgroup create/delete
+/// cycles against one agent, its footprint read before and after each phase.
+fn soak_row(
+    mode: &str,
+    agent_exe: &Path,
+    memhog: &Path,
+    kills: u64,
+    cycles: u64,
+) -> Result<SoakRow, String> {
+    let started = Instant::now();
+    let sb = Sandbox::new("bench-soak").map_err(|e| e.to_string())?;
+    let root = sb.path().display().to_string();
+    let pins = format!("/sys/fs/bpf/oomguard-bench-soak-{}", std::process::id());
+    let state = StateDir::new("soak")?;
+    let mut flags = vec!["--root", &root, "--mode", mode, "--bpf-pin-dir", &pins];
+    flags.extend(["--state-dir", state.path()]);
+    flags.extend_from_slice(soak::AGENT_ARGS);
+    let agent = Agent::start(agent_exe, &flags, None).map_err(|e| e.to_string())?;
+    let plan = soak::Plan {
+        kill_cgroups: SOAK_CGROUPS,
+        warmup_kills: SOAK_WARMUP_KILLS,
+        warmup_cycles: 100,
+        kills,
+        cycles,
+        cycle_batch: 10,
+    };
+    progress(&format!(
+        "soak ({mode}): warm-up {} kills and {} cycles, then {kills} kills and {cycles} cycles",
+        plan.warmup_kills, plan.warmup_cycles
+    ));
+    let outcome = soak::run(&agent, &sb.cg, memhog, &plan, SOAK_TIMEOUT, &mut |line| {
+        progress(&format!("    {line}"))
+    })
+    .map_err(|e| oomguard::error_line(&e))?;
+    let bpf_map_entries = if mode == "ebpf" {
+        bpf_map_entries(agent_exe, &pins)
+    } else {
+        Default::default()
+    };
+    let guarded_cgroups = sb
+        .cg
+        .subtree()
+        .iter()
+        .filter(|c| c.finite_limit().is_ok_and(|l| l.is_some()))
+        .count();
+    let f = |x: &soak::Footprint| {
+        format!(
+            "{} fds, RSS {} KiB (anon {} KiB), {} threads",
+            x.fds, x.rss_kib, x.rss_anon_kib, x.threads
+        )
+    };
+    progress(&format!("    after warm-up: {}", f(&outcome.before)));
+    progress(&format!("    after kills:   {}", f(&outcome.after_kills)));
+    progress(&format!("    after cycles:  {}", f(&outcome.after_cycles)));
+    Ok(SoakRow {
+        mode: mode.to_string(),
+        outcome,
+        bpf_map_entries,
+        guarded_cgroups,
+        duration_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Warm-up kills: more decisions than the agent's recent-events ring holds, so the ring is
+/// full before the baseline.
+const SOAK_WARMUP_KILLS: u64 = oomguard::state::RECENT_EVENTS as u64 + 88;
+
+/// `oomguard bpf map show --json`: entries per pinned map.
+fn bpf_map_entries(agent_exe: &Path, pins: &str) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new(agent_exe)
+        .args(["bpf", "map", "show", "--json", "--bpf-pin-dir", pins])
+        .output();
+    let maps: Vec<serde_json::Value> = out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or_default();
+    maps.iter()
+        .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["entries"].as_u64()?)))
+        .collect()
 }
 
 fn selection_rows(n: usize, memhog: &Path) -> Result<Vec<SelectionRow>, String> {
@@ -671,18 +863,20 @@ fn render(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "machine: {} cores, {:.1} GiB, kernel {}, {}{}\n",
+        "machine: {} cores, {:.1} GiB, kernel {}, {}{}",
         r.machine.cores,
         r.machine.memory_bytes as f64 / (1u64 << 30) as f64,
         r.machine.kernel,
         r.machine.cpu_model,
         if r.quick { " (quick run)" } else { "" }
     );
-    let _ = writeln!(
-        s,
-        "| scenario | mode | trials | guarded | limit untouched | kernel kills | overshoot p50/p99 KiB | kills/trial |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    if !r.avoidance.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| scenario | mode | trials | guarded | limit untouched | kernel kills | overshoot p50/p99 KiB | kills/trial |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    }
     for a in &r.avoidance {
         let _ = writeln!(
             s,
@@ -698,11 +892,13 @@ fn render(r: &Report) -> String {
             a.kills_per_trial
         );
     }
-    let _ = writeln!(
-        s,
-        "\n| mode | samples | signal→SIGKILL p50/p99/max µs | signal→gone p50/p99/max µs |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|");
+    if !r.latency.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| mode | samples | signal→SIGKILL p50/p99/max µs | signal→gone p50/p99/max µs |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|");
+    }
     for l in &r.latency {
         let _ = writeln!(
             s,
@@ -717,23 +913,33 @@ fn render(r: &Report) -> String {
             l.signal_to_gone_max_us
         );
     }
-    let _ = writeln!(
-        s,
-        "\n| mode | idle cgroups | arm all ms | RSS KiB | CPU % of a core |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    if !r.footprint.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| mode | idle cgroups | arm all ms | RSS KiB | CPU % of a core | RSS after 1,000 kills KiB |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+    }
     for f in &r.footprint {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {:.3} |",
-            f.mode, f.cgroups, f.arm_all_ms, f.rss_kib, f.cpu_percent_of_core
+            "| {} | {} | {:.0} | {} | {:.3} | {} |",
+            f.mode,
+            f.cgroups,
+            f.arm_all_ms,
+            f.rss_kib,
+            f.cpu_percent_of_core,
+            f.rss_after_1000_kills_kib
+                .map_or_else(|| "-".to_string(), |k| k.to_string())
         );
     }
-    let _ = writeln!(
-        s,
-        "\n| tasks | source | µs per selection | same victim as /proc |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|");
+    if !r.victim_selection.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| tasks | source | µs per selection | same victim as /proc |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|");
+    }
     for v in &r.victim_selection {
         let same = match v.same_victim {
             Some(true) => "yes",
@@ -744,6 +950,41 @@ fn render(r: &Report) -> String {
             s,
             "| {} | {} | {:.0} | {same} |",
             v.tasks, v.source, v.per_selection_us
+        );
+    }
+    if !r.soak.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nsoak: before = after the warm-up; after = after the kills / after the cycles\n\n\
+             | mode | kills (kernel) | cycles | fds before/after/after | RSS KiB before/after/after | RssAnon KiB before/after/after | threads before/after/after | kills s | cycles s | total s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    }
+    for k in &r.soak {
+        let o = &k.outcome;
+        let (b, a, c) = (&o.before, &o.after_kills, &o.after_cycles);
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {} | {}/{}/{} | {}/{}/{} | {}/{}/{} | {}/{}/{} | {:.0} | {:.0} | {:.0} |",
+            k.mode,
+            o.kills.agent,
+            o.kills.kernel,
+            o.cycles,
+            b.fds,
+            a.fds,
+            c.fds,
+            b.rss_kib,
+            a.rss_kib,
+            c.rss_kib,
+            b.rss_anon_kib,
+            a.rss_anon_kib,
+            c.rss_anon_kib,
+            b.threads,
+            a.threads,
+            c.threads,
+            o.kills_s,
+            o.cycles_s,
+            k.duration_s
         );
     }
     s

@@ -241,21 +241,32 @@ impl Discovery {
 
     /// A full walk: arm what is new or changed, disarm what is gone.
     pub fn rescan(&mut self) {
-        let all = self.config.root.subtree();
+        let (all, unlisted) = self.config.root.walk();
+        for (dir, e) in &unlisted {
+            self.fail_once(
+                dir,
+                format!(
+                    "cannot list this directory: {e}; cgroups beneath it keep their thresholds"
+                ),
+            );
+        }
         let present: std::collections::HashSet<&PathBuf> = all.iter().map(|c| &c.path).collect();
+        // Beneath a directory the walk could not list, absent means unknown, not removed.
         let gone: Vec<PathBuf> = self
             .known
             .keys()
-            .filter(|p| !present.contains(p))
+            .filter(|p| !present.contains(p) && !unlisted.iter().any(|(d, _)| p.starts_with(d)))
             .cloned()
             .collect();
         for p in gone {
             self.forget(&p);
         }
-        self.failed.retain(|p, _| present.contains(p));
+        let kept =
+            |p: &PathBuf| present.contains(p) || unlisted.iter().any(|(d, _)| p.starts_with(d));
+        self.failed.retain(|p, _| kept(p));
         // Watches of directories that are gone (their IN_IGNORED may have been lost in an
         // overflow) must not block watching a re-created path.
-        self.watched.retain(|p, _| present.contains(p));
+        self.watched.retain(|p, _| kept(p));
         let watched = &self.watched;
         self.watches.retain(|wd, p| watched.get(p) == Some(wd));
         let mut todo = Vec::new();

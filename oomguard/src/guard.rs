@@ -544,7 +544,7 @@ impl Guard {
                 // Said once per failure streak, not on every re-check.
                 if !e.usage_unreadable {
                     e.usage_unreadable = true;
-                    tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage; said once until it can be read again");
+                    tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage");
                 }
                 return;
             }

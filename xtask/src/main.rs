@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod setup;
 
 #[derive(Debug, Parser)]
@@ -49,7 +50,15 @@ enum Cmd {
     },
     /// Format check, clippy, and every test (root integration tests run one at a time).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Instead of the suite: every fuzz target in fuzz/ (cargo-fuzz, nightly) for a while.
+        #[arg(long)]
+        fuzz: bool,
+        /// With --fuzz: how long each target runs (libFuzzer takes 0 as "forever").
+        #[arg(long, default_value_t = 20, requires = "fuzz",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        fuzz_seconds: u64,
+        /// Extra arguments for `cargo test` (e.g. a test name filter); with --fuzz, the
+        /// targets to run (names containing one of them).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -116,7 +125,12 @@ fn main() -> Result<()> {
             }
             exec(&mut cmd)
         }
-        Cmd::Test { args } => {
+        Cmd::Test {
+            fuzz: true,
+            fuzz_seconds,
+            args,
+        } => fuzz::run(&root, fuzz_seconds, &args),
+        Cmd::Test { args, .. } => {
             setup::run(false)?;
             test(&args)
         }

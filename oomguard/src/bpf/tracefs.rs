@@ -35,7 +35,7 @@ pub fn ensure_tracefs() -> Result<PathBuf, BpfError> {
 
 /// The first of [`TRACEFS_MOUNTS`] that `mounts` (in `/proc/self/mounts` format) lists as a
 /// tracefs mount.
-fn tracefs_mount(mounts: &str) -> Option<PathBuf> {
+pub fn tracefs_mount(mounts: &str) -> Option<PathBuf> {
     let tracefs = mount::targets_of(mounts, "tracefs");
     TRACEFS_MOUNTS
         .into_iter()

@@ -103,6 +103,19 @@ pub fn read_docker_labels(
     docker_root: &Path,
     id: &str,
 ) -> Result<HashMap<String, String>, RuntimeError> {
+    let path = docker_config_path(docker_root, id);
+    let text = std::fs::read_to_string(&path).map_err(|source| RuntimeError::DockerConfig {
+        path: path.clone(),
+        source: source.into(),
+    })?;
+    parse_docker_labels(&text).map_err(|source| RuntimeError::DockerConfig {
+        path,
+        source: source.into(),
+    })
+}
+
+/// `Config.Labels` of the text of a `config.v2.json`; none when the file has no labels.
+pub fn parse_docker_labels(text: &str) -> Result<HashMap<String, String>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct V2 {
         #[serde(rename = "Config")]
@@ -113,15 +126,7 @@ pub fn read_docker_labels(
         #[serde(rename = "Labels")]
         labels: Option<HashMap<String, String>>,
     }
-    let path = docker_config_path(docker_root, id);
-    let text = std::fs::read_to_string(&path).map_err(|source| RuntimeError::DockerConfig {
-        path: path.clone(),
-        source: source.into(),
-    })?;
-    let v2: V2 = serde_json::from_str(&text).map_err(|source| RuntimeError::DockerConfig {
-        path,
-        source: source.into(),
-    })?;
+    let v2: V2 = serde_json::from_str(text)?;
     Ok(v2.config.and_then(|c| c.labels).unwrap_or_default())
 }
 

@@ -6,6 +6,8 @@ use std::borrow::Cow;
 
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
+/// Arrays of arrays nested deeper than this have no size (the kernel's nest two or three).
+const MAX_ARRAY_DEPTH: u32 = 16;
 
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
@@ -176,14 +178,20 @@ impl Btf {
 
     /// Size in bytes of type `id`.
     pub fn type_size(&self, id: u32) -> Result<u32, BtfError> {
+        self.sized(id, 0)
+    }
+
+    /// [`Self::type_size`], `depth` arrays deep: bounded, since malformed BTF can make an array
+    /// its own element type.
+    fn sized(&self, id: u32, depth: u32) -> Result<u32, BtfError> {
         let id = self.resolve(id);
         let t = self.get(id).ok_or(BtfError::NoSize(id))?;
         match t.kind {
             KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => Ok(t.size_or_type),
             KIND_PTR => Ok(std::mem::size_of::<usize>() as u32),
-            KIND_ARRAY => {
+            KIND_ARRAY if depth < MAX_ARRAY_DEPTH => {
                 let (elem, nelems) = (self.word(t.data), self.word(t.data + 8));
-                Ok(self.type_size(elem)?.saturating_mul(nelems))
+                Ok(self.sized(elem, depth + 1)?.saturating_mul(nelems))
             }
             _ => Err(BtfError::NoSize(id)),
         }
@@ -499,6 +507,17 @@ mod tests {
         assert_eq!(btf.enum_value("PGPGOUT"), Ok(1));
         assert!(btf.has_typedef("btf_trace_rss_stat"));
         assert!(!btf.has_typedef("btf_trace_nope"));
+    }
+
+    #[test]
+    fn an_array_of_itself_has_no_size() {
+        // Found by the btf fuzz target: type_size recursed until the stack overflowed.
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let array = b.array(int + 1, int, 2);
+        assert_eq!(array, int + 1, "the array is its own element type");
+        let btf = Btf::parse(&b.build()).unwrap();
+        assert_eq!(btf.type_size(array), Err(BtfError::NoSize(array)));
     }
 
     #[test]

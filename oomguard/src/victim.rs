@@ -54,7 +54,11 @@ pub struct Candidate {
 
 /// The kernel's `oom_badness` for a memcg OOM with a limit of `limit_bytes`.
 pub fn badness(task: &Task, limit_bytes: u64) -> i64 {
-    let pages = (task.rss_bytes + task.swap_bytes + task.pgtables_bytes) / PAGE_SIZE;
+    let bytes = task
+        .rss_bytes
+        .saturating_add(task.swap_bytes)
+        .saturating_add(task.pgtables_bytes);
+    let pages = bytes / PAGE_SIZE;
     let total_pages = (limit_bytes / PAGE_SIZE) as i64;
     pages as i64 + i64::from(task.oom_score_adj) * (total_pages / 1000)
 }
@@ -99,12 +103,13 @@ pub struct Status {
 
 pub fn parse_status(text: &str) -> Status {
     let mut s = Status::default();
+    // Saturating: a number no kernel writes must not overflow (a panic in debug builds).
     let kib = |v: &str| {
         v.split_whitespace()
             .next()
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
-            * 1024
+            .saturating_mul(1024)
     };
     for line in text.lines() {
         let Some((k, v)) = line.split_once(':') else {
@@ -115,7 +120,7 @@ pub fn parse_status(text: &str) -> Status {
             "Name" => s.name = v.to_string(),
             "State" => s.state = v.chars().next().unwrap_or('?'),
             "RssAnon" | "RssFile" | "RssShmem" => {
-                s.rss_bytes += kib(v);
+                s.rss_bytes = s.rss_bytes.saturating_add(kib(v));
                 s.has_mm = true;
             }
             "VmSwap" => s.swap_bytes = kib(v),
@@ -346,6 +351,21 @@ RssAnon:\t  102400 kB\nRssFile:\t    1024 kB\nRssShmem:\t       0 kB\nVmSwap:\t 
         assert!(s.has_mm);
         let kthread = parse_status("Name:\tkworker/0:1\nState:\tI (idle)\n");
         assert!(!kthread.has_mm);
+    }
+
+    #[test]
+    fn huge_status_numbers_saturate() {
+        // Found by the proc_status fuzz target: kB to bytes overflowed.
+        let s = parse_status("VmSwap:\t  52426666666666660\nRssAnon:\t 2097152 kB\n");
+        assert_eq!(s.swap_bytes, u64::MAX);
+        let s = parse_status("RssAnon:\t18014398509481984 kB\nRssFile:\t1 kB\n");
+        assert_eq!(s.rss_bytes, u64::MAX);
+        let mut t = task(1, 0, 1000);
+        (t.rss_bytes, t.swap_bytes) = (u64::MAX, u64::MAX);
+        assert_eq!(
+            badness(&t, u64::MAX),
+            (u64::MAX / PAGE_SIZE) as i64 + 1000 * (u64::MAX / PAGE_SIZE / 1000) as i64
+        );
     }
 
     #[test]

@@ -267,7 +267,8 @@ impl MemStat {
     /// cgroup and its descendants (`total_inactive_file + total_active_file`). Unlike
     /// `total_cache` this leaves out shmem/tmpfs, which needs swap to be reclaimed.
     pub fn reclaimable_cache(&self) -> u64 {
-        self.get("total_inactive_file") + self.get("total_active_file")
+        self.get("total_inactive_file")
+            .saturating_add(self.get("total_active_file"))
     }
 }
 
@@ -361,6 +362,12 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
         let s = MemStat::parse("cache x\nrss 5\nbad\nthree a b\n");
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![("rss", 5)]);
         assert_eq!(s.get("rss"), 5);
+    }
+
+    #[test]
+    fn reclaimable_cache_of_absurd_numbers_saturates() {
+        let s = MemStat::parse("total_inactive_file 18446744073709551615\ntotal_active_file 1\n");
+        assert_eq!(s.reclaimable_cache(), u64::MAX);
     }
 
     #[test]

@@ -10,7 +10,13 @@ fuzz_target!(|data: &[u8]| {
     let cache = stat.reclaimable_cache();
     assert!(cache >= stat.get("total_inactive_file"));
     assert!(cache >= stat.get("total_active_file"));
-    // What was parsed, written back the kernel's way, parses to the same map.
-    let rendered: String = stat.0.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
-    assert_eq!(MemStat::parse(&rendered), stat);
+    let entries: Vec<(&str, u64)> = stat.iter().collect();
+    for (k, v) in &entries {
+        let first = entries.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
+        assert_eq!(Some(stat.get(k)), first, "{k} {v}");
+    }
+    // What was parsed, written back the kernel's way, parses to the same entries.
+    let rendered: String = entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+    let again = MemStat::parse(&rendered);
+    assert_eq!(again.iter().collect::<Vec<_>>(), entries);
 });

@@ -13,6 +13,10 @@ const ALLOWED: &[(&str, &str)] = &[
     ("demo.rs", "`oomguard demo` runs the demo workload"),
     ("sandbox.rs", "test support: starts the agent and workloads"),
     (
+        "soak.rs",
+        "bench and test support: drives hogs and cgroups against an agent",
+    ),
+    (
         "bin/oomguard-bench.rs",
         "the benchmark runs agents and hogs",
     ),

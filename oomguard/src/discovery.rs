@@ -88,7 +88,13 @@ impl Discovery {
                 self.config.walk_interval.as_secs()
             );
         }
+        let t0 = std::time::Instant::now();
         self.rescan();
+        tracing::info!(
+            guarded = self.known.len(),
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "first walk done"
+        );
         let _ = self.ready.send(true);
         let mut tick = tokio::time::interval(self.config.walk_interval);
         tick.tick().await;
@@ -241,7 +247,9 @@ impl Discovery {
 
     /// A full walk: arm what is new or changed, disarm what is gone.
     pub fn rescan(&mut self) {
+        let t0 = std::time::Instant::now();
         let (all, unlisted) = self.config.root.walk();
+        let walked_ms = t0.elapsed().as_millis() as u64;
         for (dir, e) in &unlisted {
             self.fail_once(
                 dir,
@@ -276,12 +284,21 @@ impl Discovery {
                 todo.push((cg.clone(), t));
             }
         }
-        for ((cg, t), armed) in arm_parallel(todo) {
+        let planned_ms = t0.elapsed().as_millis() as u64;
+        let to_arm = todo.len();
+        let results = arm_parallel(todo);
+        let registered_ms = t0.elapsed().as_millis() as u64;
+        for ((cg, t), armed) in results {
             self.apply(&cg, t, armed);
         }
         tracing::debug!(
             guarded = self.known.len(),
             walked = all.len(),
+            armed = to_arm,
+            walked_ms,
+            planned_ms,
+            registered_ms,
+            elapsed_ms = t0.elapsed().as_millis() as u64,
             "rescan done"
         );
     }
@@ -386,9 +403,12 @@ impl Discovery {
     }
 }
 
-/// Registering a threshold costs the kernel an RCU grace period (milliseconds) in the
-/// writer, so a walk arms many cgroups at once: grace periods of concurrent writers overlap.
-const ARM_THREADS: usize = 64;
+/// Registering a threshold costs the kernel an RCU grace period in the writer (8 ms alone,
+/// 15 ms under load, measured here), and a cgroup's two registrations wait on each other
+/// (its thresholds mutex). Concurrent writers share grace periods, so a walk arms many
+/// cgroups at once: 1,000 cgroups took 630 ms with 64 workers and 230–270 ms with 256;
+/// 512 gained little more. The workers exit when the walk is done.
+const ARM_THREADS: usize = 256;
 /// Small stacks: the agent's memory is locked (mlockall), stacks included.
 const ARM_STACK: usize = 128 * 1024;
 

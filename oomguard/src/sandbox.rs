@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
 
+pub mod containerd;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A memory cgroup made beneath our own, removed with everything in it on drop.

@@ -13,6 +13,10 @@ const ALLOWED: &[(&str, &str)] = &[
     ("demo.rs", "`oomguard demo` runs the demo workload"),
     ("sandbox.rs", "test support: starts the agent and workloads"),
     (
+        "sandbox/containerd.rs",
+        "test and bench support: a private containerd, containers run with ctr",
+    ),
+    (
         "soak.rs",
         "bench and test support: drives hogs and cgroups against an agent",
     ),

@@ -24,7 +24,8 @@ struct Args {
     /// Fewer trials and scenarios (about 4 minutes instead of about 15).
     #[arg(long)]
     quick: bool,
-    /// Only the avoidance scenarios whose name contains this (no footprint or selection).
+    /// Only the avoidance scenarios whose name contains this (no footprint or selection);
+    /// `container` runs only the container policy's latency.
     #[arg(long)]
     only: Option<String>,
     /// Only the "no growth" soak: kills and cgroup create/delete cycles against a running
@@ -81,6 +82,23 @@ struct LatencyRow {
     signal_to_gone_max_us: u64,
 }
 
+/// The container policy through a private containerd: signal → kill request sent, and
+/// signal → the container's cgroup holding no task (the container stopped).
+#[derive(Debug, Clone, Serialize)]
+struct ContainerLatencyRow {
+    mode: String,
+    trials: u32,
+    /// Killed through containerd (not the direct fallback), the kernel's count unchanged.
+    guarded_via_containerd: u32,
+    kernel_kills: u64,
+    signal_to_kill_request_p50_us: u64,
+    signal_to_kill_request_p99_us: u64,
+    signal_to_kill_request_max_us: u64,
+    signal_to_stopped_p50_us: u64,
+    signal_to_stopped_p99_us: u64,
+    signal_to_stopped_max_us: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct FootprintRow {
     mode: String,
@@ -123,6 +141,10 @@ struct Report {
     quick: bool,
     avoidance: Vec<AvoidanceRow>,
     latency: Vec<LatencyRow>,
+    /// Empty when containerd is not installed (see `container_latency_skipped`).
+    container_latency: Vec<ContainerLatencyRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_latency_skipped: Option<String>,
     footprint: Vec<FootprintRow>,
     victim_selection: Vec<SelectionRow>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -229,6 +251,8 @@ fn run(args: &Args) -> Result<(), String> {
             quick: false,
             avoidance: Vec::new(),
             latency: Vec::new(),
+            container_latency: Vec::new(),
+            container_latency_skipped: None,
             footprint: Vec::new(),
             victim_selection: Vec::new(),
             soak: rows,
@@ -272,6 +296,38 @@ fn run(args: &Args) -> Result<(), String> {
         .filter(|(m, _)| m.as_str() != "kernel-only")
         .map(|(m, l)| latency_row(m, l))
         .collect();
+    let mut container_latency = Vec::new();
+    let mut container_latency_skipped = None;
+    if args
+        .only
+        .as_deref()
+        .is_none_or(|o| "container policy".contains(o))
+    {
+        match oomguard::sandbox::containerd::probe() {
+            Some(why) => {
+                progress(&format!("container policy latency skipped: {why}"));
+                container_latency_skipped = Some(why);
+            }
+            None => {
+                for mode in modes.iter().filter(|m| m.as_str() != "kernel-only") {
+                    let n = if args.quick { 5 } else { 20 };
+                    progress(&format!(
+                        "container policy latency ({mode}): {n} app containers through containerd"
+                    ));
+                    let row = container_latency_row(mode, n, &agent, &memhog)?;
+                    progress(&format!(
+                        "    guarded via containerd {}/{}, kernel kills {}, signal→stopped p50 {} µs p99 {} µs",
+                        row.guarded_via_containerd,
+                        row.trials,
+                        row.kernel_kills,
+                        row.signal_to_stopped_p50_us,
+                        row.signal_to_stopped_p99_us
+                    ));
+                    container_latency.push(row);
+                }
+            }
+        }
+    }
     let sizes: &[usize] = match (&args.only, args.quick) {
         (Some(_), _) => &[],
         (None, true) => &[10, 100],
@@ -303,6 +359,8 @@ fn run(args: &Args) -> Result<(), String> {
         quick: args.quick,
         avoidance,
         latency,
+        container_latency,
+        container_latency_skipped,
         footprint,
         victim_selection,
         soak: Vec::new(),
@@ -399,6 +457,161 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+/// The pod of the container-policy rows: its limit, the app's growth rate and the margin.
+/// With a 10% margin (12.8 MiB) the app grows at most ~8 MiB during the slowest kill
+/// through containerd measured in the tests (121 ms), so the kernel stays out of it.
+const POD_LIMIT: u64 = 128 * M;
+const APP_RATE: &str = "64M";
+const POD_MARGIN_RATIO: &str = "0.1";
+
+/// `trials` app containers, one at a time, outgrowing a pod (laid out like kubelet's
+/// cgroupfs driver, with a `pause` sandbox container) against the agent's container policy
+/// on a private containerd; each app is removed before the next starts.
+fn container_latency_row(
+    mode: &str,
+    trials: u32,
+    agent_exe: &Path,
+    memhog: &Path,
+) -> Result<ContainerLatencyRow, String> {
+    use oomguard::runtime::labels;
+    use oomguard::sandbox::containerd::{Containerd, container_id};
+    const NS: &str = "k8s.io";
+    const UID: &str = "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+    let sb = Sandbox::new("bench-ctr").map_err(|e| e.to_string())?;
+    let kubepods = sb.path().join("kubepods");
+    let pod = kubepods.join("burstable").join(format!("pod{UID}"));
+    std::fs::create_dir_all(&pod).map_err(|e| format!("{}: {e}", pod.display()))?;
+    let pod_cg = MemCgroup::new(&pod);
+    pod_cg.set_limit(POD_LIMIT).map_err(|e| e.to_string())?;
+    // Dropped before `sb`: containers and containerd go before the cgroups.
+    let ctrd = Containerd::start("bench")?;
+    let run = |id: &str, kind: &str, name: &str, cmd: &[&str]| {
+        let l = [
+            (labels::POD_NAME, "bench-0"),
+            (labels::POD_NAMESPACE, "bench"),
+            (labels::POD_UID, UID),
+            (labels::CONTAINER_NAME, name),
+            (labels::CRI_KIND, kind),
+        ];
+        ctrd.run(NS, id, &pod.join(id), 0, &l, cmd)
+    };
+    let sandbox = container_id();
+    ctrd.install(&sandbox, memhog, "pause")?;
+    run(
+        &sandbox,
+        "sandbox",
+        "POD",
+        &["/bin/pause", "--total", "0", "--hold", "100000"],
+    )?;
+    let pins = format!("/sys/fs/bpf/oomguard-bench-ctr-{}", std::process::id());
+    let state = StateDir::new("ctr")?;
+    let root = kubepods.display().to_string();
+    let sock = ctrd.socket.display().to_string();
+    let missing = ctrd.dir.join("no-docker.sock").display().to_string();
+    let agent = Agent::start(
+        agent_exe,
+        &[
+            "--root",
+            &root,
+            "--mode",
+            mode,
+            "--policy",
+            "container",
+            "--margin-ratio",
+            POD_MARGIN_RATIO,
+            "--containerd-sock",
+            &sock,
+            "--docker-containerd-sock",
+            &missing,
+            "--walk-interval",
+            "3600",
+            "--bpf-pin-dir",
+            &pins,
+            "--state-dir",
+            state.path(),
+        ],
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    agent
+        .wait_armed(&pod, Duration::from_secs(10))
+        .ok_or("the agent did not arm the pod within 10 s")?;
+    let mut row = ContainerLatencyRow {
+        mode: mode.to_string(),
+        trials: 0,
+        guarded_via_containerd: 0,
+        kernel_kills: 0,
+        signal_to_kill_request_p50_us: 0,
+        signal_to_kill_request_p99_us: 0,
+        signal_to_kill_request_max_us: 0,
+        signal_to_stopped_p50_us: 0,
+        signal_to_stopped_p99_us: 0,
+        signal_to_stopped_max_us: 0,
+    };
+    let (mut request, mut stopped) = (Vec::new(), Vec::new());
+    for _ in 0..trials {
+        let app = container_id();
+        ctrd.install(&app, memhog, "oomguard-memhog")?;
+        let before = pod_cg.subtree_oom_kills();
+        run(
+            &app,
+            "container",
+            "app",
+            &[
+                "/bin/oomguard-memhog",
+                "--rate",
+                APP_RATE,
+                "--total",
+                "512M",
+                "--hold",
+                "3600",
+            ],
+        )?;
+        let d = agent.wait_for(Duration::from_secs(30), |v| {
+            v["message"] == "decision" && (v["action"] == "kill" || v["action"] == "kill-failed")
+        });
+        ctrd.remove(NS, &app);
+        let _ = std::fs::remove_dir(pod.join(&app));
+        row.trials += 1;
+        let kernel = pod_cg.subtree_oom_kills() - before;
+        row.kernel_kills += kernel;
+        let Some(d) = d else {
+            progress("    no kill decision within 30 s");
+            continue;
+        };
+        let c: serde_json::Value = d["container"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        if d["action"] != "kill" || c["id"] != app.as_str() || c["via"] != "containerd" {
+            progress(&format!(
+                "    unexpected decision: action {}, container {}, via {}",
+                d["action"], c["id"], c["via"]
+            ));
+            continue;
+        }
+        if let (Some(w), Some(g)) = (d["wake_to_kill_us"].as_u64(), c["gone_us"].as_u64()) {
+            request.push(w);
+            stopped.push(w + g);
+        }
+        if kernel == 0 {
+            row.guarded_via_containerd += 1;
+        }
+        // The agent's cooldown (1 s) ends early once usage is below the threshold again;
+        // the next app starts from an empty pod either way.
+    }
+    request.sort_unstable();
+    stopped.sort_unstable();
+    row.signal_to_kill_request_p50_us = percentile(&request, 0.5);
+    row.signal_to_kill_request_p99_us = percentile(&request, 0.99);
+    row.signal_to_kill_request_max_us = request.last().copied().unwrap_or(0);
+    row.signal_to_stopped_p50_us = percentile(&stopped, 0.5);
+    row.signal_to_stopped_p99_us = percentile(&stopped, 0.99);
+    row.signal_to_stopped_max_us = stopped.last().copied().unwrap_or(0);
+    drop(agent);
+    Ok(row)
 }
 
 fn wait_children(children: &mut [Child], timeout: Duration) {
@@ -923,6 +1136,32 @@ fn render(r: &Report) -> String {
             l.signal_to_gone_p99_us,
             l.signal_to_gone_max_us
         );
+    }
+    if !r.container_latency.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| container policy, mode | trials | guarded via containerd | kernel kills | signal→kill request p50/p99/max µs | signal→container stopped p50/p99/max µs |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+    }
+    for c in &r.container_latency {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {}/{}/{} | {}/{}/{} |",
+            c.mode,
+            c.trials,
+            c.guarded_via_containerd,
+            c.kernel_kills,
+            c.signal_to_kill_request_p50_us,
+            c.signal_to_kill_request_p99_us,
+            c.signal_to_kill_request_max_us,
+            c.signal_to_stopped_p50_us,
+            c.signal_to_stopped_p99_us,
+            c.signal_to_stopped_max_us
+        );
+    }
+    if let Some(why) = &r.container_latency_skipped {
+        let _ = writeln!(s, "\ncontainer policy latency skipped: {why}");
     }
     if !r.footprint.is_empty() {
         let _ = writeln!(

@@ -38,6 +38,9 @@ pub struct Discovery {
     /// looked at again after each of [`LIMIT_RECHECKS`] (the runtime sets the limit just
     /// after mkdir, and nothing else would tell us before the next rescan).
     recheck: Vec<(tokio::time::Instant, usize, PathBuf)>,
+    /// Asked in the background about each container cgroup made after start, so a kill
+    /// finds its labels cached (armed cgroups are prefetched by the guard).
+    runtime: Option<Arc<crate::runtime::RuntimeClient>>,
 }
 
 /// Delays after mkdir at which a cgroup without a limit is looked at again (--no-inotify).
@@ -70,7 +73,15 @@ impl Discovery {
             watched: HashMap::new(),
             ready,
             recheck: Vec::new(),
+            runtime: None,
         })
+    }
+
+    /// Prefetches what the runtime says about containers made after start (see
+    /// [`crate::runtime::RuntimeClient::prefetch`]).
+    pub fn with_runtime(mut self, runtime: Option<Arc<crate::runtime::RuntimeClient>>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     /// Walks, then follows inotify and rescans every `walk_interval` until `stop` is true.
@@ -191,6 +202,11 @@ impl Discovery {
         for cg in MemCgroup::new(dir).subtree() {
             self.watch(&cg.path);
             self.reconcile(&cg);
+            if let Some(rt) = &self.runtime
+                && !self.known.contains_key(&cg.path)
+            {
+                rt.prefetch(&cg.path);
+            }
             if !self.config.inotify && !self.known.contains_key(&cg.path) {
                 self.recheck.retain(|(_, _, p)| p != &cg.path);
                 self.recheck.push((

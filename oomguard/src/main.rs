@@ -130,6 +130,9 @@ fn agent(config: Config) -> anyhow::Result<()> {
         let m = Metrics::new(mode, config.watchdog);
         m.watch_sink(sink.clone());
         m.watch_decisions_dropped(reporter.dropped_counter());
+        if let Some(r) = &runtime {
+            m.watch_runtime(r.clone());
+        }
         m
     });
     let state = oomguard::state::AgentState::new();
@@ -154,7 +157,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
             reporter: reporter.clone(),
             reclaimer: Some(reclaimer),
             memory_mount,
-            runtime,
+            runtime: runtime.clone(),
             ebpf,
             created: Some(created_tx),
             state: Some(state.clone()),
@@ -193,7 +196,9 @@ fn agent(config: Config) -> anyhow::Result<()> {
             });
         }
         let discovery =
-            Discovery::new(config.clone(), guard.clone(), ready_tx).context("starting inotify")?;
+            Discovery::new(config.clone(), guard.clone(), ready_tx)
+                .context("starting inotify")?
+                .with_runtime(runtime);
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(discovery.run(stop_rx, created_rx, reload_rx));
         use tokio::signal::unix::{SignalKind, signal};

@@ -89,6 +89,15 @@ struct Sources {
     guard: std::sync::OnceLock<Arc<GuardStats>>,
     sink: std::sync::OnceLock<SinkHandle>,
     decisions_dropped: std::sync::OnceLock<Arc<AtomicU64>>,
+    runtime: std::sync::OnceLock<RuntimeHandle>,
+}
+
+struct RuntimeHandle(Arc<crate::runtime::RuntimeClient>);
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuntimeClient")
+    }
 }
 
 struct SinkHandle(EventSink);
@@ -277,6 +286,11 @@ impl Metrics {
         let _ = self.sources.sink.set(SinkHandle(sink));
     }
 
+    /// Read the runtime client's counters and endpoint health when scraped.
+    pub fn watch_runtime(&self, runtime: Arc<crate::runtime::RuntimeClient>) {
+        let _ = self.sources.runtime.set(RuntimeHandle(runtime));
+    }
+
     /// Decision records the report queue had to drop.
     pub fn watch_decisions_dropped(&self, dropped: Arc<AtomicU64>) {
         let _ = self.sources.decisions_dropped.set(dropped);
@@ -403,6 +417,55 @@ impl Collector for Scraped {
                 "Kubernetes Events the API server refused for good",
                 s.rejected.load(Ordering::Relaxed),
             )?;
+        }
+        if let Some(RuntimeHandle(rt)) = self.sources.runtime.get() {
+            let st = rt.stats();
+            for (name, help, v) in [
+                (
+                    "oomguard_runtime_call_timeouts",
+                    "Calls to the container runtime that did not answer within their bound",
+                    &st.timeouts,
+                ),
+                (
+                    "oomguard_runtime_unreachable",
+                    "Calls to the container runtime that could not connect",
+                    &st.unreachable,
+                ),
+                (
+                    "oomguard_runtime_calls_skipped_unhealthy",
+                    "Calls not made because their runtime endpoint was marked unhealthy",
+                    &st.skipped_unhealthy,
+                ),
+                (
+                    "oomguard_runtime_probes",
+                    "Background probes of unhealthy runtime endpoints",
+                    &st.probes,
+                ),
+                (
+                    "oomguard_runtime_uncached_lookups",
+                    "Containers a kill or a report waited for the runtime to describe (not prefetched)",
+                    &st.uncached_lookups,
+                ),
+            ] {
+                const_counter(&mut enc, name, help, v.load(Ordering::Relaxed))?;
+            }
+            let endpoints = rt.endpoints();
+            if !endpoints.is_empty() {
+                let mut family = enc.encode_descriptor(
+                    "oomguard_runtime_endpoint_healthy",
+                    "1 while the runtime endpoint answers; 0 while it is marked unhealthy",
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                for e in endpoints {
+                    let socket = e.endpoint.socket.display().to_string();
+                    let labels = [
+                        ("socket", socket.as_str()),
+                        ("namespace", e.endpoint.namespace.as_str()),
+                    ];
+                    ConstGauge::new(i64::from(e.healthy)).encode(family.encode_family(&labels)?)?;
+                }
+            }
         }
         if let Some(d) = self.sources.decisions_dropped.get() {
             const_counter(

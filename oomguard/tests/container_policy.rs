@@ -363,6 +363,8 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
     let (sandbox, side) = w.sandbox_and_sibling(flavor);
     let missing = w.dir.path().join("no-docker.sock").display().to_string();
     let sock = w.ctrd().socket.display().to_string();
+    let metrics = common::free_port();
+    let metrics_flag = metrics.to_string();
     let mut agent = w.start_agent(&[
         "--policy",
         "container",
@@ -370,8 +372,12 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
         &sock,
         "--docker-containerd-sock",
         &missing,
+        "--metrics-addr",
+        &metrics_flag,
     ]);
 
+    // Made after the pod was armed: the agent learns its labels when its cgroup appears,
+    // so the kill does not wait for a lookup (checked in /metrics below).
     let app = w.app(flavor, &strs(&hog_cmd("64M")));
     let d = wait_kill(&agent, &app);
     let c = container_of(&d);
@@ -459,6 +465,30 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
     // One kill per episode, nothing failed.
     assert_eq!(agent.decisions("kill").len(), 2, "{:#?}", agent.records());
     assert!(agent.decisions("kill-failed").is_empty());
+
+    // Both apps were prefetched at mkdir: no kill waited for a lookup; the endpoint is
+    // healthy and no call failed.
+    let (status, text) = common::get(metrics, "/metrics");
+    assert_eq!(status, 200);
+    let v = |series: &str| common::value(&text, series);
+    assert_eq!(
+        v("oomguard_runtime_uncached_lookups_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        v("oomguard_runtime_call_timeouts_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(v("oomguard_runtime_unreachable_total"), Some(0.0), "{text}");
+    assert_eq!(
+        v(&format!(
+            "oomguard_runtime_endpoint_healthy{{socket=\"{sock}\",namespace=\"k8s.io\"}}"
+        )),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[test]

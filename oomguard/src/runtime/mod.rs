@@ -198,6 +198,9 @@ pub struct RuntimeStats {
     pub skipped_unhealthy: AtomicU64,
     /// Background probes of unhealthy endpoints.
     pub probes: AtomicU64,
+    /// Containers a kill (or a report) had to ask the runtime about because no prefetch (at
+    /// arm, at mkdir) had cached them: each is a round trip the caller waited for.
+    pub uncached_lookups: AtomicU64,
 }
 
 /// One endpoint as the client sees it now.
@@ -404,6 +407,10 @@ impl RuntimeClient {
         if let Some(known) = self.inner.known(id, hint).transpose() {
             return known;
         }
+        self.inner
+            .stats
+            .uncached_lookups
+            .fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.clone();
         let id = id.to_string();
         self.block(&format!("resolve {id}"), timeout, async move {
@@ -485,6 +492,10 @@ impl RuntimeClient {
                 let resolved = if ids.is_empty() {
                     Ok((HashMap::new(), None))
                 } else {
+                    self.inner
+                        .stats
+                        .uncached_lookups
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
                     self.block("resolve the pod's containers", left, async move {
                         let mut set = tokio::task::JoinSet::new();
                         for (id, hint) in ids {

@@ -65,16 +65,19 @@ fn kill_event() -> EventRequest {
     )
 }
 
-/// Submits from a plain thread and returns how long `submit` took.
-fn submit_timed(sink: &EventSink, ev: EventRequest) -> Duration {
+/// Submits `evs` from a plain thread; false if that thread did not get through them within
+/// 10 s (a bound on "returns at all" for a submit that must never wait for the API server
+/// or for room in the queue, not a latency figure: those are in the benchmark).
+fn submits_return(sink: &EventSink, evs: Vec<EventRequest>) -> bool {
     let sink = sink.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let t = Instant::now();
-        sink.submit(ev);
-        t.elapsed()
-    })
-    .join()
-    .unwrap()
+        for ev in evs {
+            sink.submit(ev);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10)).is_ok()
 }
 
 fn wait_events(server: &FakeApiServer, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -94,7 +97,7 @@ fn wait_events(server: &FakeApiServer, pred: impl Fn(&[Value]) -> bool) -> Vec<V
 #[test]
 fn a_kill_becomes_a_warning_event_on_the_pod_and_a_repeat_patches_count_2() {
     let s = setup(16);
-    assert!(submit_timed(&s.sink, kill_event()) < Duration::from_millis(5));
+    assert!(submits_return(&s.sink, vec![kill_event()]));
     let evs = wait_events(&s.server, |e| e.len() == 1);
     let ev = &evs[0];
     assert_eq!(ev["type"], "Warning");
@@ -256,11 +259,10 @@ fn an_expired_event_is_created_anew_after_the_patch_gets_404() {
 }
 
 #[test]
-fn while_the_api_server_is_down_submit_returns_at_once_and_the_event_arrives_later() {
+fn while_the_api_server_is_down_submit_returns_and_the_event_arrives_later() {
     let mut s = setup(16);
     s.server.stop();
-    let took = submit_timed(&s.sink, kill_event());
-    assert!(took < Duration::from_millis(5), "submit took {took:?}");
+    assert!(submits_return(&s.sink, vec![kill_event()]));
     std::thread::sleep(Duration::from_millis(800));
     assert!(s.server.events().is_empty());
     assert!(
@@ -290,13 +292,19 @@ fn while_the_api_server_is_down_submit_returns_at_once_and_the_event_arrives_lat
 fn a_full_queue_drops_the_oldest_and_counts_it() {
     let mut s = setup(2);
     s.server.stop();
-    let t = Instant::now();
-    for i in 0..5 {
-        let mut ev = kill_event();
-        ev.message = format!("{{\"n\":{i}}}");
-        s.sink.submit(ev);
-    }
-    assert!(t.elapsed() < Duration::from_millis(10));
+    // The worker cannot drain (the API server is down): a submit that waited for room
+    // would never return.
+    let evs = (0..5)
+        .map(|i| {
+            let mut ev = kill_event();
+            ev.message = format!("{{\"n\":{i}}}");
+            ev
+        })
+        .collect();
+    assert!(
+        submits_return(&s.sink, evs),
+        "submit blocked on a full queue"
+    );
     assert_eq!(
         s.sink
             .stats()

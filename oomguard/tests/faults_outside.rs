@@ -812,11 +812,9 @@ fn forbidden_events_are_dropped_and_counted_and_the_queue_stays_bounded() {
         s.sink.submit(node_event(n));
         assert!(s.sink.queued() <= 4);
     }
-    assert!(
-        t.elapsed() < Duration::from_millis(200),
-        "{:?}",
-        t.elapsed()
-    );
+    // Submitting never waits for the API server (a 5 s request timeout here): 12 submits
+    // that waited for it would take seconds; 2 s is slack for a loaded machine.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // Every request is accounted for: refused, dropped for room, or still queued; the
     // refused ones were each sent once, no more.
     let settled = wait_for(Duration::from_secs(20), || {

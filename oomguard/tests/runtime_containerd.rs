@@ -299,9 +299,11 @@ fn a_hung_runtime_falls_back_to_killing_the_container_cgroup() {
         fb.gone_us,
         fb.killed.len()
     );
-    assert!(planned < Duration::from_millis(1300), "{planned:?}");
+    // Bounded by the 1 s deadline (a hung socket would otherwise block forever), with
+    // slack for a loaded machine.
+    assert!(planned < Duration::from_secs(3), "{planned:?}");
     assert!(fb.took_effect(), "{fb:#?}");
-    assert!(t1.elapsed() < Duration::from_secs(2));
+    assert!(t1.elapsed() < Duration::from_secs(4), "{:?}", t1.elapsed());
     assert!(pod.cg(&pod.app).procs().unwrap().is_empty());
     assert!(!pod.cg(&pod.sandbox).procs().unwrap().is_empty());
     assert!(!pod.cg(&pod.side).procs().unwrap().is_empty());

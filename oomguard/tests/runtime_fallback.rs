@@ -89,8 +89,9 @@ fn without_a_runtime_the_pause_container_is_spared_and_the_fallback_kills_the_ap
     .unwrap();
     let t = Instant::now();
     let target = rt.plan_blocking(&pod, Duration::from_secs(1)).unwrap();
+    // No call is made: well below the 1 s call timeout, with slack for a loaded machine.
     assert!(
-        t.elapsed() < Duration::from_millis(200),
+        t.elapsed() < Duration::from_millis(800),
         "{:?}",
         t.elapsed()
     );

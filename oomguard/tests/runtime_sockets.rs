@@ -18,8 +18,13 @@ use oomguard::runtime::{
 use support::TempDir;
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-/// The bound this test holds the client to: its 1 s call timeout plus scheduling slack.
-const BOUND: Duration = Duration::from_millis(1200);
+/// The bound this test holds the client to. Calls are given a 5 s deadline and the client
+/// a 1 s call timeout: a client that waits out the caller's deadline fails, and a loaded
+/// machine (CI) has 2 s of slack over the call timeout.
+const BOUND: Duration = Duration::from_secs(3);
+/// For answers that need no call at all: well below the 1 s call timeout, so one dial
+/// that had to time out fails the test, with ample slack for a loaded machine.
+const NO_CALL: Duration = Duration::from_millis(800);
 
 fn client(endpoints: Vec<Endpoint>) -> RuntimeClient {
     RuntimeClient::new(RuntimeConfig {
@@ -62,11 +67,7 @@ fn missing_sockets_answer_at_once() {
         .unwrap_err();
     assert!(matches!(err, RuntimeError::NoRuntime(_)), "{err}");
     assert!(err.is_unavailable());
-    assert!(
-        t.elapsed() < Duration::from_millis(100),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < NO_CALL, "{:?}", t.elapsed());
 }
 
 #[test]
@@ -129,7 +130,7 @@ fn a_hung_socket_times_out_within_the_bound_and_is_then_not_asked() {
         assert!(matches!(err, RuntimeError::Unhealthy { .. }), "{err:?}");
         let took = t.elapsed();
         eprintln!("unhealthy endpoint: resolve + kill answered in {took:?}: {err}");
-        assert!(took < Duration::from_millis(50), "{took:?}");
+        assert!(took < NO_CALL, "{took:?}");
     }
     let st = rt.stats();
     assert_eq!(st.timeouts.load(Ordering::Relaxed), 1);
@@ -164,11 +165,8 @@ fn a_shorter_caller_deadline_wins_and_too_short_a_one_does_not_mark_the_endpoint
             .resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_millis(40))
             .unwrap_err();
         assert!(matches!(err, RuntimeError::Timeout { .. }), "{err:?}");
-        assert!(
-            t.elapsed() < Duration::from_millis(200),
-            "{:?}",
-            t.elapsed()
-        );
+        // The caller's 40 ms, not the client's 1 s call timeout.
+        assert!(t.elapsed() < NO_CALL, "{:?}", t.elapsed());
     }
     assert!(rt.endpoints()[0].healthy);
     let t = Instant::now();
@@ -176,8 +174,9 @@ fn a_shorter_caller_deadline_wins_and_too_short_a_one_does_not_mark_the_endpoint
         .resolve_blocking(ID, RuntimeHint::Unknown, Duration::from_millis(200))
         .unwrap_err();
     assert!(matches!(err, RuntimeError::Timeout { .. }), "{err:?}");
+    // The caller's 200 ms, not the client's 1 s call timeout.
     assert!(
-        t.elapsed() < Duration::from_millis(400),
+        t.elapsed() < Duration::from_millis(900),
         "{:?}",
         t.elapsed()
     );

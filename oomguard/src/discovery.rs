@@ -377,9 +377,17 @@ impl Discovery {
         Some(thresholds)
     }
 
-    fn apply(&mut self, cg: &MemCgroup, thresholds: Thresholds, armed: Result<Armed, String>) {
+    fn apply(&mut self, cg: &MemCgroup, thresholds: Thresholds, armed: ArmResult) {
         match armed {
-            Ok(armed) => {
+            Ok((armed, oom_error)) => {
+                if let Some(e) = oom_error {
+                    // Guarded all the same; only a kernel OOM kill here goes unreported.
+                    tracing::warn!(
+                        cgroup = %cg.path.display(),
+                        error = %e,
+                        "cannot arm the OOM notifier: a kernel OOM kill in this cgroup will not be reported"
+                    );
+                }
                 let rearm = self.known.contains_key(&cg.path);
                 self.known.insert(
                     cg.path.clone(),
@@ -429,8 +437,10 @@ const ARM_THREADS: usize = 256;
 const ARM_STACK: usize = 128 * 1024;
 
 type ArmJob = (MemCgroup, Thresholds);
+/// Armed, with why the OOM notifier (optional) could not be; or why the cgroup could not be.
+type ArmResult = Result<(Armed, Option<String>), String>;
 
-fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, Result<Armed, String>)> {
+fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, ArmResult)> {
     if todo.len() <= 1 {
         return todo
             .into_iter()
@@ -474,16 +484,20 @@ fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, Result<Armed, String>)> {
 }
 
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
-fn arm_all(cg: &MemCgroup, t: Thresholds) -> Result<Armed, String> {
+fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
     let err = |e: crate::threshold::ArmError| crate::error_line(&e);
     let kill_fd = arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?;
     let reclaim_fd = Some(arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(err)?);
-    let oom_fd = arm(&cg.path, Notifier::Oom).ok();
-    Ok(Armed {
+    let (oom_fd, oom_error) = match arm(&cg.path, Notifier::Oom) {
+        Ok(fd) => (Some(fd), None),
+        Err(e) => (None, Some(err(e))),
+    };
+    let armed = Armed {
         cgroup: cg.clone(),
         thresholds: t,
         kill_fd,
         reclaim_fd,
         oom_fd,
-    })
+    };
+    Ok((armed, oom_error))
 }

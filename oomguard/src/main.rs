@@ -111,6 +111,13 @@ fn agent(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sys::protect_from_oom_killer() {
         tracing::warn!(error = %e, "cannot set our oom_score_adj to -1000");
     }
+    match sys::raise_fd_limit() {
+        Ok(Some((old, new))) => {
+            tracing::info!(old, new, "raised the soft fd limit to the hard limit")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the soft fd limit"),
+    }
     if let Err(e) = sys::lock_memory() {
         tracing::warn!(error = %e, "mlockall failed; the kill path may page-fault under pressure");
     }

@@ -27,6 +27,26 @@ pub fn lock_memory() -> io::Result<()> {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit: each guarded cgroup holds three
+/// eventfds, and container runtimes often start daemons with a soft limit of 1,024 and a
+/// far higher hard one. Returns `(old, new)` when it raised it.
+pub fn raise_fd_limit() -> io::Result<Option<(u64, u64)>> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(soft), hard) = (lim.current, lim.maximum) else {
+        return Ok(None); // unlimited already
+    };
+    if hard.is_some_and(|h| h <= soft) {
+        return Ok(None);
+    }
+    let raised = rustix::process::Rlimit {
+        current: hard,
+        maximum: hard,
+    };
+    setrlimit(Resource::Nofile, raised).map_err(io::Error::from)?;
+    Ok(Some((soft, hard.unwrap_or(u64::MAX))))
+}
+
 /// Puts the calling thread in `SCHED_FIFO` at `priority` (1-99).
 pub fn set_realtime(priority: u8) -> io::Result<()> {
     let param = libc::sched_param {

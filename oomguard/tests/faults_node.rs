@@ -718,6 +718,72 @@ fn a_refused_registration_is_logged_once_and_the_sibling_stays_guarded() {
     eprintln!("refused registration, logged once: {error}");
 }
 
+/// `memory.oom_control` unreadable (mode 000, no CAP_DAC_*): the OOM notifier cannot be
+/// armed. The cgroup is guarded all the same (its thresholds are armed and a hog in it is
+/// killed), and the missing notifier is said once instead of silently dropped.
+#[test]
+fn a_refused_oom_notifier_is_logged_and_the_cgroup_is_still_guarded() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = Sandbox::new("faults-oomctl").unwrap();
+    let cg = sb.child("c").unwrap();
+    cg.set_limit(64 * M).unwrap();
+    let _mode = ModeGuard::set(cg.file("memory.oom_control"), 0o000);
+    let agent = agent_with(
+        sb.path(),
+        "oomctl",
+        &[
+            "--mode",
+            "eventfd",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--walk-interval",
+            "1",
+        ],
+        || drop_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]),
+    );
+    assert!(
+        agent
+            .wait_armed(&cg.path, Duration::from_secs(10))
+            .is_some(),
+        "{:#?}",
+        agent.records()
+    );
+    let warn = seen(&agent, Duration::from_secs(5), |v| {
+        is(
+            v,
+            "cannot arm the OOM notifier: a kernel OOM kill in this cgroup will not be reported",
+            &cg.path,
+        )
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no line about the OOM notifier; log: {:#?}",
+            agent.records()
+        )
+    });
+    let error = warn["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("memory.oom_control") && error.contains("Permission denied"),
+        "{error}"
+    );
+    agent_kills_a_hog_in(&agent, &cg);
+    // Rescans (--walk-interval 1) do not re-arm an unchanged cgroup, nor say it again.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        count(&agent, |v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cannot arm the OOM notifier"))),
+        1,
+        "{:#?}",
+        agent.records()
+    );
+}
+
 /// A guarded cgroup's usage file becomes unreadable while the guard re-checks it every
 /// --guard-ms (it is above its threshold): the failure is logged once, not per re-check.
 #[test]
@@ -1079,10 +1145,18 @@ fn auto_mode_falls_back_once_when_it_cannot_mount_tracefs() {
 
 /// Sets RLIMIT_NOFILE (soft and hard) in the child.
 fn nofile(limit: u64) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    nofile_soft_hard(limit, limit)
+}
+
+/// Sets the soft and the hard RLIMIT_NOFILE in the child.
+fn nofile_soft_hard(
+    soft: u64,
+    hard: u64,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
     move || {
         let r = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: limit,
+            rlim_cur: soft,
+            rlim_max: hard,
         };
         // SAFETY: setrlimit with a valid struct.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
@@ -1207,6 +1281,66 @@ fn at_the_fd_limit_the_agent_guards_what_it_armed_and_arms_the_rest_later() {
         .collect();
     agent_kills_a_hog_in(&agent, now_armed[0]);
     assert!(agent.running());
+    assert!(agent.stop(Duration::from_secs(10)).is_some());
+}
+
+/// A soft limit of 100 under a hard one of 4,096 (as runtimes often start daemons): the
+/// agent raises the soft limit at start and arms all 40 cgroups, none reported.
+#[test]
+fn a_low_soft_fd_limit_is_raised_to_the_hard_one_at_start() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = Sandbox::new("faults-softfd").unwrap();
+    let cgs: Vec<MemCgroup> = (0..FD_CGROUPS)
+        .map(|i| {
+            let cg = sb.child(&format!("c{i:02}")).unwrap();
+            cg.set_limit(64 * M).unwrap();
+            cg
+        })
+        .collect();
+    let mut agent = agent_with(
+        sb.path(),
+        "softfd",
+        &["--mode", "eventfd", "--policy", "noop"],
+        nofile_soft_hard(FD_LIMIT, 4096),
+    );
+    let all_armed = |agent: &Agent| {
+        cgs.iter()
+            .all(|c| count(agent, |v| is(v, "armed", &c.path)) > 0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || all_armed(&agent)),
+        "not every cgroup was armed; log: {:#?}",
+        agent.records()
+    );
+    let raised = agent
+        .records()
+        .into_iter()
+        .find(|v| v["message"] == "raised the soft fd limit to the hard limit");
+    let raised =
+        raised.unwrap_or_else(|| panic!("no line about the fd limit: {:#?}", agent.records()));
+    assert_eq!(
+        (raised["old"].as_u64(), raised["new"].as_u64()),
+        (Some(FD_LIMIT), Some(4096))
+    );
+    assert_eq!(
+        count(&agent, |v| v["message"] == "cannot guard cgroup"),
+        0,
+        "{:#?}",
+        agent.records()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["4096", "4096"],
+        "{line}"
+    );
     assert!(agent.stop(Duration::from_secs(10)).is_some());
 }
 

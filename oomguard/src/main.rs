@@ -246,10 +246,11 @@ fn agent(config: Config) -> anyhow::Result<()> {
         g.shutdown();
     }
     if pinned {
-        // The guard thread owned the programs; its exit dropped them. Clean exit: no pins.
-        match std::fs::remove_dir_all(&config.bpf_pin_dir) {
-            Ok(()) => tracing::info!(pin_dir = %config.bpf_pin_dir.display(), "eBPF pins removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // The guard thread owned the programs; its exit dropped them. Clean exit: none of
+        // our pins are left (anything else in the directory is not ours to remove).
+        match oomguard::bpf::remove_pins(&config.bpf_pin_dir) {
+            Ok(0) => {}
+            Ok(_) => tracing::info!(pin_dir = %config.bpf_pin_dir.display(), "eBPF pins removed"),
             Err(e) => tracing::warn!(error = %e, "cannot remove the eBPF pins"),
         }
     }

@@ -462,7 +462,8 @@ fn the_agent_protects_itself() {
     }
 }
 
-/// SIGTERM: a clean exit, status 0, within 5 s; in eBPF mode the pins are removed.
+/// SIGTERM: a clean exit, status 0, within 5 s; in eBPF mode our pins are removed, and
+/// what another tool keeps in the pin directory is not.
 #[test]
 fn sigterm_stops_the_agent_cleanly() {
     if !kernel_ready() {
@@ -483,10 +484,25 @@ fn sigterm_stops_the_agent_cleanly() {
             "no pins at {}",
             pins.display()
         );
+        // Not ours (bpffs holds only pins and directories): must survive our exit.
+        std::fs::create_dir(pins.join("other-tool")).unwrap();
     }
     let st = agent.stop(Duration::from_secs(5));
     assert!(st.is_some_and(|s| s.success()), "exit: {st:?}");
-    assert!(!pins.exists(), "pins left behind at {}", pins.display());
+    if mode == "ebpf" {
+        let left: Vec<String> = std::fs::read_dir(&pins)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir(pins.join("other-tool"));
+        let _ = std::fs::remove_dir(&pins);
+        assert_eq!(left, ["other-tool"], "in {}", pins.display());
+    } else {
+        assert!(!pins.exists(), "pins left behind at {}", pins.display());
+    }
 }
 
 /// Whether the agent armed `cg` within `within`, and with which discovery path it saw it.

@@ -524,24 +524,31 @@ impl EbpfGuard {
 
     /// Removes the pins (and the pin directory if it is then empty), detaches the programs.
     pub fn unpin(self) -> Result<(), BpfError> {
-        for name in PINNED_MAPS {
-            let path = self.pin_dir.join(name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(BpfError::PinDir {
-                        what: "removing the pin",
-                        path,
-                        source,
-                    });
-                }
+        remove_pins(&self.pin_dir).map(|_| ())
+    }
+}
+
+/// Removes our own pins under `pin_dir`, and the directory when nothing else lives there
+/// (another tool's pins or directories are left alone). Returns how many pins it removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
+    let mut removed = 0;
+    for name in PINNED_MAPS {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BpfError::PinDir {
+                    what: "removing the pin",
+                    path,
+                    source,
+                });
             }
         }
-        // Left in place when something else lives there too.
-        let _ = fs::remove_dir(&self.pin_dir);
-        Ok(())
     }
+    // Fails (and is left in place) when something else lives there too.
+    let _ = fs::remove_dir(pin_dir);
+    Ok(removed)
 }
 
 fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {

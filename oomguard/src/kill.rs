@@ -132,7 +132,11 @@ pub fn kill_task(task: &Task, scope: &Path, memory_mount: &Path, timeout: Durati
             }
         }
         Err(Errno::SRCH) => Outcome::Gone,
-        Err(Errno::NOSYS) => kill_without_pidfd(task, pid, scope, memory_mount, timeout, start),
+        // ENOSYS: a kernel before 5.3. EPERM/EACCES: pidfd_open checks no permission, so
+        // this is a seccomp profile or an LSM denying the call; kill(2) still works.
+        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => {
+            kill_without_pidfd(task, pid, scope, memory_mount, timeout, start)
+        }
         Err(e) => Outcome::Failed {
             errno: e.raw_os_error(),
         },

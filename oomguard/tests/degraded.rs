@@ -220,6 +220,55 @@ fn kernel_3_10_surface_still_guards_with_kill() {
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
 }
 
+/// A seccomp profile that denies the pidfd calls with EPERM (as container runtimes' default
+/// profiles did before they knew them) on a kernel that has them: the kill falls back to
+/// kill(2) as on 3.10, instead of failing.
+#[test]
+fn pidfd_denied_by_seccomp_falls_back_to_kill() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("degraded-pidfd-eperm", 256 * M);
+    let root = sb.path().display().to_string();
+    let agent = agent_denied(
+        &root,
+        &pins("pidfd-eperm"),
+        &[
+            "--mode",
+            "eventfd",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+        ],
+        &[
+            (libc::SYS_pidfd_open, libc::EPERM),
+            (libc::SYS_pidfd_send_signal, libc::EPERM),
+        ],
+    );
+    assert!(
+        agent
+            .wait_armed(sb.path(), Duration::from_secs(10))
+            .is_some(),
+        "not armed; log: {:#?}",
+        agent.records()
+    );
+    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let d = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["action"] == "kill" || v["action"] == "kill-failed"
+        })
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    assert_eq!(d["action"], "kill", "{d:#}");
+    let k = killed(&d);
+    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
+    assert_eq!(k[0]["pidfd"], false, "the kill must be kill(2): {d:#}");
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+}
+
 /// A cgroup v1 freezer cgroup beneath our own: its tasks sleep uninterruptibly
 /// (`TASK_FROZEN`), so SIGKILL stays pending until it is thawed. Thawed, emptied and
 /// removed on drop.

@@ -400,9 +400,36 @@ pub fn memory_mounts(mountinfo: &str) -> Vec<PathBuf> {
             let mut r = right.split_whitespace();
             let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
             (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
-                .then(|| PathBuf::from(mount_point))
+                .then(|| unescape_mount_field(mount_point))
         })
         .collect()
+}
+
+/// A mountinfo path field: the kernel writes space, tab, newline and backslash as `\ooo`
+/// (three octal digits, `\040` for a space). Anything else is kept as it is.
+pub fn unescape_mount_field(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// The mount point of the cgroup v1 memory hierarchy that holds `dir`, from
@@ -432,5 +459,22 @@ mod mount_tests {
             memory_mount_for(mi, Path::new("/sys/fs/cgroup/unified/x")),
             None
         );
+    }
+
+    #[test]
+    fn mount_points_with_escaped_characters_are_decoded() {
+        let mi = "30 25 0:26 / /run/my\\040cgroups/mem\\134ory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(
+            memory_mounts(mi),
+            [PathBuf::from("/run/my cgroups/mem\\ory")]
+        );
+        assert_eq!(
+            unescape_mount_field("a\\011b\\012c"),
+            PathBuf::from("a\tb\nc")
+        );
+        // Not an escape: kept as written (a lone backslash, too few or non-octal digits, > 0o377).
+        for raw in ["a\\", "a\\04", "a\\089", "a\\777", "plain"] {
+            assert_eq!(unescape_mount_field(raw), PathBuf::from(raw), "{raw}");
+        }
     }
 }

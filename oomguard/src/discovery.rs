@@ -101,6 +101,8 @@ impl Discovery {
         }
         let t0 = std::time::Instant::now();
         self.rescan();
+        // The arming workers' allocations (per-thread arenas) are freed now; give them back.
+        crate::sys::trim_heap();
         tracing::info!(
             guarded = self.known.len(),
             elapsed_ms = t0.elapsed().as_millis() as u64,

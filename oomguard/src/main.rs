@@ -95,6 +95,9 @@ fn agent(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let ebpf = load_ebpf(&config)?;
+    if ebpf.is_some() {
+        sys::trim_heap();
+    }
     // Every policy uses the runtime client: the container policy to kill, all of them to
     // put Events on the right pod. It dials lazily; a node without a runtime is normal.
     let runtime = match RuntimeClient::new(RuntimeConfig::new(

@@ -47,6 +47,14 @@ pub fn raise_fd_limit() -> io::Result<Option<(u64, u64)>> {
     Ok(Some((soft, hard.unwrap_or(u64::MAX))))
 }
 
+/// Gives freed heap memory back to the kernel (glibc's `malloc_trim`). Loading eBPF parses
+/// the kernel's BTF (megabytes) and frees it again; without a trim the heap keeps those
+/// pages, and `mlockall` keeps them resident. Returns whether anything was released.
+pub fn trim_heap() -> bool {
+    // SAFETY: malloc_trim takes a plain size and only touches the allocator's own state.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 /// Puts the calling thread in `SCHED_FIFO` at `priority` (1-99).
 pub fn set_realtime(priority: u8) -> io::Result<()> {
     let param = libc::sched_param {

@@ -618,6 +618,8 @@ impl Guard {
         let limit = e.armed.thresholds.limit;
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
+        // Usage read below the threshold once the kills were done: no cooldown then.
+        let mut below_after = false;
         if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke) {
             // Done through the runtime or its fallback.
         } else if cfg.policy == Policy::Noop {
@@ -652,6 +654,7 @@ impl Guard {
                 // stuck but reaped by process_mrelease) may have freed enough, and one small
                 // task of many growing together may not have.
                 if cg.usage().is_ok_and(|u| u < kill_threshold) {
+                    below_after = true;
                     break;
                 }
             }
@@ -669,10 +672,16 @@ impl Guard {
             d.detail = "no task may be killed (only protected or exiting tasks)".into();
         }
         if let Some(e) = self.entries.get_mut(path) {
-            e.state.acted(Instant::now());
+            e.state.acted(Instant::now(), below_after);
         }
         if let Some(s) = &self.deps.state {
-            s.cgroup_state(path, crate::state::CgroupState::CoolingDown);
+            use crate::state::CgroupState;
+            let now = if below_after {
+                CgroupState::Armed
+            } else {
+                CgroupState::CoolingDown
+            };
+            s.cgroup_state(path, now);
         }
         self.deps.reporter.send(d);
     }

@@ -59,10 +59,16 @@ impl State {
         Step::Act
     }
 
-    /// Records that the policy acted at `now`.
-    pub fn acted(&mut self, now: Instant) {
+    /// Records that the policy acted at `now`. `below_after`: a reading taken once the
+    /// action was done already found usage under the threshold, so the action took effect
+    /// and the next crossing is a new episode, acted on at once. Otherwise the cooldown holds
+    /// until a later observation sees usage below (or it runs out): the signal of the next
+    /// crossing can come before any signal of the dip (an eBPF crossing record is sent at
+    /// the charge itself, the eventfd's downward notification is rate-limited), and without
+    /// this it would be cooled down while usage ran on to the limit.
+    pub fn acted(&mut self, now: Instant, below_after: bool) {
         self.last_action = Some(now);
-        self.dropped_since_action = false;
+        self.dropped_since_action = below_after;
         self.skip_reported = false;
     }
 
@@ -96,7 +102,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::default();
         assert_eq!(s.observe(t0, true, || false, CD), Step::Act);
-        s.acted(t0);
+        s.acted(t0, false);
         assert_eq!(
             s.observe(t0 + Duration::from_millis(10), true, || false, CD),
             Step::Cooling
@@ -111,11 +117,25 @@ mod tests {
     fn a_new_crossing_ends_the_cooldown() {
         let t0 = Instant::now();
         let mut s = State::default();
-        s.acted(t0);
+        s.acted(t0, false);
         assert_eq!(s.observe(t0, false, || false, CD), Step::Idle);
         assert_eq!(
             s.observe(t0 + Duration::from_millis(5), true, || false, CD),
             Step::Act
+        );
+    }
+
+    #[test]
+    fn usage_seen_below_right_after_acting_ends_the_cooldown() {
+        let t0 = Instant::now();
+        let mut s = State::default();
+        assert_eq!(s.observe(t0, true, || false, CD), Step::Act);
+        s.acted(t0, true);
+        assert!(!s.in_cooldown(t0, CD));
+        assert_eq!(
+            s.observe(t0 + Duration::from_millis(10), true, || false, CD),
+            Step::Act,
+            "the next crossing is a new episode"
         );
     }
 

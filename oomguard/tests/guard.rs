@@ -7,9 +7,17 @@
 
 mod common;
 
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use oomguard::cgroup::DEFAULT_MEMORY_ROOT;
+use oomguard::config::RunArgs;
+use oomguard::guard::{Armed, Cmd, Deps};
+use oomguard::report::Action;
 
 /// Allocates past `limit` at `rate` and checks the agent, not the kernel, killed it.
 fn kills_before_the_kernel(rate: &str, mode: &str) {
@@ -609,4 +617,92 @@ fn a_hog_that_calls_itself_pause_is_still_killed() {
         .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
     assert_eq!(killed(&d)[0]["comm"], "pause", "{d:#}");
     assert_eq!(sb.cg.subtree_oom_kills(), 0, "the kernel had to act: {d:#}");
+}
+
+/// The cooldown after a kill lasts until usage is seen below the threshold, and the reading
+/// the guard takes right after its own kill counts. With many tasks growing together, one
+/// kill brings usage under the threshold and the next crossing follows within milliseconds;
+/// its signal (an eBPF crossing record is sent at the charge itself) can come before any
+/// signal of the dip (the eventfd's downward notification is rate-limited), and a guard still
+/// cooling down then let usage run on to the limit. The guard is driven here through an
+/// eventfd the test writes instead of the kernel's notifier, so it reads usage only when
+/// told to: nothing but the kill itself sees the dip, whatever the timing.
+#[test]
+fn a_crossing_right_after_a_kill_that_brought_usage_down_is_acted_on() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let limit = 256 * M;
+    let sb = sandbox("guard-next-crossing", limit);
+    let root = sb.cg.path.display().to_string();
+    // An hour of cooldown and between re-checks: only the signals below make it look.
+    let args: Vec<OsString> = [
+        "--root",
+        &root,
+        "--policy",
+        "process",
+        "--margin-ratio",
+        "0.1",
+        "--cooldown-ms",
+        "3600000",
+        "--guard-ms",
+        "3600000",
+        "--rt-priority",
+        "0",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let config = RunArgs::load(&args).unwrap().validate("test-node").unwrap();
+    let thresholds = config.margins.thresholds(limit).unwrap();
+    let (reporter, decisions) = oomguard::report::channel(16);
+    let guard = oomguard::guard::spawn(Deps {
+        config: Arc::new(config),
+        reporter,
+        reclaimer: None,
+        memory_mount: PathBuf::from(DEFAULT_MEMORY_ROOT),
+        runtime: None,
+        ebpf: None,
+        created: None,
+        state: None,
+        metrics: None,
+    })
+    .unwrap();
+    // SAFETY: eventfd(2) with valid flags; the new fd is owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd that nothing else owns.
+    let signal = unsafe { OwnedFd::from_raw_fd(fd) };
+    guard.send(Cmd::Arm(Box::new(Armed {
+        cgroup: sb.cg.clone(),
+        thresholds,
+        kill_fd: signal.try_clone().unwrap(),
+        reclaim_fd: None,
+        oom_fd: None,
+    })));
+    for round in 1..=2 {
+        let mut h = hog(&sb.cg, &["--total", "236M"]);
+        wait_rss(&h, 236 * M, Duration::from_secs(30));
+        let usage = sb.cg.usage().unwrap();
+        assert!(usage >= thresholds.kill, "round {round}: usage {usage}");
+        assert!(usage < limit, "round {round}: usage {usage} at the limit");
+        rustix::io::write(&signal, &1u64.to_ne_bytes()).unwrap();
+        let d = decisions
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "round {round}: no decision for a cgroup at {usage} bytes (threshold {})",
+                    thresholds.kill
+                )
+            });
+        assert_eq!(d.action, Action::Kill, "round {round}: {d:#?}");
+        assert_eq!(d.killed[0].pid, h.id() as i32, "round {round}: {d:#?}");
+        assert!(
+            killed_by_sigkill(wait_exit(&mut h, Duration::from_secs(10))),
+            "round {round}: the hog was not killed"
+        );
+    }
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+    guard.shutdown();
 }

@@ -253,7 +253,10 @@ impl Btf {
             } else {
                 (raw_offset, 0)
             };
-            let bits = base_bits + bit_offset;
+            // Nested anonymous members add their offsets up: past u32, the blob is broken.
+            let bits = base_bits
+                .checked_add(bit_offset)
+                .ok_or(BtfError::Malformed("a member offset past 2^32 bits"))?;
             let name = self.name(name_off);
             if name == wanted {
                 if bitfield_size != 0 || !bits.is_multiple_of(8) {
@@ -507,6 +510,22 @@ mod tests {
         assert_eq!(btf.enum_value("PGPGOUT"), Ok(1));
         assert!(btf.has_typedef("btf_trace_rss_stat"));
         assert!(!btf.has_typedef("btf_trace_nope"));
+    }
+
+    #[test]
+    fn member_offsets_adding_up_past_u32_are_malformed_not_an_overflow() {
+        // Found by the `btf` fuzz target: an anonymous struct at bit offset 0xffff_fff0
+        // holding the wanted member at bit offset 0x100.
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let inner = b.composite(KIND_STRUCT, "", 64, &[("deep", int, 0x100)]);
+        b.composite(KIND_STRUCT, "outer", 64, &[("", inner, 0xffff_fff0)]);
+        let btf = Btf::parse(&b.build()).unwrap();
+        assert!(
+            matches!(btf.member("outer", "deep"), Err(BtfError::Malformed(_))),
+            "{:?}",
+            btf.member("outer", "deep").map(|m| m.offset)
+        );
     }
 
     #[test]

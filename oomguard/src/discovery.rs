@@ -100,11 +100,12 @@ impl Discovery {
             );
         }
         let t0 = std::time::Instant::now();
-        self.rescan();
+        let guarded_ms = self.rescan();
         // The arming workers' allocations (per-thread arenas) are freed now; give them back.
         crate::sys::trim_heap();
         tracing::info!(
             guarded = self.known.len(),
+            guarded_ms,
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "first walk done"
         );
@@ -115,7 +116,9 @@ impl Discovery {
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tick.tick() => self.rescan(),
+                _ = tick.tick() => {
+                    self.rescan();
+                }
                 Some(dir) = created.recv() => self.on_created(&dir, "ebpf"),
                 Some(config) = reload.recv() => {
                     // New margins move every threshold: the rescan re-arms what changed.
@@ -263,8 +266,9 @@ impl Discovery {
         }
     }
 
-    /// A full walk: arm what is new or changed, disarm what is gone.
-    pub fn rescan(&mut self) {
+    /// A full walk: arm what is new or changed, disarm what is gone. Returns the
+    /// milliseconds until every kill threshold was armed (the reclaim thresholds follow).
+    pub fn rescan(&mut self) -> u64 {
         let t0 = std::time::Instant::now();
         let (all, unlisted) = self.config.root.walk();
         let walked_ms = t0.elapsed().as_millis() as u64;
@@ -304,10 +308,35 @@ impl Discovery {
         }
         let planned_ms = t0.elapsed().as_millis() as u64;
         let to_arm = todo.len();
-        let results = arm_parallel(todo);
+        // Kill thresholds (and OOM notifiers) of every cgroup first: each cgroup is guarded
+        // after one grace period of its own instead of two. Reclaim thresholds follow.
+        let results = arm_parallel(todo, arm_guard);
         let registered_ms = t0.elapsed().as_millis() as u64;
+        let mut reclaim = Vec::new();
         for ((cg, t), armed) in results {
+            let ok = armed.is_ok();
             self.apply(&cg, t, armed);
+            if ok {
+                reclaim.push((cg, t));
+            }
+        }
+        let guarded_ms = t0.elapsed().as_millis() as u64;
+        for ((cg, t), fd) in arm_parallel(reclaim, |cg, t| {
+            arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))
+        }) {
+            match fd {
+                Ok(fd) => self.guard.send(Cmd::AddReclaim {
+                    path: cg.path,
+                    thresholds: t,
+                    fd,
+                }),
+                Err(_) if !cg.exists() => {}
+                Err(e) => tracing::warn!(
+                    cgroup = %cg.path.display(),
+                    error = %e,
+                    "cannot arm the reclaim threshold; the kill threshold guards it"
+                ),
+            }
         }
         tracing::debug!(
             guarded = self.known.len(),
@@ -316,9 +345,11 @@ impl Discovery {
             walked_ms,
             planned_ms,
             registered_ms,
+            guarded_ms,
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "rescan done"
         );
+        guarded_ms
     }
 
     fn forget_subtree(&mut self, top: &Path) {
@@ -442,12 +473,16 @@ type ArmJob = (MemCgroup, Thresholds);
 /// Armed, with why the OOM notifier (optional) could not be; or why the cgroup could not be.
 type ArmResult = Result<(Armed, Option<String>), String>;
 
-fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, ArmResult)> {
+/// Runs `arm` on every job, on up to [`ARM_THREADS`] workers; results in path order.
+fn arm_parallel<R: Send>(
+    todo: Vec<ArmJob>,
+    arm: impl Fn(&MemCgroup, Thresholds) -> R + Sync,
+) -> Vec<(ArmJob, R)> {
     if todo.len() <= 1 {
         return todo
             .into_iter()
             .map(|(cg, t)| {
-                let r = arm_all(&cg, t);
+                let r = arm(&cg, t);
                 ((cg, t), r)
             })
             .collect();
@@ -467,7 +502,7 @@ fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, ArmResult)> {
                         Err(_) => None,
                     };
                     let Some((cg, t)) = job else { break };
-                    let r = arm_all(&cg, t);
+                    let r = arm(&cg, t);
                     if let Ok(mut d) = done.lock() {
                         d.push(((cg, t), r));
                     }
@@ -487,9 +522,16 @@ fn arm_parallel(todo: Vec<ArmJob>) -> Vec<(ArmJob, ArmResult)> {
 
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
 fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
+    let (mut armed, oom_error) = arm_guard(cg, t)?;
+    let reclaim = arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))?;
+    armed.reclaim_fd = Some(reclaim);
+    Ok((armed, oom_error))
+}
+
+/// Arms the kill threshold (required) and the OOM notifier: what guards the cgroup.
+fn arm_guard(cg: &MemCgroup, t: Thresholds) -> ArmResult {
     let err = |e: crate::threshold::ArmError| crate::error_line(&e);
     let kill_fd = arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?;
-    let reclaim_fd = Some(arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(err)?);
     let (oom_fd, oom_error) = match arm(&cg.path, Notifier::Oom) {
         Ok(fd) => (Some(fd), None),
         Err(e) => (None, Some(err(e))),
@@ -498,7 +540,7 @@ fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
         cgroup: cg.clone(),
         thresholds: t,
         kill_fd,
-        reclaim_fd,
+        reclaim_fd: None,
         oom_fd,
     };
     Ok((armed, oom_error))

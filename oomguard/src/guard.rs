@@ -47,6 +47,14 @@ pub struct Armed {
 pub enum Cmd {
     /// Guard (or re-guard with new thresholds) a cgroup; replaces its old eventfds.
     Arm(Box<Armed>),
+    /// The reclaim threshold of a cgroup armed before without one (a walk arms every kill
+    /// threshold first). Dropped (and so unregistered) when the cgroup was disarmed or
+    /// re-armed with other thresholds meanwhile.
+    AddReclaim {
+        path: PathBuf,
+        thresholds: Thresholds,
+        fd: OwnedFd,
+    },
     /// Stop guarding a cgroup and close its eventfds.
     Disarm(PathBuf),
     /// New flags (SIGHUP): policy, cooldown, timeouts take effect from the next signal.
@@ -399,6 +407,11 @@ impl Guard {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Cmd::Arm(armed) => self.arm(*armed),
+                Cmd::AddReclaim {
+                    path,
+                    thresholds,
+                    fd,
+                } => self.add_reclaim(&path, thresholds, fd),
                 Cmd::Disarm(path) => self.disarm(&path),
                 Cmd::Reload(config) => self.deps.config = config,
                 Cmd::Shutdown => return false,
@@ -476,6 +489,21 @@ impl Guard {
             .store(self.entries.len() as u64, Ordering::Relaxed);
         // Usage may already be above the new threshold: the notifier only reports crossings.
         self.evaluate(&path, Instant::now(), "arm");
+    }
+
+    fn add_reclaim(&mut self, path: &Path, thresholds: Thresholds, fd: OwnedFd) {
+        let wanted = self
+            .entries
+            .get(path)
+            .is_some_and(|e| e.armed.thresholds == thresholds && e.armed.reclaim_fd.is_none());
+        if !wanted {
+            return;
+        }
+        let token = self.register(&fd, path, Kind::Reclaim);
+        if let Some(e) = self.entries.get_mut(path) {
+            e.tokens.extend(token);
+            e.armed.reclaim_fd = Some(fd);
+        }
     }
 
     fn remove(&mut self, path: &Path) -> Option<Entry> {

@@ -84,7 +84,8 @@ pub fn memhog_exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_oomguard-memhog"))
 }
 
-/// Starts the agent on `root` with `extra` flags and waits until it has armed `root`.
+/// Starts the agent on `root` with `extra` flags and waits until it has armed `root` and
+/// finished its first walk (reclaim thresholds are armed after every kill threshold).
 /// Without `--mode` in `extra` it runs in eventfd mode; eBPF pins go to a directory of
 /// this test's own, removed by the agent on its clean exit.
 pub fn start_agent(root: &MemCgroup, extra: &[&str]) -> Agent {
@@ -111,6 +112,20 @@ pub fn start_agent(root: &MemCgroup, extra: &[&str]) -> Agent {
         root.path.display(),
         agent.records()
     );
+    // Read without consuming: the children's "armed" records stay for wait_armed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent
+        .records()
+        .iter()
+        .any(|v| v["message"] == "first walk done")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no first walk within 10 s; log: {:#?}",
+            agent.records()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     agent
 }
 

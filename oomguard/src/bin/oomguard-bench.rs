@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only the avoidance scenarios whose name contains this (no footprint or selection);
-    /// `container` runs only the container policy's latency.
+    /// `container` runs only the container policy's latency, `footprint` only the footprint.
     #[arg(long)]
     only: Option<String>,
     /// Only the "no growth" soak: kills and cgroup create/delete cycles against a running
@@ -331,16 +331,16 @@ fn run(args: &Args) -> Result<(), String> {
             }
         }
     }
-    let sizes: &[usize] = match (&args.only, args.quick) {
+    let sizes: &[usize] = match (args.only.as_deref(), args.quick) {
+        (Some("footprint"), true) | (None, true) => &[10, 100],
+        (Some("footprint"), false) | (None, false) => &[10, 100, 1000],
         (Some(_), _) => &[],
-        (None, true) => &[10, 100],
-        (None, false) => &[10, 100, 1000],
     };
     let mut footprint = Vec::new();
     for mode in modes.iter().filter(|m| m.as_str() != "kernel-only") {
         for &n in sizes {
             progress(&format!("footprint ({mode}): {n} idle guarded cgroups"));
-            let window = if args.quick { 3.0 } else { 10.0 };
+            let window = if args.quick { 3.0 } else { 20.0 };
             // The full run's largest agent then kills 1,000 hogs (issue 6: "RSS after
             // 1,000 kills"), about half a minute per mode.
             let kills = (!args.quick && n == 1000).then_some((memhog.as_path(), 1000));
@@ -811,20 +811,22 @@ fn latency_row(mode: &str, samples: &[(u64, u64)]) -> LatencyRow {
     }
 }
 
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let n = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    n(14) + n(15)
+/// CPU time of every thread of `pid` in nanoseconds (the first field of each thread's
+/// `schedstat`): utime/stime count 10 ms ticks, too coarse for an idle agent.
+fn proc_cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
 }
+
+/// Left to the agent after its first walk before the idle window starts (the guard
+/// registers the reclaim eventfds, the state thread records the arming).
+const SETTLE: Duration = Duration::from_secs(2);
 
 fn proc_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -876,12 +878,11 @@ fn footprint_row(
     else {
         return Err(format!("the first walk's record lacks its times: {walk}"));
     };
-    let c0 = proc_cpu_ticks(agent.pid());
+    std::thread::sleep(SETTLE);
+    let c0 = proc_cpu_ns(agent.pid());
     let w0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(window_s));
-    let ticks = proc_cpu_ticks(agent.pid()) - c0;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu_ns = proc_cpu_ns(agent.pid()).saturating_sub(c0);
     let elapsed = w0.elapsed().as_secs_f64();
     let rss_kib = proc_rss_kib(agent.pid());
     let rss_after_1000_kills_kib = match kills {
@@ -908,7 +909,7 @@ fn footprint_row(
         guarded_ms,
         start_to_armed_ms,
         rss_kib,
-        cpu_percent_of_core: ticks as f64 / hz / elapsed * 100.0,
+        cpu_percent_of_core: cpu_ns as f64 / 1e9 / elapsed * 100.0,
         window_s: elapsed,
         rss_after_1000_kills_kib,
     })

@@ -207,12 +207,13 @@ impl Discovery {
         for cg in MemCgroup::new(dir).subtree() {
             self.watch(&cg.path);
             self.reconcile(&cg);
+            let guarded = self.known.contains_key(&cg.path);
             if let Some(rt) = &self.runtime
-                && !self.known.contains_key(&cg.path)
+                && !guarded
             {
                 rt.prefetch(&cg.path);
             }
-            if !self.config.inotify && !self.known.contains_key(&cg.path) {
+            if !self.config.inotify && !guarded {
                 self.recheck.retain(|(_, _, p)| p != &cg.path);
                 self.recheck.push((
                     tokio::time::Instant::now() + LIMIT_RECHECKS[0],
@@ -321,9 +322,7 @@ impl Discovery {
             }
         }
         let guarded_ms = t0.elapsed().as_millis() as u64;
-        for ((cg, t), fd) in arm_parallel(reclaim, |cg, t| {
-            arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))
-        }) {
+        for ((cg, t), fd) in arm_parallel(reclaim, arm_reclaim) {
             match fd {
                 Ok(fd) => self.guard.send(Cmd::AddReclaim {
                     path: cg.path,
@@ -523,9 +522,13 @@ fn arm_parallel<R: Send>(
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
 fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
     let (mut armed, oom_error) = arm_guard(cg, t)?;
-    let reclaim = arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))?;
-    armed.reclaim_fd = Some(reclaim);
+    armed.reclaim_fd = Some(arm_reclaim(cg, t)?);
     Ok((armed, oom_error))
+}
+
+/// Arms the reclaim threshold alone (a walk arms it after [`arm_guard`]).
+fn arm_reclaim(cg: &MemCgroup, t: Thresholds) -> Result<std::os::fd::OwnedFd, String> {
+    arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))
 }
 
 /// Arms the kill threshold (required) and the OOM notifier: what guards the cgroup.

@@ -338,7 +338,7 @@ fn a_victim_that_does_not_die_is_followed_by_the_next_candidate() {
         if std::env::var_os(REQUIRE_ENV).is_some() {
             panic!("required feature missing: no cgroup v1 freezer");
         }
-        eprintln!("skipped: no cgroup v1 freezer hierarchy");
+        skipped("no cgroup v1 freezer hierarchy");
         return;
     };
     let sb = sandbox("degraded-stuck", 128 * M);

@@ -43,7 +43,7 @@ fn ebpf_ready() -> bool {
             common::REQUIRE_ENV
         );
     }
-    eprintln!("skipped: {reason}");
+    common::skipped(&reason);
     false
 }
 
@@ -485,7 +485,7 @@ fn this_kernel_has_every_capability() {
         if std::env::var_os(common::REQUIRE_ENV).is_some() {
             panic!("required feature missing: {reason}");
         }
-        eprintln!("skipped: {reason}");
+        common::skipped(&reason);
     }
 }
 

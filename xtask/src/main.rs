@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod matrix;
 mod setup;
+mod vm;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test oomguard")]
@@ -48,8 +50,50 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Format check, clippy, and every test (root integration tests run one at a time).
+    /// Boot a Debian kernel in a throw-away qemu guest, run COMMAND there (busybox sh),
+    /// print its output and exit with its status.
+    Vm {
+        /// The kernel series (the newest package of it is fetched and cached).
+        #[arg(long, value_enum, default_value = "6.1")]
+        kernel: vm::Series,
+        /// The cgroup layout the guest mounts.
+        #[arg(long = "cgroup", value_enum, default_value = "v2")]
+        layout: vm::Layout,
+        /// Copy the guest's /out directory here afterwards.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Files to carry into the guest, at the same paths (an ext4 disk; their shared
+        /// libraries are carried too).
+        #[arg(long = "carry")]
+        carry: Vec<PathBuf>,
+        /// Seconds from boot to power-off before the guest is stopped.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 1536)]
+        mem: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// The shell command to run in the guest.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Format check, clippy, and every test (root integration tests run one at a time),
+    /// then the integration tests in the kernel matrix's guests.
     Test {
+        /// Only the kernel matrix: the integration tests that exercise the kernel, in
+        /// qemu guests of each kernel and cgroup layout.
+        #[arg(long, conflicts_with = "fuzz")]
+        vm: bool,
+        /// Only the host: skip the kernel matrix.
+        #[arg(long, conflicts_with_all = ["fuzz", "vm"])]
+        host: bool,
+        /// With --vm: only these kernels (default: the whole matrix).
+        #[arg(long, value_enum, requires = "vm")]
+        kernel: Vec<vm::Series>,
+        /// With --vm: only these layouts.
+        #[arg(long = "cgroup", value_enum, requires = "vm")]
+        layout: Vec<vm::Layout>,
         /// Instead of the suite: every fuzz target in fuzz/ (cargo-fuzz, nightly) for a while.
         #[arg(long)]
         fuzz: bool,
@@ -125,14 +169,85 @@ fn main() -> Result<()> {
             }
             exec(&mut cmd)
         }
+        Cmd::Vm {
+            kernel,
+            layout,
+            out,
+            carry,
+            timeout,
+            mem,
+            cpus,
+            command,
+        } => {
+            setup::run(false)?;
+            let target = target_dir(&root);
+            let kernel = vm::kernel(&target, kernel)?;
+            if let Some(why) = vm::unsupported(&kernel, layout) {
+                eprintln!("xtask: {why}");
+                std::process::exit(2);
+            }
+            let disk = if carry.is_empty() {
+                None
+            } else {
+                step(&format!("carrying {} file(s) on a disk image", carry.len()));
+                Some(vm::Disk::build(&target, &carry, 256)?)
+            };
+            let guest = vm::Guest {
+                kernel,
+                layout,
+                mem_mib: mem,
+                cpus,
+                timeout: std::time::Duration::from_secs(timeout),
+                disk,
+                env: Vec::new(),
+                echo: Some(String::new()),
+            };
+            step(&format!(
+                "booting {} ({}, cgroup {layout})",
+                guest.kernel.release,
+                guest.kernel.image.display()
+            ));
+            let outcome = vm::run(&target, &guest, &command.join(" "), out.as_deref())?;
+            match outcome.status {
+                Some(rc) => {
+                    step(&format!(
+                        "guest exited {rc} after {:.1} s",
+                        outcome.elapsed.as_secs_f64()
+                    ));
+                    std::process::exit(rc)
+                }
+                None => {
+                    eprintln!("{}", outcome.console_tail(40));
+                    bail!(
+                        "the guest reported no exit status (boot failure, panic or timeout after {:.0} s); its console's tail is above",
+                        outcome.elapsed.as_secs_f64()
+                    )
+                }
+            }
+        }
         Cmd::Test {
             fuzz: true,
             fuzz_seconds,
             args,
+            ..
         } => fuzz::run(&root, fuzz_seconds, &args),
-        Cmd::Test { args, .. } => {
+        Cmd::Test {
+            vm: true,
+            kernel,
+            layout,
+            args,
+            ..
+        } => {
             setup::run(false)?;
-            test(&args)
+            matrix::run(&target_dir(&root), &kernel, &layout, &args)
+        }
+        Cmd::Test { host, args, .. } => {
+            setup::run(false)?;
+            test(&args)?;
+            if host {
+                return Ok(());
+            }
+            matrix::run(&target_dir(&root), &[], &[], &[])
         }
     }
 }

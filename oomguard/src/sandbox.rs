@@ -167,13 +167,14 @@ impl Agent {
         self.child.id()
     }
 
-    /// Waits up to `timeout` for a record matching `pred`, consuming records up to it.
+    /// Waits up to `timeout` (times [`patience`]) for a record matching `pred`, consuming
+    /// records up to it.
     pub fn wait_for(
         &self,
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience(timeout);
         let (m, cv) = &*self.log;
         let mut q = m.lock().ok()?;
         loop {
@@ -216,11 +217,12 @@ impl Agent {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGTERM, then wait up to `timeout`; returns the exit status if it exited.
+    /// SIGTERM, then wait up to `timeout` (times [`patience`]); returns the exit status if
+    /// it exited.
     pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience(timeout);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return Some(st);
@@ -242,6 +244,19 @@ impl Drop for Agent {
 
 /// Finds a sibling binary of the running executable (e.g. `oomguard-memhog`), looking
 /// also one directory up (test binaries live in `target/<profile>/deps`).
+/// How much longer than on this machine a wait for something that should happen may take:
+/// `$OOMGUARD_TEST_PATIENCE` (a factor, default 1). The kernel matrix's guests run under
+/// emulation, 10–50× slower, and set it; a wait still ends as soon as what it waits for
+/// happens, so only a failing wait gets longer.
+pub fn patience(timeout: Duration) -> Duration {
+    let factor = std::env::var("OOMGUARD_TEST_PATIENCE")
+        .ok()
+        .and_then(|f| f.parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f >= 1.0)
+        .unwrap_or(1.0);
+    timeout.mul_f64(factor)
+}
+
 pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;

@@ -190,7 +190,7 @@ fn main() -> Result<()> {
                 None
             } else {
                 step(&format!("carrying {} file(s) on a disk image", carry.len()));
-                Some(vm::Disk::build(&target, &carry, 256)?)
+                Some(vm::Disk::build(&target, &carry, &[], 256)?)
             };
             let guest = vm::Guest {
                 kernel,

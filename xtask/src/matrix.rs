@@ -37,6 +37,9 @@ pub const TESTS: &[&str] = &[
     "reload",
 ];
 
+/// How much longer the tests' waits may take in a guest (`OOMGUARD_TEST_PATIENCE`).
+const PATIENCE: &str = "10";
+
 /// Upper bound for one test binary in a guest (TCG is 10–50× slower than the host).
 const PER_BINARY: Duration = Duration::from_secs(900);
 
@@ -83,6 +86,27 @@ fn count(log: &str, skips: &str) -> Count {
             v if v.starts_with("ignored") => c.skipped += 1,
             _ => {}
         }
+    }
+    // A child's stderr (not captured by libtest) can split a `test NAME ... ok` line; the
+    // closing `test result:` line's counts then say what the per-test lines missed.
+    let (mut passed, mut failed) = (0, 0);
+    for line in log.lines().filter(|l| l.starts_with("test result: ")) {
+        for part in line.split([';', '.']) {
+            let mut w = part.split_whitespace();
+            match (w.next().and_then(|n| n.parse::<u32>().ok()), w.next()) {
+                (Some(n), Some("passed")) => passed += n,
+                (Some(n), Some("failed")) => failed += n,
+                _ => {}
+            }
+        }
+    }
+    if failed > c.failed {
+        c.failures
+            .push(format!("{} more (see the log)", failed - c.failed));
+        c.failed = failed;
+    }
+    if passed > c.passed + c.skipped {
+        c.passed = passed - c.skipped;
     }
     c
 }
@@ -201,7 +225,10 @@ pub fn run(target: &Path, kernels: &[Series], layouts: &[Layout], extra: &[Strin
         "making the guests' disk ({} binaries, and room for page cache)",
         files.len()
     ));
-    let disk = vm::Disk::build(target, &files, 512)?;
+    // The tests' CARGO_TARGET_TMPDIR, compiled in: on the disk, so files written there are
+    // page cache on a real filesystem.
+    let tmp = fs::canonicalize(target)?.join("tmp");
+    let disk = vm::Disk::build(target, &files, &[tmp], 512)?;
     let results_dir = target.join("vm/results");
     let _ = fs::remove_dir_all(&results_dir);
     let mut done = Vec::new();
@@ -220,7 +247,11 @@ pub fn run(target: &Path, kernels: &[Series], layouts: &[Layout], extra: &[Strin
             cpus: 2,
             timeout: PER_BINARY * tests.len() as u32 + Duration::from_secs(120),
             disk: Some(disk.clone()),
-            env: vec![("RUST_BACKTRACE".into(), "1".into())],
+            env: vec![
+                ("RUST_BACKTRACE".into(), "1".into()),
+                // Emulation is 10–50× slower: waits for what should happen may take longer.
+                ("OOMGUARD_TEST_PATIENCE".into(), PATIENCE.into()),
+            ],
             echo: Some(format!("[{tag}] ")),
         };
         let out = results_dir.join(format!("{series}-{layout}"));
@@ -351,6 +382,9 @@ mod tests {
         let c = count(log, "b\tno cgroup v1 memory controller\n");
         assert_eq!((c.passed, c.failed, c.skipped), (1, 1, 2));
         assert_eq!(c.failures, vec!["c".to_string()]);
+        // A line split by a child's stderr: the result line still counts the failure.
+        let split = "test x ... child says hi\nFAILED\ntest result: FAILED. 0 passed; 1 failed;\n";
+        assert_eq!(count(split, "").failed, 1);
     }
 
     #[test]

@@ -366,7 +366,13 @@ impl Outcome {
 pub struct Disk;
 
 impl Disk {
-    pub fn build(target: &Path, files: &[PathBuf], free_mib: u64) -> Result<PathBuf> {
+    /// `dirs` are made empty (and writable) at their host paths too.
+    pub fn build(
+        target: &Path,
+        files: &[PathBuf],
+        dirs: &[PathBuf],
+        free_mib: u64,
+    ) -> Result<PathBuf> {
         let dir = vm_dir(target).join("disk");
         let stage = dir.join("stage");
         let _ = fs::remove_dir_all(&stage);
@@ -379,16 +385,31 @@ impl Disk {
             let rel = abs.strip_prefix("/").unwrap_or(&abs);
             let dst = stage.join("files").join(rel);
             fs::create_dir_all(dst.parent().context("file without a parent")?)?;
-            if fs::hard_link(&abs, &dst).is_err() {
+            // Debug info is most of a test binary's size and no use in a guest (symbols,
+            // for backtraces, stay).
+            let stripped = Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(&abs)
+                .arg(&dst)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !stripped {
+                let _ = fs::remove_file(&dst);
                 fs::copy(&abs, &dst)?;
             }
-            bytes += fs::metadata(&abs)?.len();
+            bytes += fs::metadata(&dst)?.len();
             // The same file under the name it was asked by (a symlinked target dir).
             if f.is_absolute() && f != &abs {
                 let alias = stage.join("files").join(f.strip_prefix("/").unwrap_or(f));
                 fs::create_dir_all(alias.parent().context("file without a parent")?)?;
-                let _ = fs::hard_link(&abs, &alias);
+                let _ = fs::hard_link(&dst, &alias);
             }
+        }
+        for d in dirs {
+            let d = stage.join("files").join(d.strip_prefix("/").unwrap_or(d));
+            fs::create_dir_all(&d)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o1777))?;
         }
         let img = dir.join("disk.img");
         let size = bytes + bytes / 5 + (free_mib << 20) + (64 << 20);
@@ -502,6 +523,7 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ulimit -l unlimited
 ulimit -n 65536
 stty -F /dev/ttyS1 raw -echo; stty -F /dev/ttyS2 raw -echo
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 say() { echo "vm: $*" > /dev/ttyS1; }
 failed=
 for m in $(cat /modules); do insmod /lib/modules/$m 2>/dev/null; done

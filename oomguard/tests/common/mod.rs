@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use oomguard::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
-use oomguard::sandbox::{Agent, Sandbox, in_cgroup};
+use oomguard::sandbox::{Agent, Sandbox, in_cgroup, patience};
 
 pub const M: u64 = 1 << 20;
 
@@ -139,7 +139,7 @@ pub fn start_agent(root: &MemCgroup, extra: &[&str]) -> Agent {
         agent.records()
     );
     // Read without consuming: the children's "armed" records stay for wait_armed.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     while !agent
         .records()
         .iter()
@@ -167,7 +167,7 @@ pub fn hog(cg: &MemCgroup, args: &[&str]) -> Child {
 
 /// Waits (bounded) for a child to exit.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + patience(timeout);
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
             return Some(st);
@@ -189,7 +189,7 @@ pub fn killed(decision: &serde_json::Value) -> Vec<serde_json::Value> {
 
 /// Waits until `hog`'s resident memory reaches `bytes` (it has allocated its share).
 pub fn wait_rss(child: &Child, bytes: u64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + patience(timeout);
     loop {
         let rss = oomguard::victim::read_task(child.id() as i32, Path::new(""))
             .map(|t| t.rss_bytes)

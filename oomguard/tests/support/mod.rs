@@ -61,7 +61,7 @@ impl Drop for TempDir {
 
 /// Polls `f` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + oomguard::sandbox::patience(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);

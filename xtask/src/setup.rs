@@ -9,7 +9,8 @@ use crate::{exec, step};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for looking at loaded programs,
 /// protoc for the containerd API, and a real containerd, runc and a static busybox (the
-/// container rootfs) for the runtime tests.
+/// container rootfs) for the runtime tests; Prometheus (with promtool) for the scrape,
+/// alert-rule and dashboard tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

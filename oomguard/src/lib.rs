@@ -21,6 +21,7 @@
 //! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.
 //! - [`control`]: the control socket that serves [`state`], and its client.
 //! - [`cli`]: the debug subcommands (`doctor`, `bpf`, `cgroups`, `events`).
+//! - [`telemetry`]: log setup; colour only on a terminal.
 
 /// `error` and its sources (`#[source]` chain) as one line: "a: b: c".
 pub fn error_line(error: &dyn std::error::Error) -> String {
@@ -54,5 +55,6 @@ pub mod size;
 pub mod soak;
 pub mod state;
 pub mod sys;
+pub mod telemetry;
 pub mod threshold;
 pub mod victim;

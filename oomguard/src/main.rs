@@ -4,13 +4,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use oomguard::bpf::{self, EbpfGuard};
-use oomguard::config::{Cli, Command, Config, LogFormat, Mode, RunArgs};
+use oomguard::config::{Cli, Command, Config, Mode, RunArgs};
 use oomguard::discovery::Discovery;
 use oomguard::events::{EventSink, EventsOptions};
 use oomguard::metrics::Metrics;
 use oomguard::runtime::{RuntimeClient, RuntimeConfig};
 use oomguard::{cgroup, guard, reclaim, report, sys};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -38,18 +37,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let filter = oomguard::events::quiet_kube_http_errors(filter);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 /// `run`'s own arguments (what follows `run`), kept for re-reading the flags file.
 fn run_args() -> Vec<std::ffi::OsString> {
     std::env::args_os().skip(2).collect()
@@ -68,7 +55,7 @@ fn run(_parsed: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
+    oomguard::telemetry::init(config.log_format);
     match agent(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -46,6 +46,15 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// The `oomguard_kills_total` series each policy can produce, exported from the start.
+const KILL_SERIES: [(&str, &str); 5] = [
+    ("container", "killed"),
+    ("container", "failed"),
+    ("process", "killed"),
+    ("process", "failed"),
+    ("noop", "dry_run"),
+];
+
 /// The counters the guard thread bumps, resolved once: no lock on the real-time path.
 #[derive(Clone, Debug)]
 pub struct GuardCounters {
@@ -208,6 +217,11 @@ impl Metrics {
             "Kill decisions by policy and outcome (killed, failed, dry_run for the noop policy)",
             kills.clone(),
         );
+        // Every series a kill can land in exists at 0 from the start: a series born at 1
+        // hides the first kill from increase() and rate() (alerts, dashboards).
+        for (policy, outcome) in KILL_SERIES {
+            let _ = kills.get_or_create(&KillLabels { policy, outcome });
+        }
         let fallbacks = counter(
             &mut registry,
             "oomguard_runtime_fallbacks",
@@ -627,6 +641,36 @@ mod tests {
         assert_eq!(v(r#"oomguard_mode{mode="eventfd"}"#), Some(1.0));
         assert_eq!(v("oomguard_ready"), Some(0.0));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_kill_series_is_exported_at_zero_before_the_first_kill() {
+        let m = Metrics::new("eventfd", Duration::from_secs(10));
+        let text = m.encode();
+        for policy in [Policy::Container, Policy::Process] {
+            for outcome in ["killed", "failed"] {
+                let series = format!(
+                    r#"oomguard_kills_total{{policy="{}",outcome="{outcome}"}}"#,
+                    policy.as_str()
+                );
+                assert_eq!(value(&text, &series), Some(0.0), "{series}\n{text}");
+            }
+        }
+        assert_eq!(
+            value(
+                &text,
+                r#"oomguard_kills_total{policy="noop",outcome="dry_run"}"#
+            ),
+            Some(0.0)
+        );
+        m.observe(&decision(Action::Kill));
+        assert_eq!(
+            value(
+                &m.encode(),
+                r#"oomguard_kills_total{policy="container",outcome="killed"}"#
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

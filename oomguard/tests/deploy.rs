@@ -3,40 +3,103 @@
 //! stand-in, within create/patch/update), resources, host mounts, env, args (parsed by the
 //! agent's own command line), tolerations, priority, the exact capabilities, a read-only
 //! root with every written directory on a volume, the metrics port with its probes and
-//! Prometheus annotations.
+//! Prometheus annotations. The kustomize base (`kubectl kustomize deploy/`) renders exactly
+//! the plain manifests; overlays built on it with the `with-servicemonitor` and
+//! `cgroup-v1-only` components, a namespace and an image, rendered by the real `kubectl
+//! kustomize`, pass the same checks plus their own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use oomguard::config::{Cli, Command, Policy};
 use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
 use serde_json::Value;
 
-fn docs(file: &str) -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")
-        .join(file);
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+        .canonicalize()
+        .unwrap()
+}
+
+/// The documents of a multi-document YAML text.
+fn parse(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
         .map(|d| {
             serde_yaml::from_value::<Value>(serde::Deserialize::deserialize(d).unwrap()).unwrap()
         })
+        .filter(|v| !v.is_null())
         .collect()
 }
 
-fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
+fn docs(file: &str) -> Vec<Value> {
+    parse(&std::fs::read_to_string(deploy_dir().join(file)).unwrap())
+}
+
+/// `kubectl kustomize DIR` (kustomize is built into kubectl).
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl is needed for the kustomize tests: {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// An operator's own overlay, in a directory of its own: `body` is its kustomization.yaml
+/// with `DEPLOY` standing for the path of deploy/ (kustomize takes only relative paths).
+fn overlay(body: &str) -> Vec<Value> {
+    let dir = support::TempDir::new("kustomize");
+    let up = dir.path().canonicalize().unwrap().components().count() - 1;
+    let rel = Path::new(&"../".repeat(up)).join(deploy_dir().strip_prefix("/").unwrap());
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        body.replace("DEPLOY", rel.to_str().unwrap()),
+    )
+    .unwrap();
+    kustomize(dir.path())
+}
+
+/// Documents in a stable order, for comparing renderings.
+fn sorted(mut docs: Vec<Value>) -> Vec<Value> {
+    docs.sort_by_key(|d| {
+        format!(
+            "{}/{}/{}",
+            d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]
+        )
+    });
+    docs
+}
+
+/// The base's manifests, as the plain files hold them.
+fn plain() -> Vec<Value> {
+    [docs("rbac.yaml"), docs("daemonset.yaml")].concat()
+}
+
+fn one_value(docs: &[Value], kind: &str) -> Value {
     let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
     assert_eq!(found.len(), 1, "exactly one {kind}");
-    serde_json::from_value(found[0].clone()).unwrap()
+    found[0].clone()
+}
+
+fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
+    serde_json::from_value(one_value(docs, kind)).unwrap()
 }
 
 /// The verbs the events code needs, from the requests it made to the API stand-in.
@@ -85,11 +148,26 @@ fn verbs_used_by_the_events_code() -> BTreeSet<String> {
 #[test]
 fn rbac_grants_exactly_core_events_create_patch_update() {
     let d = docs("rbac.yaml");
-    let sa: ServiceAccount = one(&d, "ServiceAccount");
-    assert_eq!(sa.metadata.name.as_deref(), Some("oomguard"));
-    assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
+    let granted = check_rbac(&d, "kube-system");
+    let used = verbs_used_by_the_events_code();
+    assert!(
+        used.is_subset(&granted),
+        "the events code uses {used:?}, the role grants {granted:?}"
+    );
+    assert!(
+        used.contains("create") && used.contains("patch"),
+        "{used:?}"
+    );
+}
 
-    let role: ClusterRole = one(&d, "ClusterRole");
+/// The ServiceAccount in `ns`, the ClusterRole (core events: create, patch, update, nothing
+/// else) and its binding to that account; returns the verbs granted.
+fn check_rbac(d: &[Value], ns: &str) -> BTreeSet<String> {
+    let sa: ServiceAccount = one(d, "ServiceAccount");
+    assert_eq!(sa.metadata.name.as_deref(), Some("oomguard"));
+    assert_eq!(sa.metadata.namespace.as_deref(), Some(ns));
+
+    let role: ClusterRole = one(d, "ClusterRole");
     assert_eq!(role.metadata.name.as_deref(), Some("system:oomguard"));
     let rules = role.rules.unwrap();
     assert_eq!(rules.len(), 1);
@@ -102,17 +180,8 @@ fn rbac_grants_exactly_core_events_create_patch_update() {
         granted,
         ["create", "patch", "update"].map(String::from).into()
     );
-    let used = verbs_used_by_the_events_code();
-    assert!(
-        used.is_subset(&granted),
-        "the events code uses {used:?}, the role grants {granted:?}"
-    );
-    assert!(
-        used.contains("create") && used.contains("patch"),
-        "{used:?}"
-    );
 
-    let binding: ClusterRoleBinding = one(&d, "ClusterRoleBinding");
+    let binding: ClusterRoleBinding = one(d, "ClusterRoleBinding");
     assert_eq!(binding.metadata.name.as_deref(), Some("system:oomguard"));
     assert_eq!(binding.role_ref.kind, "ClusterRole");
     assert_eq!(binding.role_ref.name, "system:oomguard");
@@ -120,15 +189,20 @@ fn rbac_grants_exactly_core_events_create_patch_update() {
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(subjects[0].name, "oomguard");
-    assert_eq!(subjects[0].namespace.as_deref(), Some("kube-system"));
+    assert_eq!(subjects[0].namespace.as_deref(), Some(ns));
+    granted
 }
 
 #[test]
 fn the_daemonset_runs_the_agent_as_the_spec_says() {
-    let d = docs("daemonset.yaml");
-    let ds: DaemonSet = one(&d, "DaemonSet");
+    check_daemonset(&docs("daemonset.yaml"), "kube-system");
+}
+
+/// The DaemonSet in `ns` runs the agent as the spec says.
+fn check_daemonset(d: &[Value], ns: &str) {
+    let ds: DaemonSet = one(d, "DaemonSet");
     assert_eq!(ds.metadata.name.as_deref(), Some("oom-guard"));
-    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(ns));
     let spec = ds.spec.unwrap();
     let labels = spec
         .template
@@ -273,8 +347,12 @@ fn the_daemonset_runs_the_agent_as_the_spec_says() {
 
 #[test]
 fn the_daemonset_serves_metrics_and_probes_on_the_metrics_port() {
-    let d = docs("daemonset.yaml");
-    let ds: DaemonSet = one(&d, "DaemonSet");
+    check_metrics(&docs("daemonset.yaml"));
+}
+
+/// `--metrics-addr` on the port named `metrics`, the probes on it, the scrape annotations.
+fn check_metrics(d: &[Value]) {
+    let ds: DaemonSet = one(d, "DaemonSet");
     let template = ds.spec.unwrap().template;
     let annotations = template.metadata.unwrap().annotations.unwrap();
     let pod = template.spec.unwrap();
@@ -327,6 +405,163 @@ fn the_daemonset_serves_metrics_and_probes_on_the_metrics_port() {
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], port.to_string());
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
+}
+
+#[test]
+fn kubectl_kustomize_renders_the_base_as_the_plain_manifests() {
+    let rendered = kustomize(&deploy_dir());
+    assert_eq!(sorted(rendered.clone()), sorted(plain()));
+    check_rbac(&rendered, "kube-system");
+    check_daemonset(&rendered, "kube-system");
+    check_metrics(&rendered);
+}
+
+#[test]
+fn the_servicemonitor_component_scrapes_every_agent_as_job_oomguard() {
+    let d = overlay("resources: [DEPLOY]\ncomponents: [DEPLOY/components/with-servicemonitor]\n");
+    check_rbac(&d, "kube-system");
+    check_daemonset(&d, "kube-system");
+    check_metrics(&d);
+    check_monitoring(&d, "kube-system");
+}
+
+/// The Service selects the agent pods and targets their metrics port; the ServiceMonitor
+/// selects the Service, scrapes `/metrics` on that port and labels each target with its
+/// node; the scrape job (the Service's name) is the one the rules use; the PrometheusRule
+/// holds exactly the groups of deploy/prometheus/rules.yaml.
+fn check_monitoring(d: &[Value], ns: &str) {
+    let ds: DaemonSet = one(d, "DaemonSet");
+    let template = ds.spec.unwrap().template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    let container = &template.spec.unwrap().containers[0];
+    let metrics_port = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .unwrap()
+        .container_port;
+
+    let svc: Service = one(d, "Service");
+    assert_eq!(svc.metadata.namespace.as_deref(), Some(ns));
+    let spec = svc.spec.unwrap();
+    assert_eq!(
+        spec.cluster_ip.as_deref(),
+        Some("None"),
+        "headless: one target per agent pod"
+    );
+    for (k, v) in spec.selector.unwrap() {
+        assert_eq!(
+            pod_labels.get(&k),
+            Some(&v),
+            "the Service selects the agent pods"
+        );
+    }
+    let ports = spec.ports.unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].name.as_deref(), Some("metrics"));
+    assert_eq!(ports[0].port, metrics_port);
+    assert_eq!(
+        ports[0].target_port,
+        Some(IntOrString::String("metrics".into()))
+    );
+
+    let sm = one_value(d, "ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(sm["metadata"]["namespace"], ns);
+    let svc_labels = svc.metadata.labels.unwrap();
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            svc_labels.get(k).map(String::as_str),
+            v.as_str(),
+            "the ServiceMonitor selects the Service"
+        );
+    }
+    assert!(
+        sm["spec"]["namespaceSelector"].is_null(),
+        "the Service is in the ServiceMonitor's own namespace"
+    );
+    let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    let ep = &endpoints[0];
+    assert_eq!(ep["port"], "metrics");
+    assert_eq!(ep["path"], "/metrics");
+    assert!(
+        ep["relabelings"].as_array().unwrap().iter().any(|r| {
+            r["sourceLabels"] == serde_json::json!(["__meta_kubernetes_pod_node_name"])
+                && r["targetLabel"] == "node"
+        }),
+        "each target carries its node: {ep}"
+    );
+    // The Prometheus Operator names the job after the Service (no jobLabel set): the
+    // rules and the dashboard select job="oomguard".
+    assert!(sm["spec"]["jobLabel"].is_null());
+    let job = svc.metadata.name.unwrap();
+    assert_eq!(job, "oomguard");
+    let rules = std::fs::read_to_string(deploy_dir().join("prometheus/rules.yaml")).unwrap();
+    assert!(rules.contains(&format!("job=\"{job}\"")));
+
+    let pr = one_value(d, "PrometheusRule");
+    assert_eq!(pr["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(pr["metadata"]["namespace"], ns);
+    assert_eq!(
+        pr["spec"]["groups"],
+        docs("prometheus/rules.yaml")[0]["groups"],
+        "components/with-servicemonitor/prometheusrule.yaml differs from prometheus/rules.yaml"
+    );
+}
+
+#[test]
+fn the_cgroup_v1_only_component_keeps_the_agent_to_labelled_nodes() {
+    let d = overlay("resources: [DEPLOY]\ncomponents: [DEPLOY/components/cgroup-v1-only]\n");
+    check_rbac(&d, "kube-system");
+    check_daemonset(&d, "kube-system");
+    check_metrics(&d);
+    let ds = one_value(&d, "DaemonSet");
+    let terms = &ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"];
+    assert_eq!(
+        terms,
+        &serde_json::json!([{"matchExpressions": [
+            {"key": "oomguard.io/memory-cgroup", "operator": "In", "values": ["v1"]}
+        ]}])
+    );
+    // Nothing else changes.
+    let mut without = d.clone();
+    for doc in &mut without {
+        if doc["kind"] == "DaemonSet" {
+            doc["spec"]["template"]["spec"]
+                .as_object_mut()
+                .unwrap()
+                .remove("affinity");
+        }
+    }
+    assert_eq!(sorted(without), sorted(plain()));
+}
+
+#[test]
+fn an_overlay_moves_everything_to_its_namespace_and_image() {
+    let d = overlay(
+        "resources: [DEPLOY]\n\
+         components:\n  - DEPLOY/components/with-servicemonitor\n  - DEPLOY/components/cgroup-v1-only\n\
+         namespace: oomguard-system\n\
+         images:\n  - name: oomguard/oomguard\n    newName: registry.example/oomguard\n    newTag: \"1.2.3\"\n",
+    );
+    check_rbac(&d, "oomguard-system");
+    check_daemonset(&d, "oomguard-system");
+    check_metrics(&d);
+    check_monitoring(&d, "oomguard-system");
+    for doc in &d {
+        if doc["kind"] != "ClusterRole" && doc["kind"] != "ClusterRoleBinding" {
+            assert_eq!(doc["metadata"]["namespace"], "oomguard-system", "{doc}");
+        }
+    }
+    let ds: DaemonSet = one(&d, "DaemonSet");
+    let image = ds.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(image.as_deref(), Some("registry.example/oomguard:1.2.3"));
 }
 
 #[test]

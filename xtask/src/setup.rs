@@ -9,8 +9,9 @@ use crate::{exec, step};
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for looking at loaded programs,
 /// protoc for the containerd API, and a real containerd, runc and a static busybox (the
-/// container rootfs) for the runtime tests; qemu, kmod (module dependencies) and e2fsprogs
-/// (the guest's disk) for the kernel matrix's guests.
+/// container rootfs) for the runtime tests; Prometheus (with promtool) for the scrape,
+/// alert-rule and dashboard tests; qemu, kmod (module dependencies) and e2fsprogs (the
+/// guest's disk) for the kernel matrix's guests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    "prometheus",
     "qemu-system-x86",
     "kmod",
     "e2fsprogs",

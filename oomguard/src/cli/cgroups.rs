@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{Align, Table, bytes, or_dash, short_cgroup};
+use super::{Align, Paint, Table, bytes, or_dash, short_cgroup};
 use crate::control::{CgroupView, Client};
 
 #[derive(Debug, Clone, Args)]
@@ -47,7 +47,12 @@ fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
         ("STATE", Align::Left),
         ("LAST ACTION", Align::Left),
     ])
-    .elastic(0);
+    .elastic(0)
+    .paint(6, |state| match state {
+        "acting" => Some(Paint::Red),
+        "reclaiming" | "cooling down" => Some(Paint::Yellow),
+        _ => None,
+    });
     for c in cgroups {
         let last = c.last_action.as_ref().map(|a| match (&a.comm, a.pid) {
             (Some(comm), Some(pid)) => format!("{} {pid} {comm}", a.action),

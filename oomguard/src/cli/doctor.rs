@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Align, Table, error_line};
+use super::{Align, Paint, Table, error_line};
 use crate::cgroup::{MemCgroup, cgroup_of_pid};
 use crate::threshold::{Notifier, arm};
 
@@ -100,7 +100,7 @@ pub fn main(args: DoctorArgs) -> ExitCode {
     if args.json {
         super::print_json(&report);
     } else {
-        for line in render(&report) {
+        for line in render(&report, super::colour_stdout()) {
             println!("{line}");
         }
     }
@@ -111,14 +111,20 @@ pub fn main(args: DoctorArgs) -> ExitCode {
     }
 }
 
-fn render(report: &Report) -> Vec<String> {
+fn render(report: &Report, colour: bool) -> Vec<String> {
     let mut t = Table::new(&[
         ("GROUP", Align::Left),
         ("CHECK", Align::Left),
         ("STATUS", Align::Left),
         ("DETAIL", Align::Left),
     ])
-    .elastic(3);
+    .elastic(3)
+    .paint(2, |s| match s {
+        "ok" => Some(Paint::Green),
+        "MISSING" => Some(Paint::Red),
+        "missing" => Some(Paint::Yellow),
+        _ => Some(Paint::Dim),
+    });
     for c in &report.checks {
         let status = match (c.status, c.required) {
             (Status::Missing, true) => "MISSING".to_string(),
@@ -132,7 +138,7 @@ fn render(report: &Report) -> Vec<String> {
         ]);
     }
     let mut lines = vec![format!("kernel {}", report.kernel)];
-    lines.extend(t.lines());
+    lines.extend(t.render(colour));
     lines.push(String::new());
     lines.push(if report.can_run {
         "the agent can run on this node".to_string()
@@ -533,7 +539,7 @@ mod tests {
         let r = Report::from_checks("3.10".into(), vec![c("a", Status::Missing, true)], None);
         assert!(!r.can_run);
         assert_eq!(r.auto_mode, "ebpf");
-        let lines = render(&r);
+        let lines = render(&r, false);
         assert!(lines.iter().any(|l| l.contains("MISSING")));
         assert!(lines.iter().all(|l| l.chars().count() <= crate::cli::WIDTH));
     }

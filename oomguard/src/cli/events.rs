@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{Align, Table, bytes, short_cgroup};
+use super::{Align, Paint, Table, bytes, short_cgroup};
 use crate::control::Client;
 
 #[derive(Debug, Clone, Args)]
@@ -53,7 +53,7 @@ const FOLLOW_CGROUP: usize = 30;
 pub fn main(args: EventsArgs) -> ExitCode {
     let mount = super::memory_mount();
     let client = Client::new(&args.state_dir);
-    let mut table = Table::new(&HEADERS).elastic(2);
+    let mut table = Table::new(&HEADERS).elastic(2).paint(1, event_paint);
     let mut stdout = std::io::stdout().lock();
     if args.follow && !args.json {
         let _ = writeln!(
@@ -85,12 +85,22 @@ pub fn main(args: EventsArgs) -> ExitCode {
         if table.is_empty() {
             let _ = writeln!(stdout, "no events yet");
         } else {
-            for line in table.lines() {
+            for line in table.render(super::colour_stdout()) {
                 let _ = writeln!(stdout, "{line}");
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Kills stand out; kernel OOMs (the agent lost the race) and failures most.
+fn event_paint(event: &str) -> Option<Paint> {
+    match event {
+        "kill" => Some(Paint::Bold),
+        "kernel-oom" | "kill-failed" => Some(Paint::Red),
+        "would-kill" | "no-candidate" | "lagged" => Some(Paint::Yellow),
+        _ => None,
+    }
 }
 
 /// One row streamed on its own: fixed widths, since later rows are not known yet.

@@ -1,6 +1,7 @@
 //! The debug subcommands of the `oomguard` binary, one module each, and what they share:
-//! aligned tables that fit [`WIDTH`] columns, sizes for humans, JSON output, and one clear
-//! line plus a non-zero exit status when something is missing.
+//! aligned tables that fit [`WIDTH`] columns (coloured only on a terminal), sizes for
+//! humans, JSON output, and one clear line plus a non-zero exit status when something is
+//! missing.
 //!
 //! `--json` output is stable: fields are only ever added. README.md, "Debug CLI", documents it.
 
@@ -43,12 +44,50 @@ pub enum Align {
     Right,
 }
 
+/// A cell's look on a terminal (see [`crate::telemetry::colour`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paint {
+    Bold,
+    Red,
+    Yellow,
+    Green,
+    Dim,
+}
+
+impl Paint {
+    fn sgr(self) -> &'static str {
+        match self {
+            Paint::Bold => "\x1b[1m",
+            Paint::Red => "\x1b[31m",
+            Paint::Yellow => "\x1b[33m",
+            Paint::Green => "\x1b[32m",
+            Paint::Dim => "\x1b[2m",
+        }
+    }
+
+    /// `text` in this paint, reset after.
+    pub fn apply(self, text: &str) -> String {
+        format!("{}{text}\x1b[0m", self.sgr())
+    }
+}
+
+/// Whether stdout takes colour: a terminal, and the environment does not refuse it.
+pub fn colour_stdout() -> bool {
+    crate::telemetry::colour(&std::io::stdout())
+}
+
+/// Chooses a column's paint from the cell's text (`None`: plain).
+pub type Painter = fn(&str) -> Option<Paint>;
+
 /// A table of text cells, rendered with aligned columns within [`WIDTH`]. The one column
 /// marked elastic (a path, a detail) is shortened from the left when the table is too wide.
+/// Coloured, the header is bold and painted columns take their cell's paint; widths and
+/// cuts are those of the plain text, so both renderings line up the same.
 pub struct Table {
     headers: Vec<(&'static str, Align)>,
     rows: Vec<Vec<String>>,
     elastic: Option<usize>,
+    painters: Vec<(usize, Painter)>,
 }
 
 impl Table {
@@ -57,7 +96,14 @@ impl Table {
             headers: headers.to_vec(),
             rows: Vec::new(),
             elastic: None,
+            painters: Vec::new(),
         }
+    }
+
+    /// Column `index` is painted by `painter` when the table is coloured.
+    pub fn paint(mut self, index: usize, painter: Painter) -> Table {
+        self.painters.push((index, painter));
+        self
     }
 
     /// Column `index` gives way when the table is wider than [`WIDTH`].
@@ -74,8 +120,13 @@ impl Table {
         self.rows.is_empty()
     }
 
-    /// The rendered lines, header first; no trailing spaces.
+    /// The rendered lines, header first; no trailing spaces; no colour.
     pub fn lines(&self) -> Vec<String> {
+        self.render(false)
+    }
+
+    /// The rendered lines, with ANSI colour when `colour`.
+    pub fn render(&self, colour: bool) -> Vec<String> {
         let n = self.headers.len();
         let mut widths: Vec<usize> = self.headers.iter().map(|(h, _)| h.len()).collect();
         for row in &self.rows {
@@ -97,23 +148,46 @@ impl Table {
         let header: Vec<String> = self.headers.iter().map(|(h, _)| h.to_string()).collect();
         std::iter::once(&header)
             .chain(&self.rows)
-            .map(|row| {
-                let cells: Vec<String> = (0..n)
-                    .map(|i| {
-                        let cell = row.get(i).map_or("", String::as_str);
-                        let cell = shorten(cell, widths[i]);
-                        match self.headers[i].1 {
-                            Align::Left => format!("{cell:<w$}", w = widths[i]),
-                            Align::Right => format!("{cell:>w$}", w = widths[i]),
+            .enumerate()
+            .map(|(r, row)| {
+                let mut plain = Vec::with_capacity(n);
+                let mut painted = Vec::with_capacity(n);
+                for (i, &width) in widths.iter().enumerate() {
+                    let text = row.get(i).map_or("", String::as_str);
+                    let cell = shorten(text, width);
+                    let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
+                    let paint = if r == 0 {
+                        Some(Paint::Bold)
+                    } else {
+                        self.painters
+                            .iter()
+                            .find(|(c, _)| *c == i)
+                            .and_then(|(_, p)| p(text))
+                    };
+                    let shown = match paint {
+                        Some(p) if colour && !cell.is_empty() => p.apply(&cell),
+                        _ => cell.clone(),
+                    };
+                    match self.headers[i].1 {
+                        Align::Left => {
+                            plain.push(format!("{cell}{pad}"));
+                            painted.push(format!("{shown}{pad}"));
                         }
-                    })
-                    .collect();
-                let line = cells.join("  ");
+                        Align::Right => {
+                            plain.push(format!("{pad}{cell}"));
+                            painted.push(format!("{pad}{shown}"));
+                        }
+                    }
+                }
+                let line = plain.join("  ");
                 let line = line.trim_end();
-                // Still too wide (only non-elastic columns are long): cut the end, visibly.
+                // Still too wide (only non-elastic columns are long): cut the end, visibly
+                // (and plainly: a cut could fall inside an escape sequence).
                 if line.chars().count() > WIDTH {
                     let kept: String = line.chars().take(WIDTH - 1).collect();
                     format!("{kept}…")
+                } else if colour {
+                    painted.join("  ").trim_end().to_string()
                 } else {
                     line.to_string()
                 }
@@ -121,8 +195,9 @@ impl Table {
             .collect()
     }
 
+    /// Prints the table on stdout, coloured only when stdout is a terminal.
     pub fn print(&self) {
-        for line in self.lines() {
+        for line in self.render(colour_stdout()) {
             println!("{line}");
         }
     }
@@ -199,6 +274,36 @@ mod tests {
         let lines = t.lines();
         assert_eq!(lines[1].chars().count(), WIDTH);
         assert!(lines[1].ends_with('…'));
+    }
+
+    #[test]
+    fn coloured_tables_line_up_like_plain_ones() {
+        let mut t = Table::new(&[("STATE", Align::Left), ("N", Align::Right)])
+            .paint(0, |s| (s == "acting").then_some(Paint::Red));
+        t.row(vec!["acting".into(), "1".into()]);
+        t.row(vec!["armed".into(), "22".into()]);
+        let plain = t.lines();
+        assert!(plain.iter().all(|l| !l.contains('\x1b')), "{plain:?}");
+        let coloured = t.render(true);
+        assert_eq!(coloured[0], "\x1b[1mSTATE\x1b[0m    \x1b[1mN\x1b[0m");
+        assert_eq!(coloured[1], "\x1b[31macting\x1b[0m   1");
+        assert_eq!(coloured[2], plain[2], "unpainted cells stay plain");
+        let strip = |l: &str| {
+            let mut out = String::new();
+            let mut esc = false;
+            for c in l.chars() {
+                match (esc, c) {
+                    (false, '\x1b') => esc = true,
+                    (true, 'm') => esc = false,
+                    (false, c) => out.push(c),
+                    _ => {}
+                }
+            }
+            out
+        };
+        for (p, c) in plain.iter().zip(&coloured) {
+            assert_eq!(&strip(c), p);
+        }
     }
 
     #[test]

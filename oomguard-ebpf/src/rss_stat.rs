@@ -10,7 +10,10 @@
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
-use crate::kernel::{self, Result, offset};
+use crate::{
+    SCORES_MM,
+    kernel::{self, Result, offset},
+};
 
 #[raw_tracepoint(tracepoint = "rss_stat")]
 pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
@@ -19,7 +22,10 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
-    let mm = ctx.arg::<u64>(0);
+    let (mm, member) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1) as u32);
+    if !kernel::mm_counter_moved(&SCORES_MM, mm, member)? {
+        return Ok(());
+    }
     let owner: u64 = kernel::read(mm, offset!(mm_owner))?;
     if owner == 0 || kernel::task_mm(owner)? != mm {
         return Ok(());

@@ -304,11 +304,11 @@ fn crossing_rounds(program: &str) {
 
     for round in 0..2 {
         let mut hog_child = hog(&sb.cg, &["--rate", "200M", "--total", "128M"]);
-        let records = collect(guard, Duration::from_secs(10), |r| {
+        let records = collect(guard, Duration::from_secs(60), |r| {
             !crossings(r, id, Threshold::Kill).is_empty()
         });
         // Hold at 128M for a while: usage stays above both thresholds, so no more records.
-        wait_rss(&hog_child, 128 * M, Duration::from_secs(10));
+        wait_rss(&hog_child, 128 * M, Duration::from_secs(60));
         let later = collect(guard, Duration::from_millis(300), |_| false);
         let all: Vec<_> = records.into_iter().chain(later).collect();
         let r = crossings(&all, id, Threshold::Reclaim);
@@ -343,7 +343,12 @@ fn a_missing_hook_costs_only_its_own_program() {
     let _serial = common::serial();
     let _hidden = HiddenHooks::new("mark_victim,cgroup_mkdir");
     let caps = bpf::capabilities();
-    let missing = caps.missing_programs();
+    // Only the hidden ones: the kernel may lack others of its own (6.1: count_memcg_events).
+    let missing: Vec<String> = caps
+        .missing_programs()
+        .into_iter()
+        .filter(|l| l.contains(bpf::HIDE_HOOKS_ENV))
+        .collect();
     eprintln!("{missing:#?}");
     assert_eq!(missing.len(), 2, "{missing:?}");
     assert!(missing[0].contains("mark_victim") && missing[0].contains("memory.oom_control"));
@@ -434,11 +439,11 @@ fn reports_a_cgroup_at_its_limit_and_the_kernel_oom_victim() {
     // Nobody kills it but the kernel.
     let mut hog_child = hog(&sb.cg, &["--rate", "0", "--total", "256M"]);
     let pid = hog_child.id();
-    let records = collect(guard, Duration::from_secs(10), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::KernelOomVictim { pid: p, .. } if *p == pid))
     });
-    let status = wait_exit(&mut hog_child, Duration::from_secs(10));
+    let status = wait_exit(&mut hog_child, Duration::from_secs(60));
     assert!(
         common::killed_by_sigkill(status),
         "the kernel did not kill the hog: {status:?}"
@@ -535,7 +540,7 @@ fn task_scores_follow_proc() {
     let sb = sandbox("oomguard-ebpf-tasks", 1024 * M);
     // Started before the programs: known only through seeding.
     let mut early = hog(&sb.cg, &["--rate", "0", "--total", "32M", "--adj", "100"]);
-    wait_rss(&early, 32 * M, Duration::from_secs(10));
+    wait_rss(&early, 32 * M, Duration::from_secs(60));
     let mut loaded = Loaded::new();
     let guard = loaded.get();
     let early_pid = early.id() as i32;
@@ -552,7 +557,7 @@ fn task_scores_follow_proc() {
 
     // Started after: fork, exec, its own adj write and its faults keep the map current.
     let mut late = hog(&sb.cg, &["--rate", "0", "--total", "96M", "--adj", "300"]);
-    wait_rss(&late, 96 * M, Duration::from_secs(10));
+    wait_rss(&late, 96 * M, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(50));
     let late_pid = late.id() as i32;
     let score: TaskScore = guard.task_scores(&[late_pid]).first().unwrap().1;
@@ -603,7 +608,7 @@ fn reports_cgroups_made_and_removed() {
     let guard = loaded.get();
     let child = sb.child("made-after-start").unwrap();
     let id = fs::metadata(&child.path).unwrap().ino();
-    let records = collect(guard, Duration::from_secs(5), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::CgroupMkdir(d) if d.cgroup_id == id))
     });
@@ -627,7 +632,7 @@ fn reports_cgroups_made_and_removed() {
     );
 
     fs::remove_dir(&child.path).unwrap();
-    let records = collect(guard, Duration::from_secs(5), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::CgroupRmdir(d) if d.cgroup_id == id))
     });
@@ -700,7 +705,7 @@ fn map_and_proc_pick_the_same_victim() {
             hogs.push((h, mib));
         }
         for (h, mib) in &hogs {
-            wait_rss(h, mib * M, Duration::from_secs(10));
+            wait_rss(h, mib * M, Duration::from_secs(60));
         }
         let guard = loaded.get();
         let limit = 1 << 30;
@@ -767,7 +772,7 @@ fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
     }
     guard.set_thresholds(id, 0, 16 * M).unwrap();
     let mut h = hog(&sb.cg, &["--rate", "200M", "--total", "32M"]);
-    wait_rss(&h, 32 * M, Duration::from_secs(10));
+    wait_rss(&h, 32 * M, Duration::from_secs(60));
     kill(&mut h);
     guard.flush_logs();
     let logged = LOGGED.lock().unwrap().clone();
@@ -811,7 +816,10 @@ fn own_v2_memory_cgroup() -> Result<PathBuf, String> {
     let dir = mount.join(own.trim_start_matches('/'));
     let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
     if !enabled.split_whitespace().any(|c| c == "memory") {
-        return Err(format!("memory is not in {}/cgroup.subtree_control", dir.display()));
+        return Err(format!(
+            "memory is not in {}/cgroup.subtree_control",
+            dir.display()
+        ));
     }
     Ok(dir)
 }
@@ -878,7 +886,14 @@ fn reports_crossings_on_cgroup_v2() {
     let records = collect(guard, Duration::from_secs(60), |r| {
         !crossings(r, id, Threshold::Kill).is_empty()
     });
+    // The score map reads the kernel's rss counters (percpu on 6.2+, atomics before).
+    wait_rss(&child, 128 * M, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(50));
+    let scores = guard.task_scores(&[child.id() as i32]);
+    let (anon, _, _) = proc_rss(child.id());
     kill(&mut child);
+    assert_eq!(scores.len(), 1, "the hog is not in the score map");
+    assert_close("v2 hog RssAnon", scores[0].1.rss_anon, anon);
     let r = crossings(&records, id, Threshold::Reclaim);
     let k = crossings(&records, id, Threshold::Kill);
     eprintln!("v2 crossings: reclaim {r:?}, kill {k:?}");

@@ -304,7 +304,7 @@ fn run(args: &Args) -> Result<(), String> {
     if args.overhead {
         let bytes = args.overhead_size.bytes();
         let (overhead, program_cost) =
-            overhead_rows(&machine.modes, args.overhead_blocks, bytes, &agent, &memhog)?;
+            overhead_rows(&machine.modes, args.overhead_blocks, bytes, &agent)?;
         let report = Report {
             machine,
             quick: false,
@@ -448,7 +448,6 @@ fn overhead_rows(
     blocks: usize,
     bytes: u64,
     agent_exe: &Path,
-    memhog: &Path,
 ) -> Result<(Vec<OverheadRow>, Vec<ProgramCost>), String> {
     let sb = Sandbox::new("bench-overhead").map_err(|e| e.to_string())?;
     let guarded = sb.child("guarded").map_err(|e| e.to_string())?;
@@ -464,20 +463,7 @@ fn overhead_rows(
             .map(String::as_str)
             .filter(|m| *m != "kernel-only"),
     );
-    let total = bytes.to_string();
-    let run_once = |cg: &MemCgroup| -> Result<f64, String> {
-        let mut cmd = Command::new(memhog);
-        cmd.args(["--rate", "0", "--total", &total, "--chunk", "64M", "--hold", "0"])
-            .stdout(Stdio::null());
-        let t0 = Instant::now();
-        let status = in_cgroup(&mut cmd, cg)
-            .and_then(|c| c.status())
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("the hog failed: {status}"));
-        }
-        Ok(t0.elapsed().as_secs_f64() * 1000.0)
-    };
+    let run_once = |cg: &MemCgroup| fault_in(cg, bytes as usize);
     let root = sb.path().display().to_string();
     let pins = format!("/sys/fs/bpf/oomguard-bench-overhead-{}", std::process::id());
     let state = StateDir::new("overhead")?;
@@ -554,12 +540,68 @@ fn overhead_rows(
             costs.push(ProgramCost {
                 program: p.name.clone(),
                 runs,
-                mean_ns: if runs == 0 { 0.0 } else { ns as f64 / runs as f64 },
+                mean_ns: if runs == 0 {
+                    0.0
+                } else {
+                    ns as f64 / runs as f64
+                },
                 runs_per_page: runs as f64 / pages,
             });
         }
     }
     Ok((rows, costs))
+}
+
+/// Forks a process into `cg` that faults in `bytes` of anonymous memory one 4 KiB page at a
+/// time and exits; returns the whole process's wall time in ms. A forked child rather than
+/// the memhog: the memhog fills every byte, which in a debug build costs more than the faults.
+fn fault_in(cg: &MemCgroup, bytes: usize) -> Result<f64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let procs = std::ffi::CString::new(cg.file("cgroup.procs").as_os_str().as_bytes())
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    // SAFETY: the child only calls async-signal-safe functions (open, write, close, mmap,
+    // _exit) and writes to memory it mapped itself; nothing is allocated after the fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(2);
+            }
+            libc::close(fd);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                libc::_exit(3);
+            }
+            let p = p.cast::<u8>();
+            let mut off = 0;
+            while off < bytes {
+                std::ptr::write_volatile(p.add(off), 1);
+                off += 4096;
+            }
+            libc::_exit(0);
+        }
+    }
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("the faulting child failed (status {status:#x})"));
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -1,5 +1,5 @@
 //! Threshold crossings, checked at a charge: shared by the crossing programs
-//! (`memcg_pressure` on `count_memcg_events`, `rss_pressure` on `rss_stat`).
+//! (`rss_stat`, and `memcg_pressure` on `count_memcg_events`).
 //!
 //! A charge counts against the charged memcg and each of its ancestors, so the guarded ones
 //! among them are checked. Finding them means a walk up the hierarchy with a map lookup per

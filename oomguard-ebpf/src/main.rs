@@ -22,7 +22,6 @@ mod kernel;
 mod mark_victim;
 mod memcg_pressure;
 mod oom_score_adj_update;
-mod rss_pressure;
 mod rss_stat;
 mod sched_process_exit;
 mod sched_process_fork;
@@ -77,7 +76,7 @@ static OFFSETS: Offsets = Offsets {
     tp_cgroup_level: 0,
     tp_cgroup_id: 0,
     tp_cgroup_path: 0,
-    _pad: 0,
+    rss_stat_roles: 0,
 };
 
 /// Guarded cgroups: memcg id → thresholds and edge state. Filled by user space.
@@ -96,11 +95,9 @@ static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static WALK_CACHE: PerCpuArray<crossing::WalkCache> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU: the rss counters `rss_stat` and `rss_pressure` last saw (one slot each).
+/// Per CPU: the rss counters `rss_stat` last saw.
 #[map]
-static SCORES_MM: PerCpuArray<kernel::MmSlot> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static PRESSURE_MM: PerCpuArray<kernel::MmSlot> = PerCpuArray::with_max_entries(1, 0);
+static RSS_MM: PerCpuArray<kernel::MmSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Records for user space (`oomguard_common::Event` and `CgroupEvent`).
 #[map]

@@ -269,7 +269,7 @@ fn reports_each_threshold_crossing_once_and_rearms() {
 }
 
 /// Without `count_memcg_events` (kernels before about 6.13), the crossings come from
-/// `rss_stat`, the same way.
+/// `rss_stat`, the same way (it is also the preferred one where both exist: it costs less).
 #[test]
 fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
     if !programs_ready(&["rss_pressure"]) {
@@ -278,6 +278,18 @@ fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
     let _serial = common::serial();
     let _hidden = HiddenHooks::new("count_memcg_events");
     crossing_rounds("rss_pressure");
+}
+
+/// Where `rss_stat` cannot give them (its prototype changed, say), `count_memcg_events` does,
+/// on kernels that have it.
+#[test]
+fn count_memcg_events_gives_the_crossings_where_rss_stat_is_missing() {
+    if !programs_ready(&["memcg_pressure"]) {
+        return;
+    }
+    let _serial = common::serial();
+    let _hidden = HiddenHooks::new("rss_stat");
+    crossing_rounds("memcg_pressure");
 }
 
 /// Two rounds of an anonymous hog growing past both thresholds: one record of each per round.

@@ -99,8 +99,11 @@ pub enum Role {
 /// One program of the object and what it needs of the kernel.
 #[derive(Debug)]
 struct Program {
-    /// Function name in the object.
+    /// What the agent calls it (logs, `doctor`).
     name: &'static str,
+    /// The function in the object: `rss_stat` does two programs' jobs, so that its
+    /// tracepoint runs one program per event (see `rss_stat_roles`).
+    object: &'static str,
     hook: Hook,
     /// The tracepoint arguments the program reads, after `void *`, as BTF spells them: a
     /// kernel whose prototype starts otherwise is not attached to.
@@ -111,18 +114,14 @@ struct Program {
     lost: &'static str,
 }
 
-/// Every program in the object. The crossing programs come in order of preference.
+/// Every program the agent has. The crossing programs come in order of preference:
+/// `rss_pressure` runs once per faulted page and returns after one read on most;
+/// `memcg_pressure` sees every charge (page cache too) but runs about 2.6 times per page
+/// (BENCHMARKS.md), so it is used only where `rss_stat` cannot give crossings.
 const PROGRAMS: [Program; 10] = [
     Program {
-        name: "memcg_pressure",
-        hook: Hook::Raw("count_memcg_events"),
-        args: &["struct mem_cgroup *", "int"],
-        parts: &[Part::Memcg, Part::Pgpg],
-        role: Role::Crossing,
-        lost: "crossings of page cache and kernel memory charges come from the eventfd only",
-    },
-    Program {
         name: "rss_pressure",
+        object: "rss_stat",
         hook: Hook::Raw("rss_stat"),
         args: &["struct mm_struct *", "int"],
         parts: &[Part::Memcg],
@@ -130,7 +129,17 @@ const PROGRAMS: [Program; 10] = [
         lost: "no eBPF crossing records: thresholds are signalled by eventfd (v1) or the fallback (v2) only",
     },
     Program {
+        name: "memcg_pressure",
+        object: "memcg_pressure",
+        hook: Hook::Raw("count_memcg_events"),
+        args: &["struct mem_cgroup *", "int"],
+        parts: &[Part::Memcg, Part::Pgpg],
+        role: Role::Crossing,
+        lost: "crossings of page cache and kernel memory charges come from the eventfd only",
+    },
+    Program {
         name: "at_limit",
+        object: "at_limit",
         hook: Hook::TracePoint("vmscan", "mm_vmscan_memcg_reclaim_begin"),
         args: &[],
         parts: &[Part::Task, Part::Memcg],
@@ -139,6 +148,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "rss_stat",
+        object: "rss_stat",
         hook: Hook::Raw("rss_stat"),
         args: &["struct mm_struct *", "int"],
         parts: &[Part::Task, Part::Scores],
@@ -147,6 +157,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "sched_process_fork",
+        object: "sched_process_fork",
         hook: Hook::Raw("sched_process_fork"),
         args: &["struct task_struct *", "struct task_struct *"],
         parts: &[Part::Task, Part::Scores],
@@ -155,6 +166,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "sched_process_exit",
+        object: "sched_process_exit",
         hook: Hook::Raw("sched_process_exit"),
         args: &["struct task_struct *"],
         parts: &[Part::Task, Part::Scores],
@@ -163,6 +175,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "oom_score_adj_update",
+        object: "oom_score_adj_update",
         hook: Hook::Raw("oom_score_adj_update"),
         args: &["struct task_struct *"],
         parts: &[Part::Task, Part::Scores],
@@ -171,6 +184,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "mark_victim",
+        object: "mark_victim",
         hook: Hook::Raw("mark_victim"),
         args: &["struct task_struct *"],
         parts: &[Part::Task, Part::Memcg, Part::Scores],
@@ -179,6 +193,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "cgroup_mkdir",
+        object: "cgroup_mkdir",
         hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
         args: &[],
         parts: &[Part::CgroupRecord],
@@ -187,6 +202,7 @@ const PROGRAMS: [Program; 10] = [
     },
     Program {
         name: "cgroup_rmdir",
+        object: "cgroup_rmdir",
         hook: Hook::TracePoint("cgroup", "cgroup_rmdir"),
         args: &[],
         parts: &[Part::CgroupRecord],
@@ -589,8 +605,9 @@ impl EbpfGuard {
             })
             .ok();
         let btf = offsets::vmlinux_btf()?;
-        let layout = offsets::compute(&btf, tracefs.as_deref());
+        let mut layout = offsets::compute(&btf, tracefs.as_deref());
         let mut programs = program_checks(&btf, &layout, tracefs.as_deref());
+        layout.offsets.rss_stat_roles = rss_stat_roles(&programs);
         drop(btf);
         let tasks_max = tasks_map_size();
 
@@ -888,9 +905,11 @@ pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
     Ok(removed)
 }
 
-/// Attaches every wanted program; one that fails gets its problem recorded, and when it was
-/// the crossing program, the next usable crossing program is tried.
+/// Attaches every wanted program (a function in the object once, however many programs it
+/// serves); one that fails gets its problem recorded, and when it was the crossing program,
+/// the next usable crossing program is tried.
 fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
+    let mut attached: Vec<(&'static str, Option<String>)> = Vec::new();
     for i in 0..checks.len() {
         if !checks[i].wanted() {
             continue;
@@ -898,17 +917,43 @@ fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
         let Some(program) = PROGRAMS.iter().find(|p| p.name == checks[i].program) else {
             continue;
         };
-        if let Err(e) = attach(ebpf, program.name, program.hook) {
-            checks[i].problem = Some(error_chain(&e));
-            if checks[i].role == Role::Crossing
-                && let Some(next) = checks.iter_mut().skip(i + 1).find(|c| {
-                    c.role == Role::Crossing && c.problem.is_none() && c.standby.is_some()
-                })
-            {
-                next.standby = None;
+        let failed = match attached
+            .iter()
+            .find(|(object, _)| *object == program.object)
+        {
+            Some((_, failed)) => failed.clone(),
+            None => {
+                let failed = attach(ebpf, program.object, program.hook)
+                    .err()
+                    .map(|e| error_chain(&e));
+                attached.push((program.object, failed.clone()));
+                failed
             }
+        };
+        let Some(failed) = failed else { continue };
+        checks[i].problem = Some(failed);
+        if checks[i].role == Role::Crossing
+            && let Some(next) = checks
+                .iter_mut()
+                .find(|c| c.role == Role::Crossing && c.problem.is_none() && c.standby.is_some())
+        {
+            next.standby = None;
         }
     }
+}
+
+/// What the `rss_stat` function does here: the [`oomguard_common::rss_roles`] of the wanted
+/// programs it serves.
+fn rss_stat_roles(checks: &[ProgramCheck]) -> u32 {
+    let wanted = |name: &str| checks.iter().any(|c| c.program == name && c.wanted());
+    let mut roles = 0;
+    if wanted("rss_stat") {
+        roles |= oomguard_common::rss_roles::SCORES;
+    }
+    if wanted("rss_pressure") {
+        roles |= oomguard_common::rss_roles::CROSSING;
+    }
+    roles
 }
 
 fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {

@@ -42,9 +42,10 @@ struct Guarded {
     lowest: u64,
 }
 
-/// Checks the guarded ancestors of `memcg` (a `struct mem_cgroup *`) for crossings.
+/// Checks the guarded ancestors of `memcg` (a `struct mem_cgroup *`) for crossings; true when
+/// one of them is within `near_bytes` of (or above) its lowest threshold.
 #[inline(always)]
-pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<()> {
+pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<bool> {
     let page = kernel::page_size()?;
     let serial = kernel::memcg_serial(memcg)?;
     let generation = GENERATION.get(0).copied().unwrap_or(0);
@@ -59,6 +60,7 @@ pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<()> {
         cache.generation = generation;
     }
     let near = offset!(near_bytes);
+    let mut any_near = false;
     for i in 0..MAX_GUARDED_ANCESTORS {
         if i as u64 >= cache.count {
             break;
@@ -68,11 +70,12 @@ pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<()> {
         if usage.saturating_add(near) < guarded.lowest {
             continue;
         }
+        any_near = true;
         if let Some(thresholds) = THRESHOLDS.get_ptr_mut(guarded.id) {
             check(ctx, thresholds, guarded.id, usage)?;
         }
     }
-    Ok(())
+    Ok(any_near)
 }
 
 /// Fills `cache` with the guarded memcgs from `memcg` up.

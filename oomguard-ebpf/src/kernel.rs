@@ -140,34 +140,42 @@ fn mm_counter(mm: u64, member: u32) -> Result<u64> {
 pub struct MmSlot {
     mm: u64,
     counters: [i64; MM_SLOT_COUNTERS],
+    /// Nonzero when the last crossing check for this mm found a guarded cgroup near its
+    /// thresholds: then every event is checked, not only those that move the counter.
+    pub near: u64,
 }
 
 /// `NR_MM_COUNTERS` on every kernel so far; a higher member is always treated as moved.
 const MM_SLOT_COUNTERS: usize = 4;
 
 /// Whether counter `member` of `mm` differs from what this CPU's `slots` entry saw last
-/// (remembering the new value). Most `rss_stat` events leave the shared counter where it was:
-/// on 6.2+ it moves once per per-CPU batch.
+/// (remembering the new value), and that entry for the caller. Most `rss_stat` events leave
+/// the shared counter where it was: on 6.2+ it moves once per per-CPU batch.
 #[inline(always)]
-pub fn mm_counter_moved(slots: &PerCpuArray<MmSlot>, mm: u64, member: u32) -> Result<bool> {
+pub fn mm_counter_moved(
+    slots: &PerCpuArray<MmSlot>,
+    mm: u64,
+    member: u32,
+) -> Result<(bool, &mut MmSlot)> {
     let value = mm_counter_raw(mm, member)?;
     let slot = slots.get_ptr_mut(0).ok_or(Error)?;
     // SAFETY: this CPU's value of the per-CPU map, valid for the whole run; programs on one
     // CPU do not interleave.
     let slot = unsafe { &mut *slot };
-    let member = member as usize;
-    if member >= MM_SLOT_COUNTERS {
-        return Ok(true);
-    }
-    if slot.mm == mm && slot.counters[member] == value {
-        return Ok(false);
-    }
     if slot.mm != mm {
         slot.mm = mm;
         slot.counters = [i64::MIN; MM_SLOT_COUNTERS];
+        slot.near = 0;
+    }
+    let member = member as usize;
+    if member >= MM_SLOT_COUNTERS {
+        return Ok((true, slot));
+    }
+    if slot.counters[member] == value {
+        return Ok((false, slot));
     }
     slot.counters[member] = value;
-    Ok(true)
+    Ok((true, slot))
 }
 
 /// Whether the task's thread group has no live thread left (`signal->live == 0`): at

@@ -2,9 +2,10 @@
 //!
 //! On cgroup v1 the kernel counts `PGPGIN` for every charge committed to a memcg (and `PGPGOUT`
 //! for every uncharge) through `count_memcg_events(struct mem_cgroup *, item, val)`, after the
-//! page counter moved: every charge, page cache and kernel memory included. The tracepoint is
-//! new (about 6.13) and fires about 2.6 times per faulted page, against once for `rss_stat`,
-//! so it is the crossing program only where `rss_stat` cannot give crossings. The check is in
+//! page counter moved and before the v1 threshold notifier runs: every charge, page cache and
+//! kernel memory included, and never later than the eventfd. The tracepoint is new (about
+//! 6.13) and fires about 2.6 times per faulted page (against about once for `rss_stat`), so
+//! it is the crossing program on v1 where it exists, `rss_stat` elsewhere. The check is in
 //! [`crate::crossing`].
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
@@ -25,5 +26,5 @@ fn try_memcg_pressure(ctx: &RawTracePointContext) -> Result<()> {
     if item != offset!(pgpgin) && item != offset!(pgpgout) {
         return Ok(());
     }
-    crossing::check_memcg(ctx, ctx.arg::<u64>(0))
+    crossing::check_memcg(ctx, ctx.arg::<u64>(0)).map(drop)
 }

@@ -1,8 +1,8 @@
 //! `raw_tp/rss_stat`: a process's rss counters moved. Two jobs, chosen by user space in
 //! `OFFSETS.rss_stat_roles` (one program, so the tracepoint costs one run per event):
 //!
-//! - **Crossings** (kernel 5.5+, v1 and v2; the crossing program where `count_memcg_events` is
-//!   missing or costs more): the event fires in the faulting task for anonymous, file and
+//! - **Crossings** (kernel 5.5+, v1 and v2; the crossing program on v2 and where
+//!   `count_memcg_events` is missing): the event fires in the faulting task for anonymous, file and
 //!   shmem faults, the charges that grow a cgroup to its OOM, so the current task's memory
 //!   cgroup (`task->cgroups->subsys[memory]`) and its guarded ancestors are checked
 //!   ([`crate::crossing`]). Page cache filled by `read`/`write` and kernel memory are charged
@@ -18,7 +18,9 @@
 //! moves once per per-CPU batch of pages (6.2+), and a memcg's usage once per charge batch. So
 //! the program first compares the counter with the value it saw last on this CPU for this mm
 //! and returns when it has not moved: the scores then lag `/proc` by no more than the kernel's
-//! own counter does.
+//! own counter does. Once a guarded cgroup is near its thresholds (`near_bytes`), the crossing
+//! check runs at every event of that mm instead, so a crossing is seen at the fault after the
+//! charge that made it, as early as the v1 threshold notifier or earlier.
 
 use aya_ebpf::{
     helpers::bpf_get_current_task, macros::raw_tracepoint, programs::RawTracePointContext,
@@ -38,7 +40,8 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
 
 fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
     let (mm, member) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1) as u32);
-    if !kernel::mm_counter_moved(&RSS_MM, mm, member)? {
+    let (moved, slot) = kernel::mm_counter_moved(&RSS_MM, mm, member)?;
+    if !moved && slot.near == 0 {
         return Ok(());
     }
     let roles = offset!(rss_stat_roles);
@@ -47,10 +50,15 @@ fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
     let crossed = if roles & rss_roles::CROSSING != 0 {
         // SAFETY: a helper without arguments.
         let task = unsafe { bpf_get_current_task() };
-        kernel::task_memcg(task).and_then(|memcg| crossing::check_memcg(ctx, memcg))
+        kernel::task_memcg(task)
+            .and_then(|memcg| crossing::check_memcg(ctx, memcg))
+            .map(|near| slot.near = u64::from(near))
     } else {
         Ok(())
     };
+    if !moved {
+        return crossed;
+    }
     let scored = if roles & rss_roles::SCORES != 0 {
         score(mm)
     } else {

@@ -269,7 +269,7 @@ fn reports_each_threshold_crossing_once_and_rearms() {
 }
 
 /// Without `count_memcg_events` (kernels before about 6.13), the crossings come from
-/// `rss_stat`, the same way (it is also the preferred one where both exist: it costs less).
+/// `rss_stat`, the same way.
 #[test]
 fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
     if !programs_ready(&["rss_pressure"]) {
@@ -280,8 +280,8 @@ fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
     crossing_rounds("rss_pressure");
 }
 
-/// Where `rss_stat` cannot give them (its prototype changed, say), `count_memcg_events` does,
-/// on kernels that have it.
+/// On v1 kernels with `count_memcg_events` the crossings come from it (at the charge itself),
+/// also with `rss_stat` gone.
 #[test]
 fn count_memcg_events_gives_the_crossings_where_rss_stat_is_missing() {
     if !programs_ready(&["memcg_pressure"]) {

@@ -114,10 +114,8 @@ struct Program {
     lost: &'static str,
 }
 
-/// Every program the agent has. The crossing programs come in order of preference:
-/// `rss_pressure` runs once per faulted page and returns after one read on most;
-/// `memcg_pressure` sees every charge (page cache too) but runs about 2.6 times per page
-/// (BENCHMARKS.md), so it is used only where `rss_stat` cannot give crossings.
+/// Every program the agent has. Which crossing program runs is chosen in
+/// [`program_checks`].
 const PROGRAMS: [Program; 10] = [
     Program {
         name: "rss_pressure",
@@ -449,8 +447,11 @@ fn program_check(
     }
 }
 
-/// Checks every program against this kernel, and picks the crossing program: the first usable
-/// one, where `count_memcg_events` counts charges (PGPGIN) only on a v1 memory hierarchy.
+/// Checks every program against this kernel, and picks the crossing program: on a v1 memory
+/// hierarchy `memcg_pressure` where it can load (it sees every charge, page cache too, at the
+/// charge itself, so its record comes no later than the v1 threshold eventfd), else
+/// `rss_pressure` (which costs a quarter as much per fault, but is checked after the charge:
+/// the eventfd can be a few microseconds ahead).
 fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<ProgramCheck> {
     let hidden = hidden_hooks();
     let mut checks: Vec<ProgramCheck> = PROGRAMS
@@ -461,8 +462,16 @@ fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<Pro
         .ok()
         .and_then(|t| offsets::memory_hierarchy_id(&t))
         == Some(0);
+    let preference: [&str; 2] = if on_v2 {
+        ["rss_pressure", "memcg_pressure"]
+    } else {
+        ["memcg_pressure", "rss_pressure"]
+    };
     let mut chosen: Option<&'static str> = None;
-    for check in checks.iter_mut().filter(|c| c.role == Role::Crossing) {
+    for name in preference {
+        let Some(check) = checks.iter_mut().find(|c| c.program == name) else {
+            continue;
+        };
         if check.problem.is_some() {
             continue;
         }

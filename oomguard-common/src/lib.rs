@@ -122,12 +122,12 @@ pub struct Offsets {
     pub tp_cgroup_level: u32,
     pub tp_cgroup_id: u32,
     pub tp_cgroup_path: u32,
-    /// What the `rss_stat` program does: [`rss_roles`] bits.
-    pub rss_stat_roles: u32,
+    pub _pad: u32,
 }
 
-/// Bits of [`Offsets::rss_stat_roles`]: one program on `rss_stat` does both jobs, so the
-/// tracepoint costs one run and one counter read per event, not two.
+/// Bits of the `RSS_ROLES` map's one value, written by user space once it knows which
+/// programs attached: one program on `rss_stat` does both jobs, so the tracepoint costs one
+/// run and one counter read per event, not two.
 pub mod rss_roles {
     /// Keep the `TASKS` scores.
     pub const SCORES: u32 = 1;

@@ -76,7 +76,7 @@ static OFFSETS: Offsets = Offsets {
     tp_cgroup_level: 0,
     tp_cgroup_id: 0,
     tp_cgroup_path: 0,
-    rss_stat_roles: 0,
+    _pad: 0,
 };
 
 /// Guarded cgroups: memcg id → thresholds and edge state. Filled by user space.
@@ -94,6 +94,10 @@ static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 /// Per CPU: the guarded ancestors of the last memcg a crossing program saw.
 #[map]
 static WALK_CACHE: PerCpuArray<crossing::WalkCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `rss_stat` does (`oomguard_common::rss_roles`); 0 until user space has attached.
+#[map]
+static RSS_ROLES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per CPU: the rss counters `rss_stat` last saw.
 #[map]

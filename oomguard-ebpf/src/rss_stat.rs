@@ -1,5 +1,8 @@
-//! `raw_tp/rss_stat`: a process's rss counters moved. Two jobs, chosen by user space in
-//! `OFFSETS.rss_stat_roles` (one program, so the tracepoint costs one run per event):
+//! `raw_tp/rss_stat`: a process's rss counters moved. Two jobs in one program, so the
+//! tracepoint costs one run per event.
+//!
+//! The jobs are chosen by user space in `RSS_ROLES` after attaching (so a crossing program
+//! that failed to attach can fall back to this one):
 //!
 //! - **Crossings** (kernel 5.5+, v1 and v2; the crossing program on v2 and where
 //!   `count_memcg_events` is missing): the event fires in the faulting task for anonymous, file and
@@ -28,7 +31,7 @@ use aya_ebpf::{
 use oomguard_common::rss_roles;
 
 use crate::{
-    RSS_MM, crossing,
+    RSS_MM, RSS_ROLES, crossing,
     kernel::{self, Result, offset},
 };
 
@@ -44,7 +47,7 @@ fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
     if !moved && slot.near == 0 {
         return Ok(());
     }
-    let roles = offset!(rss_stat_roles);
+    let roles = RSS_ROLES.get(0).copied().unwrap_or(0);
     // Crossings first: they are the latency that matters. A failure of one job does not
     // keep the other from running.
     let crossed = if roles & rss_roles::CROSSING != 0 {

@@ -60,6 +60,7 @@ const THRESHOLDS_MAP: &str = "THRESHOLDS";
 const TASKS_MAP: &str = "TASKS";
 const EVENTS_MAP: &str = "EVENTS";
 const GENERATION_MAP: &str = "GENERATION";
+const RSS_ROLES_MAP: &str = "RSS_ROLES";
 /// Test-only: a comma-separated list of tracepoint names to treat as absent from the kernel,
 /// to exercise the per-program degradation on a kernel that has them all.
 pub const HIDE_HOOKS_ENV: &str = "OOMGUARD_TEST_HIDE_HOOKS";
@@ -458,15 +459,8 @@ fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<Pro
         .iter()
         .map(|p| program_check(p, btf, layout, tracefs, &hidden))
         .collect();
-    let on_v2 = fs::read_to_string("/proc/cgroups")
-        .ok()
-        .and_then(|t| offsets::memory_hierarchy_id(&t))
-        == Some(0);
-    let preference: [&str; 2] = if on_v2 {
-        ["rss_pressure", "memcg_pressure"]
-    } else {
-        ["memcg_pressure", "rss_pressure"]
-    };
+    let on_v2 = memory_on_v2();
+    let preference = crossing_preference();
     let mut chosen: Option<&'static str> = None;
     for name in preference {
         let Some(check) = checks.iter_mut().find(|c| c.program == name) else {
@@ -485,6 +479,23 @@ fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<Pro
         }
     }
     checks
+}
+
+/// Whether the memory controller is on cgroup v2 (`/proc/cgroups` hierarchy 0).
+fn memory_on_v2() -> bool {
+    fs::read_to_string("/proc/cgroups")
+        .ok()
+        .and_then(|t| offsets::memory_hierarchy_id(&t))
+        == Some(0)
+}
+
+/// The crossing programs, preferred first (see [`program_checks`]).
+fn crossing_preference() -> [&'static str; 2] {
+    if memory_on_v2() {
+        ["rss_pressure", "memcg_pressure"]
+    } else {
+        ["memcg_pressure", "rss_pressure"]
+    }
 }
 
 /// Probes, without changing anything, what [`EbpfGuard::load`] needs: the eBPF object,
@@ -614,9 +625,8 @@ impl EbpfGuard {
             })
             .ok();
         let btf = offsets::vmlinux_btf()?;
-        let mut layout = offsets::compute(&btf, tracefs.as_deref());
+        let layout = offsets::compute(&btf, tracefs.as_deref());
         let mut programs = program_checks(&btf, &layout, tracefs.as_deref());
-        layout.offsets.rss_stat_roles = rss_stat_roles(&programs);
         drop(btf);
         let tasks_max = tasks_map_size();
 
@@ -626,6 +636,18 @@ impl EbpfGuard {
             .load(EBPF_OBJECT)
             .map_err(BpfError::Load)?;
         attach_all(&mut ebpf, &mut programs);
+        let roles = map_fd(&ebpf, RSS_ROLES_MAP)?;
+        sys::update(
+            roles.as_fd(),
+            &0u32,
+            &rss_stat_roles(&programs),
+            sys::BPF_ANY,
+        )
+        .map_err(|source| BpfError::Syscall {
+            what: "setting the rss_stat roles",
+            map: RSS_ROLES_MAP,
+            source,
+        })?;
         for line in programs.iter().filter_map(ProgramCheck::missing_line) {
             tracing::warn!("{line}");
         }
@@ -919,6 +941,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
 /// the next usable crossing program is tried.
 fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
     let mut attached: Vec<(&'static str, Option<String>)> = Vec::new();
+    let mut attach_later = Vec::new();
     for i in 0..checks.len() {
         if !checks[i].wanted() {
             continue;
@@ -941,12 +964,30 @@ fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
         };
         let Some(failed) = failed else { continue };
         checks[i].problem = Some(failed);
-        if checks[i].role == Role::Crossing
-            && let Some(next) = checks
-                .iter_mut()
-                .find(|c| c.role == Role::Crossing && c.problem.is_none() && c.standby.is_some())
-        {
-            next.standby = None;
+        if checks[i].role == Role::Crossing {
+            let next = crossing_preference().into_iter().find_map(|name| {
+                checks
+                    .iter()
+                    .position(|c| c.program == name && c.problem.is_none() && c.standby.is_some())
+            });
+            if let Some(next) = next {
+                checks[next].standby = None;
+                // An earlier one is attached here; a later one in the loop.
+                if next < i {
+                    attach_later.push(next);
+                }
+            }
+        }
+    }
+    for i in attach_later {
+        let Some(program) = PROGRAMS.iter().find(|p| p.name == checks[i].program) else {
+            continue;
+        };
+        let done = attached
+            .iter()
+            .any(|(object, failed)| *object == program.object && failed.is_none());
+        if !done && let Err(e) = attach(ebpf, program.object, program.hook) {
+            checks[i].problem = Some(error_chain(&e));
         }
     }
 }

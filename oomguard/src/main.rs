@@ -331,8 +331,17 @@ fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
     };
     match (loaded, config.mode) {
         (Ok(g), Mode::Ebpf) if !g.has_crossing() => {
+            let why: Vec<String> = g
+                .programs()
+                .iter()
+                .filter(|p| p.role == bpf::Role::Crossing)
+                .filter_map(|p| Some(format!("{}: {}", p.program, p.problem.as_ref()?)))
+                .collect();
             let _ = g.unpin();
-            anyhow::bail!("--mode ebpf: eBPF cannot be used: no crossing program could be attached")
+            anyhow::bail!(
+                "--mode ebpf: eBPF cannot be used: no crossing program could be attached ({})",
+                why.join("; ")
+            )
         }
         (Ok(g), _) => {
             if g.has_scores()

@@ -5,12 +5,19 @@
 //! they implement `aya::Pod`.
 #![no_std]
 
-/// Capacity of the `THRESHOLDS` map (memcg id → [`Thresholds`]): the guarded cgroups.
+/// Capacity of the `THRESHOLDS` map (memcg id → [`Thresholds`]): the guarded cgroups (10,000
+/// with room). A cgroup that does not fit is guarded by its eventfd (or the v2 fallback) alone.
 pub const THRESHOLDS_MAX_ENTRIES: u32 = 16_384;
 
-/// Capacity of the `TASKS` map (tgid → [`TaskScore`]). It is an LRU map: if exit events were
-/// ever missed, stale entries are evicted instead of blocking new tasks.
-pub const TASKS_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the `TASKS` map (tgid → [`TaskScore`]) as compiled; user space sizes it at load
+/// time from the node's process count (see `oomguard::bpf`), at most this. It is an LRU map: when
+/// full, the least recently updated entry goes, and a process the map does not know is scored
+/// from /proc.
+pub const TASKS_MAX_ENTRIES: u32 = 131_072;
+
+/// How many guarded ancestors of one memcg the crossing programs check at each charge; a
+/// cgroup deeper in a chain of more guarded cgroups is left to its eventfd.
+pub const MAX_GUARDED_ANCESTORS: usize = 4;
 
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTE_SIZE: u32 = 256 * 1024;
@@ -60,6 +67,10 @@ pub struct Offsets {
     /// A memcg in reclaim counts as at its limit when `usage + at_limit_slack_bytes >= max`:
     /// the charge that failed may be as large as a huge page.
     pub at_limit_slack_bytes: u64,
+    /// The crossing programs look at a guarded cgroup's thresholds (a map lookup) only while
+    /// its usage is within this many bytes of the lowest one: more than one charge can move
+    /// usage (a huge page plus a charge batch), so no crossing or re-arm is skipped.
+    pub near_bytes: u64,
     /// `struct mem_cgroup`: `css` (a `struct cgroup_subsys_state`) and `memory` (a
     /// `struct page_counter`).
     pub memcg_css: u32,
@@ -67,9 +78,11 @@ pub struct Offsets {
     /// `struct page_counter`: `usage` and `max` (pages).
     pub counter_usage: u32,
     pub counter_max: u32,
-    /// `struct cgroup_subsys_state`: `cgroup`, `parent`.
+    /// `struct cgroup_subsys_state`: `cgroup`, `parent`, `serial_nr` (unique for the boot:
+    /// tells a reused `struct mem_cgroup` from the one cached).
     pub css_cgroup: u32,
     pub css_parent: u32,
+    pub css_serial_nr: u32,
     /// `struct cgroup`: `kn`; `struct kernfs_node`: `id`.
     pub cgroup_kn: u32,
     pub kn_id: u32,
@@ -81,16 +94,18 @@ pub struct Offsets {
     pub task_cgroups: u32,
     /// `struct css_set`: offset of `subsys[memory_cgrp_id]`.
     pub css_set_memory: u32,
-    /// `struct signal_struct`: `oom_score_adj` (a `short`).
+    /// `struct signal_struct`: `oom_score_adj` (a `short`), `live` (threads not yet exited).
     pub signal_oom_score_adj: u32,
-    /// `struct mm_struct`: `owner`, `rss_stat` (array of `struct percpu_counter`),
-    /// `pgtables_bytes`.
+    pub signal_live: u32,
+    /// `struct mm_struct`: `owner`, the first rss counter, `pgtables_bytes`.
     pub mm_owner: u32,
     pub mm_rss_stat: u32,
     pub mm_pgtables_bytes: u32,
-    /// `sizeof(struct percpu_counter)` and its `count` (s64).
-    pub percpu_counter_size: u32,
-    pub percpu_counter_count: u32,
+    /// Distance between two rss counters and offset of the counter's value (an s64) in one:
+    /// 6.2+ `struct percpu_counter rss_stat[]` (its size, `count`), before that
+    /// `struct mm_rss_stat { atomic_long_t count[]; }` (8, 0).
+    pub mm_counter_stride: u32,
+    pub mm_counter_value: u32,
     /// Values of `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SWAPENTS`, `MM_SHMEMPAGES`.
     pub mm_filepages: u32,
     pub mm_anonpages: u32,
@@ -108,6 +123,16 @@ pub struct Offsets {
     pub tp_cgroup_id: u32,
     pub tp_cgroup_path: u32,
     pub _pad: u32,
+}
+
+/// Bits of the `RSS_ROLES` map's one value, written by user space once it knows which
+/// programs attached: one program on `rss_stat` does both jobs, so the tracepoint costs one
+/// run and one counter read per event, not two.
+pub mod rss_roles {
+    /// Keep the `TASKS` scores.
+    pub const SCORES: u32 = 1;
+    /// Check the current task's memory cgroup for threshold crossings.
+    pub const CROSSING: u32 = 2;
 }
 
 /// Value of the `THRESHOLDS` map, keyed by memcg id (the v1 directory's inode number).
@@ -180,7 +205,7 @@ pub struct CgroupEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Offsets>() == 4 * 8 + 32 * 4);
+    assert!(core::mem::size_of::<Offsets>() == 5 * 8 + 34 * 4);
     assert!(core::mem::size_of::<Thresholds>() == 32);
     assert!(core::mem::size_of::<TaskScore>() == 56);
     assert!(core::mem::size_of::<Event>() == 72);

@@ -36,12 +36,15 @@ fn try_at_limit(ctx: &TracePointContext) -> Result<()> {
         if let Some(thresholds) = THRESHOLDS.get_ptr_mut(id) {
             let (usage, max) = kernel::memcg_usage_and_max(memcg)?;
             let (usage, limit) = (usage * page, kernel::pages_to_bytes(max, page));
-            if usage.saturating_add(offset!(at_limit_slack_bytes)) >= limit && claim(thresholds) {
+            if usage.saturating_add(offset!(at_limit_slack_bytes)) >= limit
+                && let Some(claimed) = claim(thresholds)
+            {
                 kernel::emit(&Event {
                     kind: kind::AT_LIMIT,
                     pid: kernel::task_tgid(task)?,
                     cgroup_id: id,
-                    ktime_ns: kernel::now_ns(),
+                    // The claimed time, so records are as far apart as the rate limit says.
+                    ktime_ns: claimed,
                     usage_bytes: usage,
                     threshold_bytes: limit,
                     ..Event::default()
@@ -59,15 +62,16 @@ fn try_at_limit(ctx: &TracePointContext) -> Result<()> {
     Ok(())
 }
 
-/// Whether this CPU may send the cgroup's next at-limit record (rate limit).
-fn claim(thresholds: *mut Thresholds) -> bool {
+/// Whether this CPU may send the cgroup's next at-limit record (rate limit): the time it
+/// claimed, if so.
+fn claim(thresholds: *mut Thresholds) -> Option<u64> {
     let now = kernel::now_ns();
     // SAFETY (all three): an aligned u64 of the live map value, shared with other CPUs only
     // through atomic operations.
     let last = unsafe { core::ptr::addr_of_mut!((*thresholds).last_at_limit_ns) };
     let before = unsafe { atomic::load_u64(last) };
     if before != 0 && now.saturating_sub(before) < offset!(at_limit_interval_ns) {
-        return false;
+        return None;
     }
-    unsafe { atomic::compare_exchange(last, before, now) }
+    unsafe { atomic::compare_exchange(last, before, now) }.then_some(now)
 }

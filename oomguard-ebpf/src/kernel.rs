@@ -3,6 +3,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    maps::PerCpuArray,
     programs::TracePointContext,
 };
 use oomguard_common::{CGROUP_PATH_MAX, CgroupEvent, Event, TaskScore};
@@ -65,6 +66,19 @@ pub fn memcg_usage_and_max(memcg: u64) -> Result<(u64, u64)> {
     Ok((usage.max(0) as u64, max))
 }
 
+/// `memcg->memory.usage`, in pages.
+#[inline(always)]
+pub fn memcg_usage(memcg: u64) -> Result<u64> {
+    let usage: i64 = read(memcg, offset!(memcg_memory) + offset!(counter_usage))?;
+    Ok(usage.max(0) as u64)
+}
+
+/// `memcg->css.serial_nr`: never reused during a boot, unlike the struct's address.
+#[inline(always)]
+pub fn memcg_serial(memcg: u64) -> Result<u64> {
+    read(memcg, offset!(memcg_css) + offset!(css_serial_nr))
+}
+
 /// The parent `struct mem_cgroup`, or 0 at the root.
 #[inline(always)]
 pub fn memcg_parent(memcg: u64) -> Result<u64> {
@@ -105,15 +119,72 @@ pub fn task_mm(task: u64) -> Result<u64> {
     read(task, offset!(task_mm))
 }
 
-/// One of `mm->rss_stat[]`, in pages: the counter's shared `count`, which trails the exact sum
-/// by at most the per-CPU batch on each CPU (as `get_mm_counter` does).
+/// One of the mm's rss counters, in pages, as `get_mm_counter` reads it: on 6.2+ the shared
+/// `count` of a `percpu_counter`, which trails the exact sum by at most a per-CPU batch on each
+/// CPU; before, an `atomic_long_t` that trails by the tasks' unsynced split counts.
+#[inline(always)]
+fn mm_counter_raw(mm: u64, member: u32) -> Result<i64> {
+    read(
+        mm,
+        offset!(mm_rss_stat) + member * offset!(mm_counter_stride) + offset!(mm_counter_value),
+    )
+}
+
 #[inline(always)]
 fn mm_counter(mm: u64, member: u32) -> Result<u64> {
-    let off = offset!(mm_rss_stat)
-        + member * offset!(percpu_counter_size)
-        + offset!(percpu_counter_count);
-    let pages: i64 = read(mm, off)?;
-    Ok(pages.max(0) as u64)
+    Ok(mm_counter_raw(mm, member)?.max(0) as u64)
+}
+
+/// The rss counters of one mm as a program last saw them on this CPU.
+#[repr(C)]
+pub struct MmSlot {
+    mm: u64,
+    counters: [i64; MM_SLOT_COUNTERS],
+    /// Nonzero when the last crossing check for this mm found a guarded cgroup near its
+    /// thresholds: then every event is checked, not only those that move the counter.
+    pub near: u64,
+}
+
+/// `NR_MM_COUNTERS` on every kernel so far; a higher member is always treated as moved.
+const MM_SLOT_COUNTERS: usize = 4;
+
+/// Whether counter `member` of `mm` differs from what this CPU's `slots` entry saw last
+/// (remembering the new value), and that entry for the caller. Most `rss_stat` events leave
+/// the shared counter where it was: on 6.2+ it moves once per per-CPU batch.
+#[inline(always)]
+pub fn mm_counter_moved(
+    slots: &PerCpuArray<MmSlot>,
+    mm: u64,
+    member: u32,
+) -> Result<(bool, &mut MmSlot)> {
+    let value = mm_counter_raw(mm, member)?;
+    let slot = slots.get_ptr_mut(0).ok_or(Error)?;
+    // SAFETY: this CPU's value of the per-CPU map, valid for the whole run; programs on one
+    // CPU do not interleave.
+    let slot = unsafe { &mut *slot };
+    if slot.mm != mm {
+        slot.mm = mm;
+        slot.counters = [i64::MIN; MM_SLOT_COUNTERS];
+        slot.near = 0;
+    }
+    let member = member as usize;
+    if member >= MM_SLOT_COUNTERS {
+        return Ok((true, slot));
+    }
+    if slot.counters[member] == value {
+        return Ok((false, slot));
+    }
+    slot.counters[member] = value;
+    Ok((true, slot))
+}
+
+/// Whether the task's thread group has no live thread left (`signal->live == 0`): at
+/// `sched_process_exit`, true in the last thread to exit.
+#[inline(always)]
+pub fn group_dead(task: u64) -> Result<bool> {
+    let signal: u64 = read(task, offset!(task_signal))?;
+    let live: i32 = read(signal, offset!(signal_live))?;
+    Ok(live == 0)
 }
 
 /// What `oom_badness` needs of a task with this `mm`.

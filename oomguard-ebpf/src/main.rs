@@ -17,6 +17,7 @@ mod at_limit;
 mod atomic;
 mod cgroup_mkdir;
 mod cgroup_rmdir;
+mod crossing;
 mod kernel;
 mod mark_victim;
 mod memcg_pressure;
@@ -27,7 +28,7 @@ mod sched_process_fork;
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use oomguard_common::{
     EVENTS_BYTE_SIZE, Offsets, TASKS_MAX_ENTRIES, THRESHOLDS_MAX_ENTRIES, TaskScore, Thresholds,
@@ -41,12 +42,14 @@ static OFFSETS: Offsets = Offsets {
     rearm_bytes: 0,
     at_limit_interval_ns: 0,
     at_limit_slack_bytes: 0,
+    near_bytes: 0,
     memcg_css: 0,
     memcg_memory: 0,
     counter_usage: 0,
     counter_max: 0,
     css_cgroup: 0,
     css_parent: 0,
+    css_serial_nr: 0,
     cgroup_kn: 0,
     kn_id: 0,
     task_pid: 0,
@@ -56,11 +59,12 @@ static OFFSETS: Offsets = Offsets {
     task_cgroups: 0,
     css_set_memory: 0,
     signal_oom_score_adj: 0,
+    signal_live: 0,
     mm_owner: 0,
     mm_rss_stat: 0,
     mm_pgtables_bytes: 0,
-    percpu_counter_size: 0,
-    percpu_counter_count: 0,
+    mm_counter_stride: 0,
+    mm_counter_value: 0,
     mm_filepages: 0,
     mm_anonpages: 0,
     mm_swapents: 0,
@@ -82,6 +86,22 @@ static THRESHOLDS: HashMap<u64, Thresholds> = HashMap::with_max_entries(THRESHOL
 /// Per-process scores: tgid → rss, swap, page tables, oom_score_adj.
 #[map]
 static TASKS: LruHashMap<u32, TaskScore> = LruHashMap::with_max_entries(TASKS_MAX_ENTRIES, 0);
+
+/// Bumped by user space after every change to `THRESHOLDS`: invalidates `WALK_CACHE`.
+#[map]
+static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the guarded ancestors of the last memcg a crossing program saw.
+#[map]
+static WALK_CACHE: PerCpuArray<crossing::WalkCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `rss_stat` does (`oomguard_common::rss_roles`); 0 until user space has attached.
+#[map]
+static RSS_ROLES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the rss counters `rss_stat` last saw.
+#[map]
+static RSS_MM: PerCpuArray<kernel::MmSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Records for user space (`oomguard_common::Event` and `CgroupEvent`).
 #[map]

@@ -1,7 +1,9 @@
 //! `raw_tp/sched_process_exit`: a process is gone once its last thread exits.
 //!
-//! `sched_process_exit(struct task_struct *, bool group_dead)`: the entry is removed when the
-//! whole thread group is dead, whichever thread exits last.
+//! `sched_process_exit(struct task_struct *, ...)` (6.16+ adds `bool group_dead`; older
+//! kernels have the task only): the entry is removed when the whole thread group is dead,
+//! whichever thread exits last, told by `signal->live` (which `do_exit` has already
+//! decremented), the same on every kernel.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
@@ -17,11 +19,11 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_sched_process_exit(ctx: &RawTracePointContext) -> Result<()> {
-    let group_dead = ctx.arg::<u64>(1) & 0xff != 0;
-    if !group_dead {
+    let task = ctx.arg::<u64>(0);
+    if !kernel::group_dead(task)? {
         return Ok(());
     }
-    let tgid = kernel::task_tgid(ctx.arg::<u64>(0))?;
+    let tgid = kernel::task_tgid(task)?;
     // Absent when the process was never seen: nothing to do.
     let _ = TASKS.remove(tgid);
     Ok(())

@@ -714,11 +714,11 @@ impl Guard {
         self.deps.reporter.send(d);
     }
 
-    /// The process policy's candidates, best first: from the eBPF score map when loaded,
-    /// else from /proc.
+    /// The process policy's candidates, best first: from the eBPF score map when its
+    /// programs run, else from /proc.
     fn rank(&self, cg: &MemCgroup, limit: u64) -> Vec<victim::Candidate> {
         match &self.deps.ebpf {
-            Some(bpf) => {
+            Some(bpf) if bpf.has_scores() => {
                 victim::candidates_from_map(cg, limit, self.self_pid, MAX_KILL_ATTEMPTS, |pids| {
                     bpf.task_scores(pids)
                         .iter()
@@ -726,7 +726,7 @@ impl Guard {
                         .collect()
                 })
             }
-            None => victim::candidates(cg, limit, self.self_pid),
+            _ => victim::candidates(cg, limit, self.self_pid),
         }
     }
 

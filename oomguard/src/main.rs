@@ -295,8 +295,9 @@ fn reload(
     *current = new;
 }
 
-/// `--mode`: eventfd loads nothing; ebpf must load or the agent does not start; auto
-/// falls back to eventfd with one warning naming what failed.
+/// `--mode`: eventfd loads nothing; ebpf must load a crossing program or the agent does not
+/// start; auto loads every program that can load here (one warning per program that cannot,
+/// from [`EbpfGuard::load`]), and falls back to eventfd with one warning when none can.
 fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
     if config.mode == Mode::Eventfd {
         tracing::info!(
@@ -306,16 +307,36 @@ fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
         return Ok(None);
     }
     let caps = bpf::capabilities();
-    let loaded = match caps.reason() {
-        Some(why) => Err(why),
-        None => EbpfGuard::load(&config.bpf_pin_dir).map_err(|e| oomguard::error_line(&e)),
+    let loaded = if config.mode == Mode::Ebpf
+        && let Some(why) = caps.reason()
+    {
+        Err(why)
+    } else if caps.loadable() {
+        EbpfGuard::load(&config.bpf_pin_dir).map_err(|e| oomguard::error_line(&e))
+    } else {
+        Err(caps.reason().unwrap_or_default())
     };
     match (loaded, config.mode) {
+        (Ok(g), Mode::Ebpf) if !g.has_crossing() => {
+            let why: Vec<String> = g
+                .programs()
+                .iter()
+                .filter(|p| p.role == bpf::Role::Crossing)
+                .filter_map(|p| Some(format!("{}: {}", p.program, p.problem.as_ref()?)))
+                .collect();
+            let _ = g.unpin();
+            anyhow::bail!(
+                "--mode ebpf: eBPF cannot be used: no crossing program could be attached ({})",
+                why.join("; ")
+            )
+        }
         (Ok(g), _) => {
-            if let Err(e) = g.seed_tasks_from_proc() {
+            if g.has_scores()
+                && let Err(e) = g.seed_tasks_from_proc()
+            {
                 tracing::warn!(error = %e, "cannot seed the eBPF task map from /proc");
             }
-            tracing::info!(mode = "ebpf", pin_dir = %config.bpf_pin_dir.display(), "eBPF programs loaded and attached; threshold eventfds stay armed as the backstop");
+            tracing::info!(mode = "ebpf", pin_dir = %config.bpf_pin_dir.display(), crossing = g.has_crossing(), scores = g.has_scores(), "eBPF programs loaded and attached; threshold eventfds stay armed as the backstop");
             Ok(Some(g))
         }
         (Err(why), Mode::Ebpf) => anyhow::bail!("--mode ebpf: eBPF cannot be used: {why}"),

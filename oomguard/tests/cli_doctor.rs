@@ -51,15 +51,11 @@ fn json_report_agrees_with_the_kernel() {
         v["auto_mode"],
         if caps.usable() { "ebpf" } else { "eventfd" }
     );
-    for check in &caps.checks {
-        if let Some(name) = check.feature.strip_prefix("tracepoint ") {
-            let want = if check.problem.is_none() {
-                "ok"
-            } else {
-                "missing"
-            };
-            assert_eq!(status(&format!("tracepoint {name}")), want);
-        }
+    // One line per program: usable (attached or standing by) or missing, with why.
+    assert_eq!(caps.programs.len(), 10);
+    for p in &caps.programs {
+        let want = if p.problem.is_none() { "ok" } else { "missing" };
+        assert_eq!(status(p.program), want, "{}", p.program);
     }
     // A socket that does not exist is "not present", never a failure.
     let (code, out) = doctor(&[

@@ -24,7 +24,7 @@ use std::{
 
 use common::{M, hog, sandbox, wait_exit, wait_rss};
 use oomguard::{
-    bpf::{self, EbpfGuard, Record, TaskScore, Threshold},
+    bpf::{self, EbpfGuard, ProgramCheck, Record, Role, TaskScore, Threshold},
     cgroup::{DEFAULT_MEMORY_ROOT, cgroup_of_pid},
 };
 
@@ -45,6 +45,53 @@ fn ebpf_ready() -> bool {
     }
     common::skipped(&reason);
     false
+}
+
+/// [`ebpf_ready`], and each of `programs` can run on this kernel (false, after saying which
+/// cannot and why, when one cannot and CI does not demand it).
+fn programs_ready(programs: &[&str]) -> bool {
+    if !ebpf_ready() {
+        return false;
+    }
+    let caps = bpf::capabilities();
+    let missing: Vec<String> = caps
+        .programs
+        .iter()
+        .filter(|p| programs.contains(&p.program))
+        .filter_map(ProgramCheck::missing_line)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = missing.join("; ");
+    if std::env::var_os(common::REQUIRE_ENV).is_some() {
+        panic!(
+            "required feature missing ({}): {reason}",
+            common::REQUIRE_ENV
+        );
+    }
+    eprintln!("skipped: {reason}");
+    false
+}
+
+/// Sets [`bpf::HIDE_HOOKS_ENV`] for its lifetime (tests run one at a time, under
+/// `common::serial()`).
+struct HiddenHooks;
+
+impl HiddenHooks {
+    fn new(hooks: &str) -> Self {
+        // SAFETY: the tests of this binary run one at a time (`--test-threads=1` and the
+        // serial lock), and nothing else reads the environment meanwhile.
+        unsafe { std::env::set_var(bpf::HIDE_HOOKS_ENV, hooks) };
+        Self
+    }
+}
+
+impl Drop for HiddenHooks {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { std::env::remove_var(bpf::HIDE_HOOKS_ENV) };
+    }
 }
 
 /// Unmounts, on drop, tracefs and bpffs if they were not mounted when it was made:
@@ -218,20 +265,62 @@ fn reports_each_threshold_crossing_once_and_rearms() {
         return;
     }
     let _serial = common::serial();
+    crossing_rounds("preferred");
+}
+
+/// Without `count_memcg_events` (kernels before about 6.13), the crossings come from
+/// `rss_stat`, the same way.
+#[test]
+fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
+    if !programs_ready(&["rss_pressure"]) {
+        return;
+    }
+    let _serial = common::serial();
+    let _hidden = HiddenHooks::new("count_memcg_events");
+    crossing_rounds("rss_pressure");
+}
+
+/// On v1 kernels with `count_memcg_events` the crossings come from it (at the charge itself),
+/// also with `rss_stat` gone.
+#[test]
+fn count_memcg_events_gives_the_crossings_where_rss_stat_is_missing() {
+    if !programs_ready(&["memcg_pressure"]) {
+        return;
+    }
+    let _serial = common::serial();
+    let _hidden = HiddenHooks::new("rss_stat");
+    crossing_rounds("memcg_pressure");
+}
+
+/// Two rounds of an anonymous hog growing past both thresholds: one record of each per round.
+/// `program`: the crossing program that must be the one attached ("preferred": whichever).
+fn crossing_rounds(program: &str) {
     let sb = sandbox("oomguard-ebpf-cross", 512 * M);
     let id = sb.cg.id().unwrap();
     let mut loaded = Loaded::new();
     let guard = loaded.get();
+    assert!(guard.has_crossing(), "{:#?}", guard.programs());
+    let attached: Vec<&str> = guard
+        .programs()
+        .iter()
+        .filter(|p| p.role == Role::Crossing && p.wanted())
+        .map(|p| p.program)
+        .collect();
+    eprintln!("crossing program: {attached:?}");
+    assert_eq!(attached.len(), 1, "exactly one crossing program runs");
+    if program != "preferred" {
+        assert_eq!(attached, [program]);
+    }
     let (reclaim, kill_at) = (64 * M, 96 * M);
     guard.set_thresholds(id, reclaim, kill_at).unwrap();
 
     for round in 0..2 {
         let mut hog_child = hog(&sb.cg, &["--rate", "200M", "--total", "128M"]);
-        let records = collect(guard, Duration::from_secs(10), |r| {
+        let records = collect(guard, Duration::from_secs(60), |r| {
             !crossings(r, id, Threshold::Kill).is_empty()
         });
         // Hold at 128M for a while: usage stays above both thresholds, so no more records.
-        wait_rss(&hog_child, 128 * M, Duration::from_secs(10));
+        wait_rss(&hog_child, 128 * M, Duration::from_secs(60));
         let later = collect(guard, Duration::from_millis(300), |_| false);
         let all: Vec<_> = records.into_iter().chain(later).collect();
         let r = crossings(&all, id, Threshold::Reclaim);
@@ -256,9 +345,97 @@ fn reports_each_threshold_crossing_once_and_rearms() {
     assert_eq!(guard.thresholds(id).unwrap(), None);
 }
 
+/// A hook the kernel lacks costs its own program only: the others load, and the start-up log
+/// and `doctor` get one line naming the program, why, and what is lost.
+#[test]
+fn a_missing_hook_costs_only_its_own_program() {
+    if !ebpf_ready() {
+        return;
+    }
+    let _serial = common::serial();
+    let _hidden = HiddenHooks::new("mark_victim,cgroup_mkdir");
+    let caps = bpf::capabilities();
+    // Only the hidden ones: the kernel may lack others of its own (6.1: count_memcg_events).
+    let missing: Vec<String> = caps
+        .missing_programs()
+        .into_iter()
+        .filter(|l| l.contains(bpf::HIDE_HOOKS_ENV))
+        .collect();
+    eprintln!("{missing:#?}");
+    assert_eq!(missing.len(), 2, "{missing:?}");
+    assert!(missing[0].contains("mark_victim") && missing[0].contains("memory.oom_control"));
+    assert!(missing[1].contains("cgroup_mkdir") && missing[1].contains("inotify"));
+    assert!(caps.usable(), "{:?}", caps.reason());
+
+    let mut loaded = Loaded::new();
+    let guard = loaded.get();
+    let wanted: Vec<&str> = guard
+        .programs()
+        .iter()
+        .filter(|p| p.wanted())
+        .map(|p| p.program)
+        .collect();
+    eprintln!("attached: {wanted:?}");
+    assert!(!wanted.contains(&"mark_victim") && !wanted.contains(&"cgroup_mkdir"));
+    assert!(wanted.contains(&"cgroup_rmdir") && wanted.contains(&"at_limit"));
+    assert!(guard.has_crossing() && guard.has_scores());
+}
+
+/// With no crossing program possible, `--mode ebpf` has nothing to run on: the reason names
+/// both crossing programs.
+#[test]
+fn no_crossing_program_is_the_reason_ebpf_mode_cannot_run() {
+    if !ebpf_ready() {
+        return;
+    }
+    let _serial = common::serial();
+    let _hidden = HiddenHooks::new("count_memcg_events,rss_stat");
+    let caps = bpf::capabilities();
+    let reason = caps
+        .reason()
+        .expect("not usable without a crossing program");
+    eprintln!("{reason}");
+    assert!(reason.contains("no crossing signal"), "{reason}");
+    assert!(reason.contains("memcg_pressure") && reason.contains("rss_pressure"));
+    // The score programs on rss_stat go too; the rest still could load.
+    assert!(caps.loadable());
+    assert!(
+        caps.missing_programs()
+            .iter()
+            .any(|l| l.contains("rss_stat) not loaded"))
+    );
+}
+
+/// The thresholds map holds 16,384 cgroups; one more is a clear error (the guard then keeps
+/// the cgroup on its eventfd), and a freed slot takes a cgroup again.
+#[test]
+fn a_full_thresholds_map_refuses_with_a_clear_error() {
+    if !ebpf_ready() {
+        return;
+    }
+    let _serial = common::serial();
+    let mut loaded = Loaded::new();
+    let guard = loaded.get();
+    // Ids no cgroup has (inode numbers this high are not handed out).
+    let base = u64::MAX - u64::from(oomguard_common::THRESHOLDS_MAX_ENTRIES) - 10;
+    let ids = base..base + u64::from(oomguard_common::THRESHOLDS_MAX_ENTRIES);
+    for id in ids.clone() {
+        guard.set_thresholds(id, 1, 2).unwrap();
+    }
+    let err = guard.set_thresholds(u64::MAX, 1, 2).unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err, bpf::BpfError::Full { .. }), "{err:?}");
+    assert!(err.to_string().contains("full (16384 entries)"), "{err}");
+    guard.remove_cgroup(base).unwrap();
+    guard.set_thresholds(u64::MAX, 1, 2).unwrap();
+    for id in ids.skip(1).chain([u64::MAX]) {
+        guard.remove_cgroup(id).unwrap();
+    }
+}
+
 #[test]
 fn reports_a_cgroup_at_its_limit_and_the_kernel_oom_victim() {
-    if !ebpf_ready() {
+    if !programs_ready(&["at_limit", "mark_victim"]) {
         return;
     }
     let _serial = common::serial();
@@ -274,11 +451,11 @@ fn reports_a_cgroup_at_its_limit_and_the_kernel_oom_victim() {
     // Nobody kills it but the kernel.
     let mut hog_child = hog(&sb.cg, &["--rate", "0", "--total", "256M"]);
     let pid = hog_child.id();
-    let records = collect(guard, Duration::from_secs(10), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::KernelOomVictim { pid: p, .. } if *p == pid))
     });
-    let status = wait_exit(&mut hog_child, Duration::from_secs(10));
+    let status = wait_exit(&mut hog_child, Duration::from_secs(60));
     assert!(
         common::killed_by_sigkill(status),
         "the kernel did not kill the hog: {status:?}"
@@ -363,14 +540,19 @@ fn assert_close(what: &str, map: u64, proc: u64) {
 
 #[test]
 fn task_scores_follow_proc() {
-    if !ebpf_ready() {
+    if !programs_ready(&[
+        "rss_stat",
+        "sched_process_fork",
+        "sched_process_exit",
+        "oom_score_adj_update",
+    ]) {
         return;
     }
     let _serial = common::serial();
     let sb = sandbox("oomguard-ebpf-tasks", 1024 * M);
     // Started before the programs: known only through seeding.
     let mut early = hog(&sb.cg, &["--rate", "0", "--total", "32M", "--adj", "100"]);
-    wait_rss(&early, 32 * M, Duration::from_secs(10));
+    wait_rss(&early, 32 * M, Duration::from_secs(60));
     let mut loaded = Loaded::new();
     let guard = loaded.get();
     let early_pid = early.id() as i32;
@@ -387,7 +569,7 @@ fn task_scores_follow_proc() {
 
     // Started after: fork, exec, its own adj write and its faults keep the map current.
     let mut late = hog(&sb.cg, &["--rate", "0", "--total", "96M", "--adj", "300"]);
-    wait_rss(&late, 96 * M, Duration::from_secs(10));
+    wait_rss(&late, 96 * M, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(50));
     let late_pid = late.id() as i32;
     let score: TaskScore = guard.task_scores(&[late_pid]).first().unwrap().1;
@@ -429,7 +611,7 @@ fn task_scores_follow_proc() {
 
 #[test]
 fn reports_cgroups_made_and_removed() {
-    if !ebpf_ready() {
+    if !programs_ready(&["cgroup_mkdir", "cgroup_rmdir"]) {
         return;
     }
     let _serial = common::serial();
@@ -438,7 +620,7 @@ fn reports_cgroups_made_and_removed() {
     let guard = loaded.get();
     let child = sb.child("made-after-start").unwrap();
     let id = fs::metadata(&child.path).unwrap().ino();
-    let records = collect(guard, Duration::from_secs(5), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::CgroupMkdir(d) if d.cgroup_id == id))
     });
@@ -462,7 +644,7 @@ fn reports_cgroups_made_and_removed() {
     );
 
     fs::remove_dir(&child.path).unwrap();
-    let records = collect(guard, Duration::from_secs(5), |r| {
+    let records = collect(guard, Duration::from_secs(60), |r| {
         r.iter()
             .any(|(r, _)| matches!(r, Record::CgroupRmdir(d) if d.cgroup_id == id))
     });
@@ -481,7 +663,13 @@ fn this_kernel_has_every_capability() {
     }
     let caps = bpf::capabilities();
     eprintln!("{caps:#?}");
-    if let Some(reason) = caps.reason() {
+    let reason = caps
+        .reason()
+        .into_iter()
+        .chain(caps.missing_programs())
+        .collect::<Vec<_>>();
+    if !reason.is_empty() {
+        let reason = reason.join("; ");
         if std::env::var_os(common::REQUIRE_ENV).is_some() {
             panic!("required feature missing: {reason}");
         }
@@ -493,7 +681,12 @@ fn this_kernel_has_every_capability() {
 /// task sets (sizes and oom_score_adj), both sources pick the same victim.
 #[test]
 fn map_and_proc_pick_the_same_victim() {
-    if !ebpf_ready() {
+    if !programs_ready(&[
+        "rss_stat",
+        "sched_process_fork",
+        "sched_process_exit",
+        "oom_score_adj_update",
+    ]) {
         return;
     }
     let _serial = common::serial();
@@ -524,7 +717,7 @@ fn map_and_proc_pick_the_same_victim() {
             hogs.push((h, mib));
         }
         for (h, mib) in &hogs {
-            wait_rss(h, mib * M, Duration::from_secs(10));
+            wait_rss(h, mib * M, Duration::from_secs(60));
         }
         let guard = loaded.get();
         let limit = 1 << 30;
@@ -609,7 +802,7 @@ fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
     }
     guard.set_thresholds(id, 0, 16 * M).unwrap();
     let mut h = hog(&sb.cg, &["--rate", "200M", "--total", "32M"]);
-    wait_rss(&h, 32 * M, Duration::from_secs(10));
+    wait_rss(&h, 32 * M, Duration::from_secs(60));
     kill(&mut h);
     guard.flush_logs();
     let logged = LOGGED.lock().unwrap().clone();
@@ -628,4 +821,114 @@ fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
     // Once drained, the ring takes the next crossing again: no log for it.
     let drained = guard.drain(|_| {});
     assert!(drained > 100, "only {drained} records were queued");
+}
+
+/// This process's cgroup v2 directory, when the memory controller is on cgroup v2 and may be
+/// enabled for children there; else why not.
+fn own_v2_memory_cgroup() -> Result<PathBuf, String> {
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
+    let mount = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .find(|m| {
+            fs::read_to_string(m.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        })
+        .ok_or("the memory controller is not on cgroup v2 here")?;
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    let dir = mount.join(own.trim_start_matches('/'));
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    if !enabled.split_whitespace().any(|c| c == "memory") {
+        return Err(format!(
+            "memory is not in {}/cgroup.subtree_control",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// A cgroup v2 directory of the test's own, removed (after killing what runs in it) on drop.
+struct V2Cgroup(PathBuf);
+
+impl Drop for V2Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+/// On cgroup v2 (kernels without a v1 memory controller, such as Debian's 6.12) the crossing
+/// records come the same way, keyed by the cgroup2 directory's inode.
+#[test]
+fn reports_crossings_on_cgroup_v2() {
+    let parent = match own_v2_memory_cgroup() {
+        Ok(dir) => dir,
+        Err(why) => {
+            // Not a missing feature: the host's layout is another one.
+            eprintln!("skipped: not applicable: {why}");
+            return;
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if let Some(reason) = bpf::capabilities().reason() {
+        if std::env::var_os(common::REQUIRE_ENV).is_some() {
+            panic!("required feature missing: {reason}");
+        }
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let _serial = common::serial();
+    let cg = V2Cgroup(parent.join(format!("oomguard-ebpf-v2-{}", std::process::id())));
+    fs::create_dir(&cg.0).unwrap();
+    fs::write(cg.0.join("memory.max"), (512 * M).to_string()).unwrap();
+    let id = fs::metadata(&cg.0).unwrap().ino();
+    let mut loaded = Loaded::new();
+    let guard = loaded.get();
+    assert!(guard.has_crossing(), "{:#?}", guard.programs());
+    let (reclaim, kill_at) = (64 * M, 96 * M);
+    guard.set_thresholds(id, reclaim, kill_at).unwrap();
+    let memcg = oomguard::cgroup::MemCgroup::new(&cg.0);
+    let mut cmd = std::process::Command::new(common::memhog_exe());
+    cmd.args(["--rate", "200M", "--total", "128M"])
+        .stdout(std::process::Stdio::null());
+    let mut child = oomguard::sandbox::in_cgroup(&mut cmd, &memcg)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    // Generous: a TCG guest runs 10-50x slower.
+    let records = collect(guard, Duration::from_secs(60), |r| {
+        !crossings(r, id, Threshold::Kill).is_empty()
+    });
+    // The score map reads the kernel's rss counters (percpu on 6.2+, atomics before).
+    wait_rss(&child, 128 * M, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(50));
+    let scores = guard.task_scores(&[child.id() as i32]);
+    let (anon, _, _) = proc_rss(child.id());
+    kill(&mut child);
+    assert_eq!(scores.len(), 1, "the hog is not in the score map");
+    assert_close("v2 hog RssAnon", scores[0].1.rss_anon, anon);
+    let r = crossings(&records, id, Threshold::Reclaim);
+    let k = crossings(&records, id, Threshold::Kill);
+    eprintln!("v2 crossings: reclaim {r:?}, kill {k:?}");
+    assert_eq!(r.len(), 1, "{records:?}");
+    assert_eq!(k.len(), 1, "{records:?}");
+    assert!(r[0].0 >= reclaim && k[0].0 >= kill_at);
+    guard.remove_cgroup(id).unwrap();
 }

@@ -316,6 +316,46 @@ impl Btf {
         found.ok_or_else(|| BtfError::NoEnumValue(name.to_string()))
     }
 
+    /// The arguments of tracepoint `name` after the leading `void *`, with their types spelled
+    /// as in C (`struct task_struct *`, `int`, `bool`), from its `btf_trace_<name>` typedef;
+    /// `None` when the kernel has no such tracepoint.
+    pub fn tracepoint_args(&self, name: &str) -> Option<Vec<String>> {
+        let typedef = format!("btf_trace_{name}");
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == typedef)?;
+        let ptr = self.get(t.size_or_type).filter(|p| p.kind == KIND_PTR)?;
+        let proto = self
+            .get(ptr.size_or_type)
+            .filter(|p| p.kind == KIND_FUNC_PROTO)?;
+        Some(
+            (1..proto.vlen as usize)
+                .map(|i| self.type_name(self.word(proto.data + 8 * i + 4), 0))
+                .collect(),
+        )
+    }
+
+    /// Type `id` as C spells it, qualifiers left out.
+    fn type_name(&self, id: u32, depth: u32) -> String {
+        let Some(t) = self.get(id).filter(|_| depth < 16) else {
+            return "void".into();
+        };
+        let name = self.name(t.name_off);
+        match t.kind {
+            KIND_PTR => format!("{} *", self.type_name(t.size_or_type, depth + 1)),
+            KIND_STRUCT => format!("struct {name}"),
+            KIND_UNION => format!("union {name}"),
+            KIND_ENUM | KIND_ENUM64 => format!("enum {name}"),
+            KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                self.type_name(t.size_or_type, depth + 1)
+            }
+            KIND_ARRAY => format!("{}[]", self.type_name(self.word(t.data), depth + 1)),
+            KIND_FUNC_PROTO => "function".into(),
+            _ => name.into_owned(),
+        }
+    }
+
     /// Whether a typedef called `name` exists; `btf_trace_<tracepoint>` typedefs name every
     /// tracepoint the kernel has.
     pub fn has_typedef(&self, name: &str) -> bool {
@@ -452,7 +492,11 @@ mod tests {
             ("MM_SHMEMPAGES", 3),
         ]);
         b.enumeration(&[("PGPGIN", 0), ("PGPGOUT", 1)]);
-        b.typedef("btf_trace_rss_stat", task_ptr);
+        let mm = b.composite(KIND_STRUCT, "mm_struct", 0, &[]);
+        let mm_ptr = b.ptr(mm);
+        let proto = b.words(&[0, (KIND_FUNC_PROTO << 24) | 3, 0, 0, 0, 0, mm_ptr, 0, int]);
+        let proto_ptr = b.ptr(proto);
+        b.typedef("btf_trace_rss_stat", proto_ptr);
         Btf::parse(&b.build()).unwrap()
     }
 
@@ -510,6 +554,16 @@ mod tests {
         assert_eq!(btf.enum_value("PGPGOUT"), Ok(1));
         assert!(btf.has_typedef("btf_trace_rss_stat"));
         assert!(!btf.has_typedef("btf_trace_nope"));
+    }
+
+    #[test]
+    fn spells_tracepoint_arguments() {
+        let btf = sample();
+        assert_eq!(
+            btf.tracepoint_args("rss_stat"),
+            Some(vec!["struct mm_struct *".to_string(), "int".to_string()])
+        );
+        assert_eq!(btf.tracepoint_args("nope"), None);
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! The eBPF half of the guard: loading and attaching the programs built from `oomguard-ebpf`,
 //! and the maps and ring buffer they share with user space.
 //!
-//! - Pressure (`raw_tp/count_memcg_events`): a guarded cgroup's usage crossed its reclaim or
-//!   kill threshold, seen at the charge that did it; one record per crossing.
+//! - Crossings: a guarded cgroup's usage crossed its reclaim or kill threshold, seen at the
+//!   charge that did it; one record per crossing. `raw_tp/count_memcg_events` (every v1 charge;
+//!   the tracepoint exists from about 6.13) where it can load on a v1 memory hierarchy, else
+//!   `raw_tp/rss_stat` (5.5+, v1 and v2: the page faults that charge).
 //! - At the limit (`vmscan:mm_vmscan_memcg_reclaim_begin`): a task of a guarded cgroup entered
 //!   reclaim with the cgroup at its limit.
 //! - Task scores (`rss_stat`, `sched_process_fork`/`exit`, `oom_score_adj_update`): the `TASKS`
 //!   map of what `oom_badness` needs per process, so the process policy reads no `/proc`.
 //! - Kernel OOMs (`oom:mark_victim`) and discovery (`cgroup:cgroup_mkdir`/`rmdir`).
+//!
+//! Programs degrade one by one: [`capabilities`] checks each against this kernel (its
+//! tracepoint in BTF, the tracepoint's arguments, the struct layout it reads) and
+//! [`EbpfGuard::load`] attaches every one that can, saying for each missing one what is lost.
 //!
 //! Everything is synchronous: [`EbpfGuard::ring_fd`] goes into the guard thread's epoll set and
 //! [`EbpfGuard::drain`] reads what is pending without blocking. Kernel struct offsets and enum
@@ -37,7 +43,11 @@ pub use oomguard_common::TaskScore;
 use oomguard_common::Thresholds;
 
 pub use self::records::{CgroupDir, Record, Threshold};
-use self::{btf::BtfError, sys::BPF_NOEXIST};
+use self::{
+    btf::{Btf, BtfError},
+    offsets::{Layout, Part},
+    sys::BPF_NOEXIST,
+};
 
 /// The eBPF object built by `build.rs`; empty when the build ran with `AYA_BUILD_SKIP=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oomguard-ebpf"));
@@ -49,6 +59,11 @@ const OFFSETS_GLOBAL: &str = "OFFSETS";
 const THRESHOLDS_MAP: &str = "THRESHOLDS";
 const TASKS_MAP: &str = "TASKS";
 const EVENTS_MAP: &str = "EVENTS";
+const GENERATION_MAP: &str = "GENERATION";
+const RSS_ROLES_MAP: &str = "RSS_ROLES";
+/// Test-only: a comma-separated list of tracepoint names to treat as absent from the kernel,
+/// to exercise the per-program degradation on a kernel that has them all.
+pub const HIDE_HOOKS_ENV: &str = "OOMGUARD_TEST_HIDE_HOOKS";
 /// Maps pinned under the pin directory, by these names.
 pub const PINNED_MAPS: [&str; 3] = [THRESHOLDS_MAP, TASKS_MAP, EVENTS_MAP];
 
@@ -70,20 +85,129 @@ impl Hook {
     }
 }
 
-/// Every program in the object, by function name, with its hook.
-const PROGRAMS: [(&str, Hook); 9] = [
-    ("memcg_pressure", Hook::Raw("count_memcg_events")),
-    (
-        "at_limit",
-        Hook::TracePoint("vmscan", "mm_vmscan_memcg_reclaim_begin"),
-    ),
-    ("rss_stat", Hook::Raw("rss_stat")),
-    ("sched_process_fork", Hook::Raw("sched_process_fork")),
-    ("sched_process_exit", Hook::Raw("sched_process_exit")),
-    ("oom_score_adj_update", Hook::Raw("oom_score_adj_update")),
-    ("mark_victim", Hook::Raw("mark_victim")),
-    ("cgroup_mkdir", Hook::TracePoint("cgroup", "cgroup_mkdir")),
-    ("cgroup_rmdir", Hook::TracePoint("cgroup", "cgroup_rmdir")),
+/// What a program gives the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Threshold crossings (the one thing `--mode ebpf` requires).
+    Crossing,
+    AtLimit,
+    /// The `TASKS` score map: the process policy reads /proc unless all of these run.
+    Scores,
+    KernelOom,
+    Discovery,
+}
+
+/// One program of the object and what it needs of the kernel.
+#[derive(Debug)]
+struct Program {
+    /// What the agent calls it (logs, `doctor`).
+    name: &'static str,
+    /// The function in the object: `rss_stat` does two programs' jobs, so that its
+    /// tracepoint runs one program per event (see `rss_stat_roles`).
+    object: &'static str,
+    hook: Hook,
+    /// The tracepoint arguments the program reads, after `void *`, as BTF spells them: a
+    /// kernel whose prototype starts otherwise is not attached to.
+    args: &'static [&'static str],
+    parts: &'static [Part],
+    role: Role,
+    /// What the agent does without it.
+    lost: &'static str,
+}
+
+/// Every program the agent has. Which crossing program runs is chosen in
+/// [`program_checks`].
+const PROGRAMS: [Program; 10] = [
+    Program {
+        name: "rss_pressure",
+        object: "rss_stat",
+        hook: Hook::Raw("rss_stat"),
+        args: &["struct mm_struct *", "int"],
+        parts: &[Part::Memcg],
+        role: Role::Crossing,
+        lost: "no eBPF crossing records: thresholds are signalled by eventfd (v1) or the fallback (v2) only",
+    },
+    Program {
+        name: "memcg_pressure",
+        object: "memcg_pressure",
+        hook: Hook::Raw("count_memcg_events"),
+        args: &["struct mem_cgroup *", "int"],
+        parts: &[Part::Memcg, Part::Pgpg],
+        role: Role::Crossing,
+        lost: "crossings of page cache and kernel memory charges come from the eventfd only",
+    },
+    Program {
+        name: "at_limit",
+        object: "at_limit",
+        hook: Hook::TracePoint("vmscan", "mm_vmscan_memcg_reclaim_begin"),
+        args: &[],
+        parts: &[Part::Task, Part::Memcg],
+        role: Role::AtLimit,
+        lost: "no at-limit records: a cgroup in reclaim at its limit is seen at its next crossing",
+    },
+    Program {
+        name: "rss_stat",
+        object: "rss_stat",
+        hook: Hook::Raw("rss_stat"),
+        args: &["struct mm_struct *", "int"],
+        parts: &[Part::Task, Part::Scores],
+        role: Role::Scores,
+        lost: "no eBPF task scores: the process policy reads /proc",
+    },
+    Program {
+        name: "sched_process_fork",
+        object: "sched_process_fork",
+        hook: Hook::Raw("sched_process_fork"),
+        args: &["struct task_struct *", "struct task_struct *"],
+        parts: &[Part::Task, Part::Scores],
+        role: Role::Scores,
+        lost: "no eBPF task scores: the process policy reads /proc",
+    },
+    Program {
+        name: "sched_process_exit",
+        object: "sched_process_exit",
+        hook: Hook::Raw("sched_process_exit"),
+        args: &["struct task_struct *"],
+        parts: &[Part::Task, Part::Scores],
+        role: Role::Scores,
+        lost: "no eBPF task scores: the process policy reads /proc",
+    },
+    Program {
+        name: "oom_score_adj_update",
+        object: "oom_score_adj_update",
+        hook: Hook::Raw("oom_score_adj_update"),
+        args: &["struct task_struct *"],
+        parts: &[Part::Task, Part::Scores],
+        role: Role::Scores,
+        lost: "no eBPF task scores: the process policy reads /proc",
+    },
+    Program {
+        name: "mark_victim",
+        object: "mark_victim",
+        hook: Hook::Raw("mark_victim"),
+        args: &["struct task_struct *"],
+        parts: &[Part::Task, Part::Memcg, Part::Scores],
+        role: Role::KernelOom,
+        lost: "kernel OOM kills are seen through memory.oom_control (v1) or memory.events (v2) only",
+    },
+    Program {
+        name: "cgroup_mkdir",
+        object: "cgroup_mkdir",
+        hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
+        args: &[],
+        parts: &[Part::CgroupRecord],
+        role: Role::Discovery,
+        lost: "new cgroups are found by inotify and the periodic walk only",
+    },
+    Program {
+        name: "cgroup_rmdir",
+        object: "cgroup_rmdir",
+        hook: Hook::TracePoint("cgroup", "cgroup_rmdir"),
+        args: &[],
+        parts: &[Part::CgroupRecord],
+        role: Role::Discovery,
+        lost: "removed cgroups are found by inotify and the periodic walk only",
+    },
 ];
 
 /// Errors of loading, attaching and using the eBPF programs and maps.
@@ -113,8 +237,12 @@ pub enum BpfError {
     },
     #[error("kernel BTF ({})", offsets::VMLINUX_BTF)]
     Btf(#[source] BtfError),
-    #[error("the memory controller is not on a cgroup v1 hierarchy (/proc/cgroups)")]
+    #[error("the memory controller is not enabled (/proc/cgroups)")]
     NoMemoryHierarchy,
+    #[error("no eBPF crossing signal can load here: {0}")]
+    NoCrossing(String),
+    #[error("eBPF map {map} is full ({max} entries)")]
+    Full { map: &'static str, max: u32 },
     #[error("the eBPF object is empty: oomguard was built with AYA_BUILD_SKIP set")]
     ObjectMissing,
     #[error("loading the eBPF object")]
@@ -165,33 +293,214 @@ pub struct Check {
     pub problem: Option<String>,
 }
 
-/// What the kernel offers the eBPF mode, from [`capabilities`].
+/// Whether one program can run here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramCheck {
+    pub program: &'static str,
+    /// The tracepoint it attaches to.
+    pub hook: &'static str,
+    pub role: Role,
+    /// Why it cannot load here; `None`: it can.
+    pub problem: Option<String>,
+    /// Usable, but another program does its job here (the crossing programs).
+    pub standby: Option<String>,
+    /// What the agent does without it.
+    pub lost: &'static str,
+}
+
+impl ProgramCheck {
+    /// Whether it is to be attached: it can load and nothing else does its job.
+    pub fn wanted(&self) -> bool {
+        self.problem.is_none() && self.standby.is_none()
+    }
+
+    /// The line the start-up log and `doctor` give a program that is not attached.
+    pub fn missing_line(&self) -> Option<String> {
+        let problem = self.problem.as_ref()?;
+        Some(format!(
+            "eBPF program {} ({}) not loaded: {problem}; {}",
+            self.program, self.hook, self.lost
+        ))
+    }
+}
+
+/// What the kernel offers the eBPF mode, from [`capabilities`]: the common needs (object,
+/// `bpf()`, BTF) and each program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
     pub checks: Vec<Check>,
+    pub programs: Vec<ProgramCheck>,
 }
 
 impl Capabilities {
-    /// Whether everything the eBPF mode needs is there.
+    /// Whether `--mode ebpf` can run: the common needs and a crossing program.
     pub fn usable(&self) -> bool {
+        self.reason().is_none()
+    }
+
+    /// Whether the common needs are there (some program may load).
+    pub fn loadable(&self) -> bool {
         self.checks.iter().all(|c| c.problem.is_none())
     }
 
-    /// One line naming everything missing, e.g. for `--mode auto`'s warning; `None` when
+    /// One line naming what keeps `--mode ebpf` from running; `None` when
     /// [`Capabilities::usable`].
     pub fn reason(&self) -> Option<String> {
-        let missing: Vec<String> = self
+        let mut missing: Vec<String> = self
             .checks
             .iter()
             .filter_map(|c| Some(format!("{}: {}", c.feature, c.problem.as_ref()?)))
             .collect();
+        if missing.is_empty()
+            && !self
+                .programs
+                .iter()
+                .any(|p| p.role == Role::Crossing && p.wanted())
+        {
+            let why: Vec<String> = self
+                .programs
+                .iter()
+                .filter(|p| p.role == Role::Crossing)
+                .filter_map(|p| Some(format!("{} ({})", p.problem.as_ref()?, p.program)))
+                .collect();
+            missing.push(format!("no crossing signal: {}", why.join("; ")));
+        }
         (!missing.is_empty()).then(|| missing.join("; "))
+    }
+
+    /// One line per program that cannot load here, with what is lost.
+    pub fn missing_programs(&self) -> Vec<String> {
+        self.programs
+            .iter()
+            .filter_map(ProgramCheck::missing_line)
+            .collect()
     }
 }
 
-/// Probes, without changing anything, for what [`EbpfGuard::load`] needs: the eBPF object,
-/// `bpf()` with ring buffers, kernel BTF with every struct member and enum value the programs
-/// read, tracefs (mounted or mountable), every tracepoint, and a v1 memory hierarchy.
+/// Tracepoints named in [`HIDE_HOOKS_ENV`].
+fn hidden_hooks() -> Vec<String> {
+    std::env::var(HIDE_HOOKS_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Whether one program can run, given the kernel's BTF and layout.
+fn program_check(
+    program: &Program,
+    btf: &Btf,
+    layout: &Layout,
+    tracefs: Option<&Path>,
+    hidden: &[String],
+) -> ProgramCheck {
+    let hook = program.hook.name();
+    let problem = if hidden.iter().any(|h| h == hook) {
+        Some(format!(
+            "tracepoint {hook} not in this kernel ({HIDE_HOOKS_ENV})"
+        ))
+    } else {
+        match btf.tracepoint_args(hook) {
+            None => Some(format!("tracepoint {hook} not in this kernel")),
+            Some(args)
+                if !args.starts_with(
+                    &program
+                        .args
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>(),
+                ) =>
+            {
+                Some(format!(
+                    "tracepoint {hook} takes ({}), the program reads ({})",
+                    args.join(", "),
+                    program.args.join(", ")
+                ))
+            }
+            Some(_) => None,
+        }
+    };
+    let problem = problem
+        .or_else(|| match (program.hook, tracefs) {
+            (Hook::TracePoint(category, name), Some(tracefs))
+                if !tracefs.join("events").join(category).join(name).is_dir() =>
+            {
+                Some(format!("no tracefs event {category}/{name}"))
+            }
+            (Hook::TracePoint(..), None) => tracefs_problem(),
+            _ => None,
+        })
+        .or_else(|| {
+            program
+                .parts
+                .iter()
+                .find_map(|&part| Some(format!("{}: {}", part.name(), layout.problem(part)?)))
+        });
+    ProgramCheck {
+        program: program.name,
+        hook,
+        role: program.role,
+        problem,
+        standby: None,
+        lost: program.lost,
+    }
+}
+
+/// Checks every program against this kernel, and picks the crossing program: on a v1 memory
+/// hierarchy `memcg_pressure` where it can load (it sees every charge, page cache too, at the
+/// charge itself, so its record comes no later than the v1 threshold eventfd), else
+/// `rss_pressure` (which costs a quarter as much per fault, but is checked after the charge:
+/// the eventfd can be a few microseconds ahead).
+fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<ProgramCheck> {
+    let hidden = hidden_hooks();
+    let mut checks: Vec<ProgramCheck> = PROGRAMS
+        .iter()
+        .map(|p| program_check(p, btf, layout, tracefs, &hidden))
+        .collect();
+    let on_v2 = memory_on_v2();
+    let preference = crossing_preference();
+    let mut chosen: Option<&'static str> = None;
+    for name in preference {
+        let Some(check) = checks.iter_mut().find(|c| c.program == name) else {
+            continue;
+        };
+        if check.problem.is_some() {
+            continue;
+        }
+        if check.program == "memcg_pressure" && on_v2 {
+            check.standby =
+                Some("it counts v1 charges (PGPGIN); the memory controller is on cgroup v2".into());
+        } else if let Some(other) = chosen {
+            check.standby = Some(format!("{other} gives the crossings here"));
+        } else {
+            chosen = Some(check.program);
+        }
+    }
+    checks
+}
+
+/// Whether the memory controller is on cgroup v2 (`/proc/cgroups` hierarchy 0).
+fn memory_on_v2() -> bool {
+    fs::read_to_string("/proc/cgroups")
+        .ok()
+        .and_then(|t| offsets::memory_hierarchy_id(&t))
+        == Some(0)
+}
+
+/// The crossing programs, preferred first (see [`program_checks`]).
+fn crossing_preference() -> [&'static str; 2] {
+    if memory_on_v2() {
+        ["rss_pressure", "memcg_pressure"]
+    } else {
+        ["memcg_pressure", "rss_pressure"]
+    }
+}
+
+/// Probes, without changing anything, what [`EbpfGuard::load`] needs: the eBPF object,
+/// `bpf()` with ring buffers and kernel BTF in common, and for each program its tracepoint,
+/// the tracepoint's arguments and the layout it reads.
 pub fn capabilities() -> Capabilities {
     let mut checks = Vec::new();
     let mut check = |feature: &str, problem: Option<String>| {
@@ -217,30 +526,23 @@ pub fn capabilities() -> Capabilities {
                 _ => err.to_string(),
             }),
     );
+    let mut programs = Vec::new();
     match offsets::vmlinux_btf() {
         Ok(btf) => {
-            check(
-                "kernel BTF",
-                offsets::from_btf(&btf).err().map(|e| e.to_string()),
-            );
-            for (_, hook) in PROGRAMS {
-                let problem = (!btf.has_typedef(&format!("btf_trace_{}", hook.name())))
-                    .then(|| "not in this kernel".to_string());
-                check(&format!("tracepoint {}", hook.name()), problem);
+            check("kernel BTF", None);
+            let tracefs = tracefs::tracefs_mounted().ok().flatten();
+            let mut layout = offsets::compute(&btf, tracefs.as_deref());
+            if tracefs.is_none() && tracefs_problem().is_none() {
+                // Loading mounts it and reads the record layout then.
+                layout
+                    .problems
+                    .retain(|(part, _)| *part != Part::CgroupRecord);
             }
+            programs = program_checks(&btf, &layout, tracefs.as_deref());
         }
         Err(err) => check("kernel BTF", Some(error_chain(&err))),
     }
-    check("tracefs", tracefs_problem());
-    check(
-        "cgroup v1 memory hierarchy",
-        fs::read_to_string("/proc/cgroups")
-            .ok()
-            .and_then(|text| offsets::memory_hierarchy_id(&text))
-            .is_none()
-            .then(|| "the memory controller is not on a v1 hierarchy".to_string()),
-    );
-    Capabilities { checks }
+    Capabilities { checks, programs }
 }
 
 fn tracefs_problem() -> Option<String> {
@@ -262,7 +564,7 @@ fn tracefs_problem() -> Option<String> {
 }
 
 /// An error and its sources on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -292,6 +594,12 @@ pub struct EbpfGuard {
     events: RingBuf<MapData>,
     thresholds: OwnedFd,
     tasks: OwnedFd,
+    /// `GENERATION[0]`, bumped after every change to the thresholds (the programs cache which
+    /// cgroups are guarded), and the last value written.
+    generation: OwnedFd,
+    generation_value: std::sync::atomic::AtomicU64,
+    /// Every program and whether it runs (`wanted()`: attached).
+    programs: Vec<ProgramCheck>,
     pin_dir: PathBuf,
     /// The programs' aya-log records (a dropped record, say), passed to `log`, which the
     /// agent's tracing subscriber receives.
@@ -302,23 +610,52 @@ pub struct EbpfGuard {
 
 impl EbpfGuard {
     /// Mounts tracefs and bpffs where missing, computes the kernel layout, loads and attaches
-    /// every program, and pins the maps under `pin_dir` (made if missing; stale pins of an
-    /// earlier run are replaced). Needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN to mount).
+    /// every program that can run here (logging one line for each that cannot, with what is
+    /// lost), and pins the maps under `pin_dir` (made if missing; stale pins of an earlier run
+    /// are replaced). Fails only when nothing can load (no object, no `bpf()`, no BTF, no ring
+    /// buffer); whether a crossing program runs is [`EbpfGuard::has_crossing`]. Needs root
+    /// (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN to mount).
     pub fn load(pin_dir: &Path) -> Result<EbpfGuard, BpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(BpfError::ObjectMissing);
         }
-        let tracefs = tracefs::ensure_tracefs()?;
+        let tracefs = tracefs::ensure_tracefs()
+            .inspect_err(|e| {
+                tracing::warn!(error = %error_chain(e), "no tracefs: the programs on tracefs tracepoints will not load");
+            })
+            .ok();
         let btf = offsets::vmlinux_btf()?;
-        let layout = offsets::compute(&btf, &tracefs)?;
+        let layout = offsets::compute(&btf, tracefs.as_deref());
+        let mut programs = program_checks(&btf, &layout, tracefs.as_deref());
+        drop(btf);
+        let tasks_max = tasks_map_size();
 
         let mut ebpf = EbpfLoader::new()
-            .override_global(OFFSETS_GLOBAL, &layout, true)
+            .override_global(OFFSETS_GLOBAL, &layout.offsets, true)
+            .map_max_entries(TASKS_MAP, tasks_max)
             .load(EBPF_OBJECT)
             .map_err(BpfError::Load)?;
-        for (program, hook) in PROGRAMS {
-            attach(&mut ebpf, program, hook)?;
+        attach_all(&mut ebpf, &mut programs);
+        let roles = map_fd(&ebpf, RSS_ROLES_MAP)?;
+        sys::update(
+            roles.as_fd(),
+            &0u32,
+            &rss_stat_roles(&programs),
+            sys::BPF_ANY,
+        )
+        .map_err(|source| BpfError::Syscall {
+            what: "setting the rss_stat roles",
+            map: RSS_ROLES_MAP,
+            source,
+        })?;
+        for line in programs.iter().filter_map(ProgramCheck::missing_line) {
+            tracing::warn!("{line}");
         }
+        let attached: Vec<&'static str> = programs
+            .iter()
+            .filter(|p| p.wanted())
+            .map(|p| p.program)
+            .collect();
 
         mount::ensure_bpffs()?;
         fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
@@ -360,8 +697,10 @@ impl EbpfGuard {
                 None
             }
         };
+        let generation = map_fd(&ebpf, GENERATION_MAP)?;
         tracing::info!(
-            programs = PROGRAMS.len(),
+            programs = %attached.join(","),
+            tasks_map_entries = tasks_max,
             pin_dir = %pin_dir.display(),
             "eBPF programs attached"
         );
@@ -369,6 +708,9 @@ impl EbpfGuard {
             events,
             thresholds,
             tasks,
+            generation,
+            generation_value: std::sync::atomic::AtomicU64::new(0),
+            programs,
             pin_dir: pin_dir.to_path_buf(),
             logger,
             ebpf,
@@ -384,24 +726,67 @@ impl EbpfGuard {
             kill_bytes: kill,
             ..Thresholds::default()
         };
-        sys::update(self.thresholds.as_fd(), &cgroup_id, &value, sys::BPF_ANY).map_err(|source| {
-            BpfError::Syscall {
-                what: "setting thresholds",
-                map: THRESHOLDS_MAP,
-                source,
-            }
-        })
+        let set = sys::update(self.thresholds.as_fd(), &cgroup_id, &value, sys::BPF_ANY).map_err(
+            |source| match source.raw_os_error() {
+                Some(libc::E2BIG) => BpfError::Full {
+                    map: THRESHOLDS_MAP,
+                    max: oomguard_common::THRESHOLDS_MAX_ENTRIES,
+                },
+                _ => BpfError::Syscall {
+                    what: "setting thresholds",
+                    map: THRESHOLDS_MAP,
+                    source,
+                },
+            },
+        );
+        self.bump_generation();
+        set
+    }
+
+    /// Tells the crossing programs the thresholds changed: they drop their cached walks.
+    fn bump_generation(&self) {
+        let next = self
+            .generation_value
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // An array element always exists; a failure here would leave a cached walk stale
+        // until the next change, so say it.
+        if let Err(e) = sys::update(self.generation.as_fd(), &0u32, &next, sys::BPF_ANY) {
+            tracing::warn!(error = %e, "cannot bump the eBPF thresholds generation");
+        }
+    }
+
+    /// Whether a crossing program is attached (what `--mode ebpf` requires).
+    pub fn has_crossing(&self) -> bool {
+        self.programs
+            .iter()
+            .any(|p| p.role == Role::Crossing && p.wanted())
+    }
+
+    /// Whether every score program is attached, so the `TASKS` map is kept current.
+    pub fn has_scores(&self) -> bool {
+        self.programs
+            .iter()
+            .filter(|p| p.role == Role::Scores)
+            .all(ProgramCheck::wanted)
+    }
+
+    /// Every program, and why it does not run where it does not.
+    pub fn programs(&self) -> &[ProgramCheck] {
+        &self.programs
     }
 
     /// Stops guarding `cgroup_id`; fine when it was not guarded.
     pub fn remove_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
-        sys::delete(self.thresholds.as_fd(), &cgroup_id)
+        let removed = sys::delete(self.thresholds.as_fd(), &cgroup_id)
             .map(drop)
             .map_err(|source| BpfError::Syscall {
                 what: "removing thresholds",
                 map: THRESHOLDS_MAP,
                 source,
-            })
+            });
+        self.bump_generation();
+        removed
     }
 
     /// The thresholds and edge state of `cgroup_id`, if it is guarded.
@@ -551,6 +936,76 @@ pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
     Ok(removed)
 }
 
+/// Attaches every wanted program (a function in the object once, however many programs it
+/// serves); one that fails gets its problem recorded, and when it was the crossing program,
+/// the next usable crossing program is tried.
+fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
+    let mut attached: Vec<(&'static str, Option<String>)> = Vec::new();
+    let mut attach_later = Vec::new();
+    for i in 0..checks.len() {
+        if !checks[i].wanted() {
+            continue;
+        }
+        let Some(program) = PROGRAMS.iter().find(|p| p.name == checks[i].program) else {
+            continue;
+        };
+        let failed = match attached
+            .iter()
+            .find(|(object, _)| *object == program.object)
+        {
+            Some((_, failed)) => failed.clone(),
+            None => {
+                let failed = attach(ebpf, program.object, program.hook)
+                    .err()
+                    .map(|e| error_chain(&e));
+                attached.push((program.object, failed.clone()));
+                failed
+            }
+        };
+        let Some(failed) = failed else { continue };
+        checks[i].problem = Some(failed);
+        if checks[i].role == Role::Crossing {
+            let next = crossing_preference().into_iter().find_map(|name| {
+                checks
+                    .iter()
+                    .position(|c| c.program == name && c.problem.is_none() && c.standby.is_some())
+            });
+            if let Some(next) = next {
+                checks[next].standby = None;
+                // An earlier one is attached here; a later one in the loop.
+                if next < i {
+                    attach_later.push(next);
+                }
+            }
+        }
+    }
+    for i in attach_later {
+        let Some(program) = PROGRAMS.iter().find(|p| p.name == checks[i].program) else {
+            continue;
+        };
+        let done = attached
+            .iter()
+            .any(|(object, failed)| *object == program.object && failed.is_none());
+        if !done && let Err(e) = attach(ebpf, program.object, program.hook) {
+            checks[i].problem = Some(error_chain(&e));
+        }
+    }
+}
+
+/// What the `rss_stat` function does here: the [`oomguard_common::rss_roles`] of the wanted
+/// programs it serves.
+fn rss_stat_roles(checks: &[ProgramCheck]) -> u32 {
+    let wanted = |name: &str| checks.iter().any(|c| c.program == name && c.wanted());
+    let mut roles = 0;
+    if wanted("rss_stat") {
+        roles |= oomguard_common::rss_roles::SCORES;
+    }
+    if wanted("rss_pressure") {
+        roles |= oomguard_common::rss_roles::CROSSING;
+    }
+    roles
+}
+
 fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {
     let error = |source| BpfError::Program {
         program,
@@ -579,7 +1034,7 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfE
 /// A duplicate of a hash map's fd, for element access through `&self`.
 fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, BpfError> {
     let data = match ebpf.map(name) {
-        Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
+        Some(Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data)) => data,
         Some(_) => {
             return Err(BpfError::Map {
                 map: name,
@@ -598,6 +1053,28 @@ fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, BpfError> {
             map: name,
             source,
         })
+}
+
+/// Entries of the `TASKS` map: four times the processes running now, at least 16,384, at most
+/// the compiled 131,072 (an LRU hash is allocated in full at creation: about 120 bytes an
+/// entry, charged to the agent's memory cgroup).
+fn tasks_map_size() -> u32 {
+    let processes = fs::read_dir("/proc").map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count()
+    });
+    tasks_map_entries(processes)
+}
+
+/// [`tasks_map_size`] for `processes` running.
+pub fn tasks_map_entries(processes: usize) -> u32 {
+    let wanted = u32::try_from(processes.saturating_mul(4)).unwrap_or(u32::MAX);
+    wanted.clamp(16_384, oomguard_common::TASKS_MAX_ENTRIES)
 }
 
 /// The system page size in bytes.

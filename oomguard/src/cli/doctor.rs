@@ -80,7 +80,8 @@ impl Report {
         let (auto_mode, auto_reason) = match ebpf {
             None => (
                 "ebpf",
-                "every eBPF capability is present; threshold eventfds stay armed as the backstop"
+                "an eBPF crossing program can load (each program's status is listed); threshold \
+                 eventfds stay armed as the backstop"
                     .to_string(),
             ),
             Some(why) => ("eventfd", format!("eBPF cannot be used: {why}")),
@@ -211,7 +212,6 @@ pub fn probe(args: &DoctorArgs) -> Report {
     for c in &caps.checks {
         let name = match c.feature.as_str() {
             "bpf() with ring buffers" => "ring buffer",
-            "cgroup v1 memory hierarchy" => continue,
             other => other,
         };
         let result = match &c.problem {
@@ -219,6 +219,14 @@ pub fn probe(args: &DoctorArgs) -> Report {
             Some(p) => Err(missing(p)),
         };
         checks.push(check("ebpf", name, false, result));
+    }
+    for p in &caps.programs {
+        let result = match (&p.problem, &p.standby) {
+            (Some(problem), _) => Err(missing(format!("{problem}; {}", p.lost))),
+            (None, Some(why)) => Ok(format!("usable, not attached: {why}")),
+            (None, None) => Ok(format!("on {}", p.hook)),
+        };
+        checks.push(check("ebpf program", p.program, false, result));
     }
     checks.push(check("ebpf", "bpffs", false, probe_bpffs()));
 

@@ -46,8 +46,14 @@ pub const FLOOR_RATE: u64 = 128 << 20;
 pub const MIN_POLL: Duration = Duration::from_millis(2);
 /// The longest interval between two reads of one cgroup (an idle cgroup far from its limit).
 pub const MAX_POLL: Duration = Duration::from_secs(2);
-/// Reads due within this much of each other are done in one wake-up.
+/// Reads due within this much of each other are done in one wake-up...
 const SLACK: Duration = Duration::from_millis(2);
+/// ...and a read may come this fraction of its interval early, so that idle cgroups (long
+/// intervals) are read in batches: a wake-up costs more than a read. Reading early is
+/// always safe.
+const EARLY_DIVISOR: u32 = 8;
+/// How often the watcher's work is summed up in a debug line.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// The polling policy: the time until the next read of a cgroup at `usage`, growing at
 /// `rate` bytes/s (0 when not growing), with kill threshold `kill`.
@@ -87,6 +93,7 @@ enum Msg {
 pub struct WatcherStats {
     pub watched: AtomicU64,
     pub polls: AtomicU64,
+    pub wakeups: AtomicU64,
     pub crossings: AtomicU64,
 }
 
@@ -203,7 +210,8 @@ struct State {
     entries: HashMap<u64, Entry>,
     by_path: HashMap<PathBuf, u64>,
     by_wd: HashMap<WatchDescriptor, u64>,
-    due: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    /// (due, key, generation, how early it may be read).
+    due: BinaryHeap<Reverse<(Instant, u64, u64, Duration)>>,
     next_key: u64,
     stats: Arc<WatcherStats>,
     throttle_failed: bool,
@@ -213,11 +221,25 @@ impl State {
     fn run(&mut self) {
         let mut events: Vec<Event> = Vec::with_capacity(64);
         let mut buf = vec![0u8; 16 * 1024];
+        let mut summary = (Instant::now(), 0u64, 0u64);
         loop {
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            if summary.0.elapsed() >= SUMMARY_EVERY {
+                let polls = self.stats.polls.load(Ordering::Relaxed);
+                let wakeups = self.stats.wakeups.load(Ordering::Relaxed);
+                tracing::debug!(
+                    watched = self.entries.len(),
+                    polls = polls - summary.1,
+                    wakeups = wakeups - summary.2,
+                    secs = summary.0.elapsed().as_secs_f64(),
+                    "v2 fallback watcher"
+                );
+                summary = (Instant::now(), polls, wakeups);
+            }
             let wait = self
                 .due
                 .peek()
-                .map(|Reverse((t, _, _))| t.saturating_duration_since(Instant::now()))
+                .map(|Reverse((t, _, _, _))| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(60));
             let ts = Timespec {
                 tv_sec: wait.as_secs() as i64,
@@ -249,9 +271,9 @@ impl State {
                     }
                 }
             }
-            let horizon = Instant::now() + SLACK;
-            while let Some(Reverse((t, key, generation))) = self.due.peek().copied() {
-                if t > horizon {
+            let now = Instant::now();
+            while let Some(Reverse((t, key, generation, early))) = self.due.peek().copied() {
+                if t > now + early.max(SLACK) {
                     break;
                 }
                 self.due.pop();
@@ -515,8 +537,13 @@ impl State {
             e.psi = None;
         }
         e.generation += 1;
-        let next = now + next_poll(usage, t.kill, e.rate, above_interval);
-        self.due.push(Reverse((next, key, e.generation)));
+        let interval = next_poll(usage, t.kill, e.rate, above_interval);
+        self.due.push(Reverse((
+            now + interval,
+            key,
+            e.generation,
+            interval / EARLY_DIVISOR,
+        )));
         let path = e.cg.path.clone();
         for threshold in signals {
             self.stats.crossings.fetch_add(1, Ordering::Relaxed);

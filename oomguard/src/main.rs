@@ -101,7 +101,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let ebpf = load_ebpf(&config)?;
+    let ebpf = load_ebpf(&config, version)?;
     if ebpf.is_some() {
         sys::trim_heap();
     }
@@ -341,13 +341,15 @@ fn reload(
 }
 
 /// `--mode`: eventfd loads nothing; ebpf must load or the agent does not start; auto
-/// falls back to eventfd with one warning naming what failed.
-fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
+/// falls back to eventfd with one warning naming what failed. Without eBPF a v1 hierarchy
+/// is guarded by threshold eventfds, a v2 one by the fallback watcher.
+fn load_ebpf(config: &Config, version: cgroup::Version) -> anyhow::Result<Option<EbpfGuard>> {
+    let without = match version {
+        cgroup::Version::V1 => "threshold eventfds only",
+        cgroup::Version::V2 => "the cgroup v2 fallback watcher only",
+    };
     if config.mode == Mode::Eventfd {
-        tracing::info!(
-            mode = "eventfd",
-            "guarding with threshold eventfds only (--mode eventfd)"
-        );
+        tracing::info!(mode = "eventfd", "guarding with {without} (--mode eventfd)");
         return Ok(None);
     }
     let caps = bpf::capabilities();
@@ -365,7 +367,7 @@ fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
         }
         (Err(why), Mode::Ebpf) => anyhow::bail!("--mode ebpf: eBPF cannot be used: {why}"),
         (Err(why), _) => {
-            tracing::warn!(mode = "eventfd", reason = %why, "eBPF unavailable; guarding with threshold eventfds only");
+            tracing::warn!(mode = "eventfd", reason = %why, "eBPF unavailable; guarding with {without}");
             Ok(None)
         }
     }

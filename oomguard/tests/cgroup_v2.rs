@@ -341,3 +341,54 @@ fn v2_layout_and_default_root() {
     );
     assert!(t0.elapsed() < LONG);
 }
+
+/// `--v2-throttle` puts memory.high at the kill threshold while guarding, a runaway is still
+/// killed by the agent, and the old memory.high comes back when the agent stops.
+#[test]
+fn v2_throttle_sets_and_restores_memory_high() {
+    if !v2_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("v2-throttle", 128 * M);
+    let high = |cg: &MemCgroup| oomguard::cgroup::v2::high(&cg.path).unwrap();
+    assert_eq!(high(&sb.cg), oomguard::cgroup::UNLIMITED);
+    let mut agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--v2-throttle",
+        ],
+    );
+    let t = oomguard::threshold::Margins {
+        ratio: 0.1,
+        min: M,
+        max: 50 * M,
+    }
+    .thresholds(128 * M)
+    .unwrap();
+    let deadline = Instant::now() + LONG;
+    while high(&sb.cg) != t.kill {
+        assert!(
+            Instant::now() < deadline,
+            "memory.high never set: {}",
+            high(&sb.cg)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
+    assert!(killed_by_sigkill(wait_exit(&mut hog, LONG)));
+    agent
+        .wait_for(Duration::from_secs(30), |v| v["action"] == "kill")
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    assert_eq!(sb.cg.subtree_oom_kills(), 0);
+    assert!(agent.stop(LONG).is_some_and(|s| s.success()));
+    assert_eq!(
+        high(&sb.cg),
+        oomguard::cgroup::UNLIMITED,
+        "memory.high not given back"
+    );
+}

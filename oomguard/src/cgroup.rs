@@ -1,6 +1,12 @@
-//! Reading and writing cgroup v1 memory files: limits, usage, `memory.stat`, tasks, ids.
+//! Reading and writing memory cgroup files, on cgroup v1 and v2 behind one interface:
+//! limits, usage, `memory.stat`, kernel OOM kills, reclaim, tasks, ids.
 //!
-//! The kernel's files are the truth: everything here re-reads them, nothing caches.
+//! What differs between the two hierarchies (`memory.limit_in_bytes` vs `memory.max`,
+//! `memory.usage_in_bytes` vs `memory.current`, `force_empty` vs `memory.reclaim`,
+//! `memory.oom_control` vs `memory.events`, `total_*` vs hierarchical stat keys) is decided
+//! here, by the [`Version`] each [`MemCgroup`] carries, never by callers. [`layout`] finds
+//! the hierarchies from mountinfo. The kernel's files are the truth: everything here
+//! re-reads them, nothing caches.
 
 use std::fs;
 use std::io::{self, Write};
@@ -9,8 +15,53 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod layout;
+pub mod v2;
+
+pub use layout::{Layout, LayoutKind};
+
 /// Where the cgroup v1 memory hierarchy is mounted on a standard node.
 pub const DEFAULT_MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
+
+/// `statfs` magic of a cgroup2 mount.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Which memory cgroup hierarchy a directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// The hierarchy of `path` (or of its nearest existing ancestor, for a directory not
+    /// made yet), from the file system's magic number. V1 when nothing can be told.
+    pub fn of(path: &Path) -> Version {
+        let mut p = Some(path);
+        while let Some(dir) = p {
+            if let Ok(st) = rustix::fs::statfs(dir) {
+                // f_type's integer type differs between architectures.
+                #[allow(clippy::unnecessary_cast)]
+                let magic = st.f_type as i64;
+                return if magic == CGROUP2_SUPER_MAGIC {
+                    Version::V2
+                } else {
+                    Version::V1
+                };
+            }
+            p = dir.parent();
+        }
+        Version::V1
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        }
+    }
+}
 
 /// `memory.limit_in_bytes` at or above this means "no limit" (the kernel reports
 /// `PAGE_COUNTER_MAX` pages rounded down, 9223372036854771712 on 4 KiB pages).
@@ -34,6 +85,8 @@ pub enum CgroupError {
     Parse { path: PathBuf, text: String },
     #[error("no memory line in {0}")]
     NoMemoryLine(String),
+    #[error("{path}: {what} is not available on this kernel")]
+    Unsupported { path: PathBuf, what: &'static str },
 }
 
 impl CgroupError {
@@ -84,23 +137,55 @@ pub fn write_str(path: &Path, value: &str) -> Result<()> {
         })
 }
 
-/// One memory cgroup directory.
+/// One memory cgroup directory, of a v1 or a v2 hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemCgroup {
     pub path: PathBuf,
+    pub version: Version,
 }
 
 impl MemCgroup {
+    /// A cgroup whose hierarchy is told by the file system it lives on (one `statfs`).
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        let path = path.into();
+        let version = Version::of(&path);
+        Self { path, version }
+    }
+
+    /// A cgroup of a known hierarchy (no system call).
+    pub fn with_version(path: impl Into<PathBuf>, version: Version) -> Self {
+        Self {
+            path: path.into(),
+            version,
+        }
+    }
+
+    pub fn is_v2(&self) -> bool {
+        self.version == Version::V2
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 
+    /// The file holding the limit (`memory.limit_in_bytes` or `memory.max`).
+    pub fn limit_file(&self) -> &'static str {
+        match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        }
+    }
+
+    /// The file holding the usage (`memory.usage_in_bytes` or `memory.current`).
+    pub fn usage_file(&self) -> &'static str {
+        match self.version {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        }
+    }
+
     pub fn exists(&self) -> bool {
-        self.file("memory.usage_in_bytes").exists()
+        self.file(self.usage_file()).exists()
     }
 
     /// The cgroup id: the directory's inode number, which memcg tracepoints call `id`.
@@ -113,8 +198,16 @@ impl MemCgroup {
             })
     }
 
+    /// The limit in bytes; v2's `max` (none) reads as [`UNLIMITED`].
     pub fn limit(&self) -> Result<u64> {
-        read_u64(&self.file("memory.limit_in_bytes"))
+        let path = self.file(self.limit_file());
+        match self.version {
+            Version::V1 => read_u64(&path),
+            Version::V2 => {
+                let text = read_string(&path)?;
+                parse_v2_limit(&text).ok_or(CgroupError::Parse { path, text })
+            }
+        }
     }
 
     /// The limit, or `None` when the cgroup has none.
@@ -123,19 +216,32 @@ impl MemCgroup {
     }
 
     pub fn set_limit(&self, bytes: u64) -> Result<()> {
-        write_str(&self.file("memory.limit_in_bytes"), &bytes.to_string())
+        write_str(&self.file(self.limit_file()), &bytes.to_string())
     }
 
     pub fn usage(&self) -> Result<u64> {
-        read_u64(&self.file("memory.usage_in_bytes"))
+        read_u64(&self.file(self.usage_file()))
     }
 
+    /// Peak usage (`memory.max_usage_in_bytes`; v2: `memory.peak`, kernel 5.19+).
     pub fn max_usage(&self) -> Result<u64> {
-        read_u64(&self.file("memory.max_usage_in_bytes"))
+        match self.version {
+            Version::V1 => read_u64(&self.file("memory.max_usage_in_bytes")),
+            Version::V2 => read_u64(&self.file("memory.peak")),
+        }
     }
 
+    /// Times a charge hit the limit (`memory.failcnt`; v2: `max` in `memory.events`).
     pub fn failcnt(&self) -> Result<u64> {
-        read_u64(&self.file("memory.failcnt"))
+        match self.version {
+            Version::V1 => read_u64(&self.file("memory.failcnt")),
+            Version::V2 => self.events().map(|e| e.max),
+        }
+    }
+
+    /// v2 `memory.events` (hierarchical counters). On v1 an error: there is no such file.
+    pub fn events(&self) -> Result<v2::MemoryEvents> {
+        read_string(&self.file("memory.events")).map(|t| v2::MemoryEvents::parse(&t))
     }
 
     pub fn stat(&self) -> Result<MemStat> {
@@ -153,14 +259,60 @@ impl MemCgroup {
         write_str(&self.file("memory.force_empty"), "0")
     }
 
+    /// Reclaims what the kernel can from this cgroup: v1 `memory.force_empty`; v2
+    /// `memory.reclaim` (5.19+) asked for the whole usage, where `EAGAIN` means "less than
+    /// asked could be reclaimed" and counts as done. [`CgroupError::Unsupported`] on a v2
+    /// kernel without `memory.reclaim`.
+    pub fn reclaim_all(&self) -> Result<()> {
+        match self.version {
+            Version::V1 => self.force_empty(),
+            Version::V2 => {
+                let path = self.file("memory.reclaim");
+                if !path.exists() {
+                    return Err(CgroupError::Unsupported {
+                        path,
+                        what: "memory.reclaim (kernel 5.19+)",
+                    });
+                }
+                let want = self.usage()?.max(4096);
+                match write_str(&path, &want.to_string()) {
+                    Err(CgroupError::Write { source, .. })
+                        if source.raw_os_error() == Some(libc::EAGAIN) =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
+                }
+            }
+        }
+    }
+
+    /// Kills every task of this cgroup and its descendants in one write of `cgroup.kill`
+    /// (v2, kernel 5.14+). [`CgroupError::Unsupported`] on v1 or an older kernel.
+    pub fn kill_all(&self) -> Result<()> {
+        let path = self.file("cgroup.kill");
+        if self.version == Version::V1 || !path.exists() {
+            return Err(CgroupError::Unsupported {
+                path,
+                what: "cgroup.kill (cgroup v2, kernel 5.14+)",
+            });
+        }
+        write_str(&path, "1")
+    }
+
     /// Kernel OOM kills in this cgroup and its descendants: cgroup v1 counts a kill only in
-    /// the victim's own cgroup, not in the ancestor whose limit was hit.
+    /// the victim's own cgroup, not in the ancestor whose limit was hit, so the subtree is
+    /// summed; v2's `memory.events` `oom_kill` is hierarchical already.
     pub fn subtree_oom_kills(&self) -> u64 {
-        self.subtree()
-            .iter()
-            .filter_map(|c| c.oom_control().ok())
-            .map(|o| o.oom_kill)
-            .sum()
+        match self.version {
+            Version::V1 => self
+                .subtree()
+                .iter()
+                .filter_map(|c| c.oom_control().ok())
+                .map(|o| o.oom_kill)
+                .sum(),
+            Version::V2 => self.events().map(|e| e.oom_kill).unwrap_or(0),
+        }
     }
 
     /// Process ids directly in this cgroup.
@@ -183,7 +335,7 @@ impl MemCgroup {
         let mut out = Vec::new();
         for entry in rd.flatten() {
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                out.push(MemCgroup::new(entry.path()));
+                out.push(MemCgroup::with_version(entry.path(), self.version));
             }
         }
         out.sort();
@@ -264,11 +416,19 @@ impl MemStat {
     }
 
     /// Page cache the kernel can reclaim without swap: file pages on the LRU lists of this
-    /// cgroup and its descendants (`total_inactive_file + total_active_file`). Unlike
-    /// `total_cache` this leaves out shmem/tmpfs, which needs swap to be reclaimed.
+    /// cgroup and its descendants: v1 `total_inactive_file + total_active_file`, v2
+    /// `inactive_file + active_file` (v2 keys have no `total_` prefix: they are
+    /// hierarchical). Unlike `total_cache`/`file` this leaves out shmem/tmpfs, which needs
+    /// swap to be reclaimed. Which hierarchy wrote the file is told by its keys: v1 always
+    /// has the `total_` ones, v2 never.
     pub fn reclaimable_cache(&self) -> u64 {
-        self.get("total_inactive_file")
-            .saturating_add(self.get("total_active_file"))
+        let prefix = if self.iter().any(|(k, _)| k.starts_with("total_")) {
+            "total_"
+        } else {
+            ""
+        };
+        self.get(&format!("{prefix}inactive_file"))
+            .saturating_add(self.get(&format!("{prefix}active_file")))
     }
 }
 
@@ -303,15 +463,36 @@ impl OomControl {
 }
 
 /// The memory cgroup of a process, as the path relative to the hierarchy's root
-/// (`/proc/PID/cgroup`'s `N:memory:/path` line, or `N:...,memory,...:/path`).
+/// (`/proc/PID/cgroup`'s `N:memory:/path` line, or `N:...,memory,...:/path`). Without a
+/// v1 memory line the memory controller is on v2: the `0::/path` line.
 pub fn memory_cgroup_of(proc_cgroup: &str) -> Option<&str> {
-    proc_cgroup.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let _id = parts.next()?;
-        let ctrls = parts.next()?;
-        let path = parts.next()?;
-        ctrls.split(',').any(|c| c == "memory").then_some(path)
-    })
+    proc_cgroup
+        .lines()
+        .filter_map(split_proc_cgroup_line)
+        .find_map(|(ctrls, path)| ctrls.split(',').any(|c| c == "memory").then_some(path))
+        .or_else(|| {
+            proc_cgroup
+                .lines()
+                .filter_map(split_proc_cgroup_line)
+                .find_map(|(ctrls, path)| ctrls.is_empty().then_some(path))
+        })
+}
+
+/// A v2 `memory.max`/`memory.high` value: bytes, or `max` for none ([`UNLIMITED`]).
+pub fn parse_v2_limit(text: &str) -> Option<u64> {
+    match text.trim() {
+        "max" => Some(UNLIMITED),
+        t => t.parse().ok(),
+    }
+}
+
+/// `(controllers, path)` of one `/proc/PID/cgroup` line (`id:controllers:path`).
+fn split_proc_cgroup_line(line: &str) -> Option<(&str, &str)> {
+    let mut parts = line.splitn(3, ':');
+    let _id = parts.next()?;
+    let ctrls = parts.next()?;
+    let path = parts.next()?;
+    Some((ctrls, path))
 }
 
 /// The memory cgroup (absolute directory) of process `pid` (`"self"` for us).
@@ -342,6 +523,22 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
         assert_eq!(s.reclaimable_cache(), 1048576 + 1040384);
         assert!(s.reclaimable_cache() < s.get("total_cache"));
         assert_eq!(s.iter().count(), 17);
+    }
+
+    #[test]
+    fn v2_memory_stat_reclaimable_is_the_file_lru() {
+        let s = MemStat::parse(
+            "anon 8388608\nfile 2101248\nshmem 4096\nactive_file 1048576\n\
+             inactive_file 1048576\nunevictable 0\n",
+        );
+        assert_eq!(s.reclaimable_cache(), 2 << 20);
+    }
+
+    #[test]
+    fn v2_limits_parse() {
+        assert_eq!(parse_v2_limit("max\n"), Some(UNLIMITED));
+        assert_eq!(parse_v2_limit("134217728\n"), Some(128 << 20));
+        assert_eq!(parse_v2_limit("lots"), None);
     }
 
     #[test]
@@ -383,8 +580,10 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
         let text = "12:pids:/a\n4:memory:/process_api/abc\n3:cpu,cpuacct:/x\n0::/unified\n";
         assert_eq!(memory_cgroup_of(text), Some("/process_api/abc"));
         assert_eq!(memory_cgroup_of("5:cpu,memory:/k\n"), Some("/k"));
-        assert_eq!(memory_cgroup_of("0::/only-v2\n"), None);
+        assert_eq!(memory_cgroup_of("0::/only-v2\n"), Some("/only-v2"));
         assert_eq!(memory_cgroup_of("7:memoryx:/no\n"), None);
+        // Hybrid: the v1 memory line wins over the unified one.
+        assert_eq!(memory_cgroup_of("0::/u\n4:memory:/m\n"), Some("/m"));
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup};
+use crate::cgroup::{Layout, MemCgroup, Version, layout::node_summary};
 use crate::size::Size;
 use crate::threshold::Margins;
 
@@ -67,7 +67,10 @@ pub enum Mode {
     Auto,
     /// Require eBPF; refuse to start without it.
     Ebpf,
-    /// Threshold eventfds only (the 3.10-compatible path).
+    /// No eBPF: kernel notifications only. On cgroup v1 the threshold eventfds (the
+    /// 3.10-compatible path); on cgroup v2, which has none, the fallback watcher
+    /// (`memory.events`, PSI triggers, headroom-adaptive polling of `memory.current`).
+    #[value(alias = "fallback")]
     Eventfd,
 }
 
@@ -79,9 +82,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Top of the subtree to guard (a directory of the cgroup v1 memory hierarchy).
-    #[arg(long, default_value = DEFAULT_MEMORY_ROOT)]
-    pub root: PathBuf,
+    /// Top of the subtree to guard: a directory of the cgroup v1 memory hierarchy or of
+    /// cgroup2 (default: the v1 memory mount if there is one, else the cgroup2 mount).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
     /// What to do when a cgroup crosses its threshold.
     #[arg(long, value_enum, default_value_t = Policy::Container)]
     pub policy: Policy,
@@ -161,6 +165,13 @@ pub struct RunArgs {
     /// and by the rescan every --walk-interval, which is also when changed limits are seen.
     #[arg(long)]
     pub no_inotify: bool,
+    /// cgroup v2 only, off by default: set each guarded cgroup's memory.high at its kill
+    /// threshold, so the kernel throttles (and reclaims) a runaway cgroup there while the
+    /// agent acts. It slows every workload that reaches the threshold and replaces a
+    /// memory.high set by others (the kubelet's MemoryQoS); the old value is given back
+    /// when the cgroup stops being guarded or the agent exits.
+    #[arg(long)]
+    pub v2_throttle: bool,
     /// More flags, read at start and again on SIGHUP (which is ignored without this file):
     /// whitespace-separated, `#` starts a comment, e.g. `--policy=noop`. They win over the
     /// command line. A reload that is invalid, or that changes a flag only a restart can
@@ -195,6 +206,7 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub watchdog: Duration,
     pub inotify: bool,
+    pub v2_throttle: bool,
     pub flags_file: Option<PathBuf>,
 }
 
@@ -218,8 +230,14 @@ pub enum ConfigError {
     Args(String),
     #[error("--flags-file {path}: {error}")]
     FlagsFile { path: String, error: String },
-    #[error("--root {0} is not a cgroup v1 memory directory (no readable memory.limit_in_bytes)")]
-    Root(String),
+    #[error("--root {root} is not a memory cgroup directory ({why}); {node}")]
+    Root {
+        root: String,
+        why: String,
+        node: String,
+    },
+    #[error("no memory cgroup hierarchy is mounted; {0}")]
+    NoHierarchy(String),
 }
 
 impl RunArgs {
@@ -255,10 +273,7 @@ impl RunArgs {
             return Err(ConfigError::RtPriority(self.rt_priority));
         }
         let metrics_addr = parse_metrics_addr(self.metrics_addr.as_deref())?;
-        let root = MemCgroup::new(&self.root);
-        if root.limit().is_err() {
-            return Err(ConfigError::Root(self.root.display().to_string()));
-        }
+        let root = resolve_root(self.root.as_deref(), &Layout::read().unwrap_or_default())?;
         Ok(Config {
             root,
             policy: self.policy,
@@ -291,6 +306,7 @@ impl RunArgs {
             metrics_addr,
             watchdog: Duration::from_millis(self.watchdog_ms),
             inotify: !self.no_inotify,
+            v2_throttle: self.v2_throttle,
             flags_file: self.flags_file.clone(),
         })
     }
@@ -381,6 +397,7 @@ impl Config {
             self.reclaim_timeout != new.reclaim_timeout,
         );
         check("--no-inotify", self.inotify != new.inotify);
+        check("--v2-throttle", self.v2_throttle != new.v2_throttle);
         check("--flags-file", self.flags_file != new.flags_file);
         changed
     }
@@ -436,6 +453,44 @@ impl Config {
 }
 
 /// `--metrics-addr`: `HOST:PORT`, `[V6]:PORT` or `:PORT`; unset, empty or port 0 is off.
+/// `--root` as given, or its default, checked to be a directory of a memory hierarchy.
+fn resolve_root(
+    given: Option<&std::path::Path>,
+    layout: &Layout,
+) -> Result<MemCgroup, ConfigError> {
+    let node = || node_summary(layout);
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => layout
+            .default_root()
+            .ok_or_else(|| ConfigError::NoHierarchy(node()))?
+            .to_path_buf(),
+    };
+    let root = MemCgroup::new(&path);
+    let why = match root.version {
+        // Any v1 memory directory, the hierarchy's root included, has a limit file.
+        Version::V1 => root
+            .limit()
+            .err()
+            .map(|_| "no readable memory.limit_in_bytes".to_string()),
+        // A v2 directory has memory files only where the memory controller is enabled:
+        // `cgroup.controllers` lists it (the cgroup2 root lists every controller).
+        Version::V2 => match std::fs::read_to_string(path.join("cgroup.controllers")) {
+            Ok(c) if c.split_whitespace().any(|c| c == "memory") => None,
+            Ok(_) => Some("cgroup2 without the memory controller in cgroup.controllers".into()),
+            Err(e) => Some(format!("cannot read cgroup.controllers: {e}")),
+        },
+    };
+    match why {
+        None => Ok(root),
+        Some(why) => Err(ConfigError::Root {
+            root: path.display().to_string(),
+            why,
+            node: node(),
+        }),
+    }
+}
+
 fn parse_metrics_addr(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
     let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
         return Ok(None);
@@ -472,7 +527,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.root, PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(run.root, None, "resolved from mountinfo at validation");
         assert_eq!(run.policy, Policy::Container);
         assert_eq!(run.margin_ratio, 0.02);
         assert_eq!(run.min_margin, Size(1 << 20));
@@ -528,7 +583,7 @@ mod tests {
             parse(&["--cache-skip-ratio", "1.5"]).unwrap_err(),
             ConfigError::CacheRatio(1.5)
         );
-        assert!(matches!(parse(&[]).unwrap_err(), ConfigError::Root(_)));
+        assert!(matches!(parse(&[]).unwrap_err(), ConfigError::Root { .. }));
         assert_eq!(
             parse(&["--metrics-addr", "localhost"]).unwrap_err(),
             ConfigError::MetricsAddr("localhost".into())
@@ -542,6 +597,22 @@ mod tests {
             ConfigError::Zero {
                 flag: "watchdog-ms"
             }
+        );
+    }
+
+    #[test]
+    fn root_defaults_to_the_memory_mount_of_the_layout() {
+        let none = Layout::parse("22 1 0:20 / /sys rw - sysfs sysfs rw\n");
+        let e = resolve_root(None, &none).unwrap_err();
+        assert!(matches!(e, ConfigError::NoHierarchy(_)), "{e}");
+        assert!(e.to_string().contains("cgroup layout none, kernel "), "{e}");
+        // A directory that is no cgroup at all names the layout found.
+        let v2 = Layout::parse("35 22 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let e = resolve_root(Some(std::path::Path::new("/proc/self")), &v2).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cgroup layout v2 (cgroup2 at /sys/fs/cgroup)"),
+            "{e}"
         );
     }
 

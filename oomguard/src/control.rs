@@ -90,16 +90,18 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CgroupView {
     pub path: String,
-    /// `memory.limit_in_bytes` the thresholds were computed from.
+    /// The limit the thresholds were computed from (`memory.limit_in_bytes`; v2 `memory.max`).
     pub limit: u64,
-    /// `memory.usage_in_bytes`.
+    /// `memory.usage_in_bytes` (v2: `memory.current`).
     pub usage: Option<u64>,
     pub margin: u64,
     /// The kill threshold: `limit - margin`, whole pages.
     pub threshold: u64,
-    /// Where background `memory.force_empty` starts: `limit - 2 * margin`, whole pages.
+    /// Where background `memory.force_empty` (v2: `memory.reclaim`) starts:
+    /// `limit - 2 * margin`, whole pages.
     pub reclaim_threshold: u64,
-    /// Reclaimable page cache (`total_inactive_file + total_active_file`).
+    /// Reclaimable page cache (`total_inactive_file + total_active_file`; v2
+    /// `inactive_file + active_file`).
     pub cache: Option<u64>,
     pub state: CgroupState,
     /// When the cgroup entered `state` (RFC 3339).

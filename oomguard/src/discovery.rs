@@ -41,6 +41,8 @@ pub struct Discovery {
     /// Asked in the background about each container cgroup made after start, so a kill
     /// finds its labels cached (armed cgroups are prefetched by the guard).
     runtime: Option<Arc<crate::runtime::RuntimeClient>>,
+    /// The cgroup v2 fallback signals (v2 has no threshold eventfd): told what to watch.
+    watcher: Option<Arc<crate::headroom::Watcher>>,
 }
 
 /// Delays after mkdir at which a cgroup without a limit is looked at again (--no-inotify).
@@ -74,6 +76,7 @@ impl Discovery {
             ready,
             recheck: Vec::new(),
             runtime: None,
+            watcher: None,
         })
     }
 
@@ -81,6 +84,12 @@ impl Discovery {
     /// [`crate::runtime::RuntimeClient::prefetch`]).
     pub fn with_runtime(mut self, runtime: Option<Arc<crate::runtime::RuntimeClient>>) -> Self {
         self.runtime = runtime;
+        self
+    }
+
+    /// Where v2 cgroups go to be watched for crossings (see [`crate::headroom`]).
+    pub fn with_watcher(mut self, watcher: Option<Arc<crate::headroom::Watcher>>) -> Self {
+        self.watcher = watcher;
         self
     }
 
@@ -188,7 +197,8 @@ impl Discovery {
         } else if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::DELETE) {
             self.forget_subtree(child);
         } else if mask.contains(EventMask::MODIFY)
-            && child.file_name() == Some(OsStr::new("memory.limit_in_bytes"))
+            && (child.file_name() == Some(OsStr::new("memory.limit_in_bytes"))
+                || child.file_name() == Some(OsStr::new("memory.max")))
         {
             self.reconcile(&MemCgroup::new(dir));
         }
@@ -315,7 +325,8 @@ impl Discovery {
         let registered_ms = t0.elapsed().as_millis() as u64;
         let mut reclaim = Vec::new();
         for ((cg, t), armed) in results {
-            let ok = armed.is_ok();
+            // v2 has no reclaim eventfd: the watcher signals that threshold too.
+            let ok = armed.is_ok() && !cg.is_v2();
             self.apply(&cg, t, armed);
             if ok {
                 reclaim.push((cg, t));
@@ -369,6 +380,9 @@ impl Discovery {
     fn forget(&mut self, path: &Path) {
         if self.known.remove(path).is_some() {
             self.guard.send(Cmd::Disarm(path.to_path_buf()));
+            if let Some(w) = &self.watcher {
+                w.unwatch(path);
+            }
             tracing::info!(cgroup = %path.display(), "cgroup removed; disarmed");
         }
     }
@@ -430,6 +444,9 @@ impl Discovery {
                 );
                 self.failed.remove(&cg.path);
                 self.guard.send(Cmd::Arm(Box::new(armed)));
+                if let (true, Some(w)) = (cg.is_v2(), &self.watcher) {
+                    w.watch(cg, thresholds);
+                }
                 tracing::info!(
                     cgroup = %cg.path.display(),
                     limit = thresholds.limit,
@@ -522,7 +539,9 @@ fn arm_parallel<R: Send>(
 /// Arms the kill threshold (required), the reclaim threshold and the OOM notifier.
 fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
     let (mut armed, oom_error) = arm_guard(cg, t)?;
-    armed.reclaim_fd = Some(arm_reclaim(cg, t)?);
+    if !cg.is_v2() {
+        armed.reclaim_fd = Some(arm_reclaim(cg, t)?);
+    }
     Ok((armed, oom_error))
 }
 
@@ -531,10 +550,21 @@ fn arm_reclaim(cg: &MemCgroup, t: Thresholds) -> Result<std::os::fd::OwnedFd, St
     arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))
 }
 
-/// Arms the kill threshold (required) and the OOM notifier: what guards the cgroup.
+/// Arms the kill threshold (required) and the OOM notifier: what guards the cgroup. A v2
+/// cgroup has no eventfds to arm: eBPF and [`crate::headroom`] signal it.
 fn arm_guard(cg: &MemCgroup, t: Thresholds) -> ArmResult {
+    if cg.is_v2() {
+        let armed = Armed {
+            cgroup: cg.clone(),
+            thresholds: t,
+            kill_fd: None,
+            reclaim_fd: None,
+            oom_fd: None,
+        };
+        return Ok((armed, None));
+    }
     let err = |e: crate::threshold::ArmError| crate::error_line(&e);
-    let kill_fd = arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?;
+    let kill_fd = Some(arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?);
     let (oom_fd, oom_error) = match arm(&cg.path, Notifier::Oom) {
         Ok(fd) => (Some(fd), None),
         Err(e) => (None, Some(err(e))),

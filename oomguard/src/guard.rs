@@ -35,11 +35,12 @@ use crate::victim;
 /// How many candidates one decision may try before giving up.
 const MAX_KILL_ATTEMPTS: usize = 8;
 
-/// A cgroup ready to be guarded: its thresholds and the eventfds armed for them.
+/// A cgroup ready to be guarded: its thresholds and the eventfds armed for them (cgroup v2
+/// has none: its crossings come as [`Signal`]s from eBPF or [`crate::headroom`]).
 pub struct Armed {
     pub cgroup: MemCgroup,
     pub thresholds: Thresholds,
-    pub kill_fd: OwnedFd,
+    pub kill_fd: Option<OwnedFd>,
     pub reclaim_fd: Option<OwnedFd>,
     pub oom_fd: Option<OwnedFd>,
 }
@@ -59,7 +60,25 @@ pub enum Cmd {
     Disarm(PathBuf),
     /// New flags (SIGHUP): policy, cooldown, timeouts take effect from the next signal.
     Reload(Arc<Config>),
+    /// A wake source on another thread saw something (the cgroup v2 fallback watcher).
+    Signal(Signal),
     Shutdown,
+}
+
+/// What a wake source other than the guard's own eventfds and ring buffer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// Usage was read at or above a threshold, having been below it.
+    Crossed {
+        path: PathBuf,
+        threshold: Threshold,
+        /// When it was read: the decision's wake time.
+        at: Instant,
+        /// The source, for the decision record (`poll`, `psi`, `memory.events`...).
+        via: &'static str,
+    },
+    /// The kernel OOM path ran in this cgroup's subtree (`memory.events` `oom`/`oom_kill`).
+    KernelOom(PathBuf),
 }
 
 #[derive(Debug, Error)]
@@ -108,12 +127,32 @@ pub struct GuardHandle {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl GuardHandle {
+/// A cloneable sender of commands to the guard thread, for wake sources on other threads.
+#[derive(Clone)]
+pub struct GuardSender {
+    tx: Sender<Cmd>,
+    wake: Arc<OwnedFd>,
+}
+
+impl GuardSender {
     pub fn send(&self, cmd: Cmd) {
         if self.tx.send(cmd).is_ok() {
             // An eventfd write only fails when the counter would overflow: then it is
             // already readable, which is all the wake-up needs.
             let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+}
+
+impl GuardHandle {
+    pub fn send(&self, cmd: Cmd) {
+        self.sender().send(cmd);
+    }
+
+    pub fn sender(&self) -> GuardSender {
+        GuardSender {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
         }
     }
 
@@ -348,7 +387,9 @@ impl Guard {
                     }
                     Kind::Kill => {
                         if let Some(e) = self.entries.get_mut(&path) {
-                            drain(&e.armed.kill_fd);
+                            if let Some(fd) = &e.armed.kill_fd {
+                                drain(fd);
+                            }
                             e.watch_until = Some(woke + WATCH_WINDOW);
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
@@ -414,10 +455,43 @@ impl Guard {
                 } => self.add_reclaim(&path, thresholds, fd),
                 Cmd::Disarm(path) => self.disarm(&path),
                 Cmd::Reload(config) => self.deps.config = config,
+                Cmd::Signal(signal) => self.signal(signal),
                 Cmd::Shutdown => return false,
             }
         }
         true
+    }
+
+    /// A signal from another thread's wake source, handled like the eventfd of its kind.
+    fn signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Crossed {
+                path,
+                threshold: Threshold::Kill,
+                at,
+                via,
+            } => {
+                if let Some(e) = self.entries.get_mut(&path) {
+                    e.watch_until = Some(at + WATCH_WINDOW);
+                }
+                self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.deps.metrics {
+                    m.kill_signal_fallback.inc();
+                }
+                self.evaluate(&path, at, via);
+            }
+            Signal::Crossed {
+                path,
+                threshold: Threshold::Reclaim,
+                ..
+            } => {
+                if let Some(m) = &self.deps.metrics {
+                    m.reclaim_signal_fallback.inc();
+                }
+                self.reclaim_signal(&path);
+            }
+            Signal::KernelOom(path) => self.oom_signal(&path),
+        }
     }
 
     fn register(&mut self, fd: &OwnedFd, path: &Path, kind: Kind) -> Option<u64> {
@@ -444,7 +518,9 @@ impl Guard {
         let path = armed.cgroup.path.clone();
         let previous = self.remove(&path);
         let mut tokens = Vec::new();
-        tokens.extend(self.register(&armed.kill_fd, &path, Kind::Kill));
+        if let Some(fd) = &armed.kill_fd {
+            tokens.extend(self.register(fd, &path, Kind::Kill));
+        }
         if let Some(fd) = &armed.reclaim_fd {
             tokens.extend(self.register(fd, &path, Kind::Reclaim));
         }
@@ -796,7 +872,11 @@ impl Guard {
                 );
                 d.container = Some(ContainerKill {
                     id: target.id.clone(),
-                    via: "fallback",
+                    via: if fb.cgroup_kill {
+                        "cgroup.kill"
+                    } else {
+                        "fallback"
+                    },
                     namespace: target.info.as_ref().map(|i| i.namespace.clone()),
                     gone_us: fb.gone_us,
                     error: Some(e.clone()),
@@ -938,14 +1018,22 @@ impl Guard {
         );
         d.threshold = self.entries[path].armed.thresholds.reclaim;
         let cgroup = self.entries[path].armed.cgroup.clone();
+        let reclaim_file = if cgroup.is_v2() {
+            "memory.reclaim"
+        } else {
+            "force_empty"
+        };
         let queued = reclaimer.request(Request {
             cgroup,
             done: Box::new(move |res: ReclaimResult| {
                 flag.store(false, Ordering::Release);
+                if res == ReclaimResult::Unsupported {
+                    return;
+                }
                 if let Some(m) = &counters {
                     m.reclaimed(&res);
                 }
-                d.detail = format!("force_empty: {res:?}");
+                d.detail = format!("{}: {res:?}", reclaim_file);
                 reporter.send(d);
             }),
         });

@@ -71,7 +71,21 @@ fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), 
     let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", task.pid))
         .map_err(|_| "process gone".to_string())?;
     let rel = crate::cgroup::memory_cgroup_of(&cg).ok_or("no memory cgroup")?;
-    let abs = memory_mount.join(rel.trim_start_matches('/'));
+    let abs = if beyond_our_cgroup_namespace(rel) {
+        // A private cgroup namespace (cgroup v2 containers get one by default, the
+        // DaemonSet's included) shows other cgroups relative to our own, as `/../..`: ask
+        // the task's cgroup itself whether it still holds the task.
+        let listed = crate::cgroup::MemCgroup::new(&task.cgroup)
+            .procs()
+            .is_ok_and(|p| p.contains(&task.pid));
+        if listed {
+            task.cgroup.clone()
+        } else {
+            return Err(format!("pid {} left {}", task.pid, task.cgroup.display()));
+        }
+    } else {
+        memory_mount.join(rel.trim_start_matches('/'))
+    };
     if !abs.starts_with(scope) {
         return Err(format!(
             "pid {} moved out of the guarded cgroup to {}",
@@ -80,6 +94,12 @@ fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// True when a `/proc/PID/cgroup` path lies outside our cgroup namespace (`/../x`): it is
+/// relative to our namespace's root, not to the hierarchy's.
+fn beyond_our_cgroup_namespace(rel: &str) -> bool {
+    rel.split('/').any(|c| c == "..")
 }
 
 fn process_mrelease(pidfd: &OwnedFd) -> bool {
@@ -220,6 +240,13 @@ mod tests {
         let mount = std::path::PathBuf::from(crate::cgroup::DEFAULT_MEMORY_ROOT);
         let cg = crate::cgroup::cgroup_of_pid(&mount, "self").unwrap();
         (mount, cg.path)
+    }
+
+    #[test]
+    fn paths_beyond_a_cgroup_namespace() {
+        assert!(beyond_our_cgroup_namespace("/../../kubepods.slice/x.scope"));
+        assert!(!beyond_our_cgroup_namespace("/kubepods.slice/x..scope"));
+        assert!(!beyond_our_cgroup_namespace("/"));
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! modules together. Rooms, by domain:
 //! - [`config`]: flags, validation and defaults (the upstream names).
 //! - [`size`]: size strings (`30`, `512K`, `1Gi`).
-//! - [`cgroup`]: reading and writing cgroup v1 memory files.
+//! - [`cgroup`]: memory cgroup files, v1 and v2 behind one interface; the node's layout.
 //! - [`threshold`]: margin and threshold math; arming through `cgroup.event_control`.
 //! - [`discovery`]: the walk, inotify and periodic rescan that feed the guard.
 //! - [`guard`]: the real-time loop that wakes on threshold eventfds and acts.
-//! - [`reclaim`]: background `memory.force_empty`, bounded in time.
+//! - [`headroom`]: the cgroup v2 fallback signals (`memory.events`, PSI, adaptive polling).
+//! - [`reclaim`]: background `memory.force_empty` (v2: `memory.reclaim`), bounded in time.
 //! - [`victim`]: scoring tasks with the kernel's `oom_badness` rule.
 //! - [`policy`]: from a threshold signal to a decision (pure).
 //! - [`kill`]: pidfd, `process_mrelease`, confirmation, fallback to `kill(2)`.
@@ -44,6 +45,7 @@ pub mod demo;
 pub mod discovery;
 pub mod events;
 pub mod guard;
+pub mod headroom;
 pub mod kill;
 pub mod metrics;
 pub mod policy;

@@ -66,14 +66,21 @@ fn run(_parsed: RunArgs) -> ExitCode {
 }
 
 fn agent(config: Config) -> anyhow::Result<()> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let memory_mount =
-        cgroup::memory_mount_for(&mountinfo, &config.root.path).with_context(|| {
-            format!(
-                "{} is not inside a cgroup v1 memory hierarchy",
-                config.root.path.display()
-            )
-        })?;
+    let layout = cgroup::Layout::read().context("reading mountinfo")?;
+    let node = cgroup::layout::node_summary(&layout);
+    let (memory_mount, version) = layout.hierarchy_of(&config.root.path).with_context(|| {
+        format!(
+            "{} is not inside a memory cgroup hierarchy; {node}",
+            config.root.path.display()
+        )
+    })?;
+    tracing::info!(
+        layout = layout.kind().as_str(),
+        hierarchy = version.as_str(),
+        mount = %memory_mount.display(),
+        kernel = %cgroup::layout::kernel_release(),
+        "{node}"
+    );
     let listener = match config.metrics_addr {
         Some(addr) => Some(
             oomguard::metrics::bind(addr)
@@ -81,7 +88,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let ebpf = load_ebpf(&config)?;
+    let ebpf = load_ebpf(&config, version)?;
     if ebpf.is_some() {
         sys::trim_heap();
     }
@@ -165,6 +172,28 @@ fn agent(config: Config) -> anyhow::Result<()> {
     if let Some(m) = &metrics {
         m.watch_guard(guard.stats.clone());
     }
+    // cgroup v2 has no threshold eventfd: the fallback watcher signals crossings (beside
+    // eBPF's records when they load).
+    let watcher = if version == cgroup::Version::V2 {
+        let w = oomguard::headroom::Watcher::spawn(
+            guard.sender(),
+            oomguard::headroom::Options {
+                above_interval: config.guard_interval,
+                throttle: config.v2_throttle,
+            },
+        )
+        .context("starting the cgroup v2 fallback watcher")?;
+        tracing::info!(
+            throttle = config.v2_throttle,
+            "cgroup v2: crossings from memory.events, PSI triggers and headroom-adaptive polling of memory.current"
+        );
+        Some(Arc::new(w))
+    } else {
+        if config.v2_throttle {
+            tracing::warn!("--v2-throttle has no effect on a cgroup v1 hierarchy");
+        }
+        None
+    };
     tracing::info!(
         root = %config.root.path.display(),
         policy = config.policy.as_str(),
@@ -195,7 +224,8 @@ fn agent(config: Config) -> anyhow::Result<()> {
         let discovery =
             Discovery::new(config.clone(), guard.clone(), ready_tx)
                 .context("starting inotify")?
-                .with_runtime(runtime);
+                .with_runtime(runtime)
+                .with_watcher(watcher.clone());
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(discovery.run(stop_rx, created_rx, reload_rx));
         use tokio::signal::unix::{SignalKind, signal};
@@ -232,6 +262,8 @@ fn agent(config: Config) -> anyhow::Result<()> {
         result
     })?;
     drop(rt);
+    // Stops the watcher, which gives back any memory.high --v2-throttle set.
+    drop(watcher);
     if let Ok(g) = Arc::try_unwrap(guard) {
         g.shutdown();
     }
@@ -297,13 +329,15 @@ fn reload(
 
 /// `--mode`: eventfd loads nothing; ebpf must load a crossing program or the agent does not
 /// start; auto loads every program that can load here (one warning per program that cannot,
-/// from [`EbpfGuard::load`]), and falls back to eventfd with one warning when none can.
-fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
+/// from [`EbpfGuard::load`]), and falls back with one warning when none can. Without eBPF a
+/// v1 hierarchy is guarded by threshold eventfds, a v2 one by the fallback watcher.
+fn load_ebpf(config: &Config, version: cgroup::Version) -> anyhow::Result<Option<EbpfGuard>> {
+    let without = match version {
+        cgroup::Version::V1 => "threshold eventfds only",
+        cgroup::Version::V2 => "the cgroup v2 fallback watcher only",
+    };
     if config.mode == Mode::Eventfd {
-        tracing::info!(
-            mode = "eventfd",
-            "guarding with threshold eventfds only (--mode eventfd)"
-        );
+        tracing::info!(mode = "eventfd", "guarding with {without} (--mode eventfd)");
         return Ok(None);
     }
     let caps = bpf::capabilities();
@@ -341,7 +375,7 @@ fn load_ebpf(config: &Config) -> anyhow::Result<Option<EbpfGuard>> {
         }
         (Err(why), Mode::Ebpf) => anyhow::bail!("--mode ebpf: eBPF cannot be used: {why}"),
         (Err(why), _) => {
-            tracing::warn!(mode = "eventfd", reason = %why, "eBPF unavailable; guarding with threshold eventfds only");
+            tracing::warn!(mode = "eventfd", reason = %why, "eBPF unavailable; guarding with {without}");
             Ok(None)
         }
     }

@@ -60,8 +60,11 @@ const KILL_SERIES: [(&str, &str); 5] = [
 pub struct GuardCounters {
     pub kill_signal_eventfd: Counter,
     pub kill_signal_ebpf: Counter,
+    /// The cgroup v2 fallback watcher (polling, `memory.events`, PSI).
+    pub kill_signal_fallback: Counter,
     pub reclaim_signal_eventfd: Counter,
     pub reclaim_signal_ebpf: Counter,
+    pub reclaim_signal_fallback: Counter,
     pub skip_cache: Counter,
     pub skip_cooldown: Counter,
     pub skip_protected: Counter,
@@ -87,6 +90,7 @@ impl GuardCounters {
                 self.reclaim_failed.inc();
                 took
             }
+            ReclaimResult::Unsupported => return,
         };
         self.reclaim_seconds.observe(took.as_secs_f64());
     }
@@ -248,8 +252,10 @@ impl Metrics {
         let guard = GuardCounters {
             kill_signal_eventfd: signal("eventfd", "kill"),
             kill_signal_ebpf: signal("ebpf", "kill"),
+            kill_signal_fallback: signal("fallback", "kill"),
             reclaim_signal_eventfd: signal("eventfd", "reclaim"),
             reclaim_signal_ebpf: signal("ebpf", "reclaim"),
+            reclaim_signal_fallback: signal("fallback", "reclaim"),
             skip_cache: skip("cache"),
             skip_cooldown: skip("cooldown"),
             skip_protected: skip("protected"),

@@ -1,6 +1,7 @@
-//! Background `memory.force_empty`, bounded in time, never on the kill path.
+//! Background `memory.force_empty` (cgroup v2: `memory.reclaim`, kernel 5.19+), bounded in
+//! time, never on the kill path.
 //!
-//! The kernel runs force_empty synchronously in the writer and loops until the cgroup is
+//! The kernel runs both synchronously in the writer and loops until the cgroup is
 //! empty or reclaim stops making progress; a pending signal makes it return `EINTR`. So the
 //! worker thread writes, and a watchdog interrupts it with `SIGUSR1` (a no-op handler
 //! installed without `SA_RESTART`) once the time bound has passed.
@@ -21,6 +22,9 @@ pub enum ReclaimResult {
     TimedOut { freed: u64, took: Duration },
     /// The kernel refused (EBUSY on kernels before 3.16 while tasks remain, ENOENT...).
     Failed { errno: i32, took: Duration },
+    /// A cgroup v2 kernel without `memory.reclaim` (before 5.19): no reclaim step (said
+    /// once by the worker, not reported per cgroup).
+    Unsupported,
 }
 
 /// One reclaim request and where its result goes.
@@ -89,7 +93,19 @@ pub fn spawn(timeout: Duration, queue: usize) -> std::io::Result<Reclaimer> {
 fn worker(rx: Receiver<Request>, timeout: Duration, watch: Arc<(Mutex<Watch>, Condvar)>) {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
+    let mut said_unsupported = false;
     for req in rx {
+        if req.cgroup.is_v2() && !req.cgroup.file("memory.reclaim").exists() {
+            if !said_unsupported && req.cgroup.exists() {
+                said_unsupported = true;
+                tracing::warn!(
+                    kernel = %crate::cgroup::layout::kernel_release(),
+                    "cgroup v2 without memory.reclaim (kernel before 5.19): no reclaim step before the kill threshold"
+                );
+            }
+            (req.done)(ReclaimResult::Unsupported);
+            continue;
+        }
         let before = req.cgroup.usage().unwrap_or(0);
         let start = Instant::now();
         {
@@ -146,12 +162,26 @@ fn is_eintr(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINTR)
 }
 
-/// One `write(2)`: `write_all` would retry on EINTR and defeat the time bound.
+/// One `write(2)`: `write_all` would retry on EINTR and defeat the time bound. v1 writes
+/// `memory.force_empty`; v2 asks `memory.reclaim` for the whole usage, and its `EAGAIN`
+/// ("could not reclaim all of it") is a finished run, like force_empty stopping when
+/// reclaim makes no more progress.
 fn force_empty_once(cg: &MemCgroup) -> std::io::Result<()> {
+    let (file, value) = if cg.is_v2() {
+        (
+            "memory.reclaim",
+            cg.usage().unwrap_or(0).max(4096).to_string(),
+        )
+    } else {
+        ("memory.force_empty", "0".to_string())
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .open(cg.file("memory.force_empty"))?;
-    f.write(b"0").map(|_| ())
+        .open(cg.file(file))?;
+    match f.write(value.as_bytes()) {
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+        r => r.map(|_| ()),
+    }
 }
 
 fn watchdog(watch: Arc<(Mutex<Watch>, Condvar)>) {

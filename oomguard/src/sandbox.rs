@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
+use crate::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, Layout, MemCgroup, cgroup_of_pid};
 
 pub mod containerd;
 
@@ -22,10 +22,23 @@ pub struct Sandbox {
     pub cg: MemCgroup,
 }
 
+/// The memory hierarchy's mount: the v1 memory mount if there is one, else cgroup2.
+pub fn memory_root() -> PathBuf {
+    Layout::read()
+        .ok()
+        .and_then(|l| l.default_root().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MEMORY_ROOT))
+}
+
+/// Our own memory cgroup, on whichever hierarchy holds the memory controller.
+pub fn own_cgroup() -> Result<MemCgroup, CgroupError> {
+    cgroup_of_pid(&memory_root(), "self")
+}
+
 impl Sandbox {
     /// Makes `<own memory cgroup>/<prefix>-<pid>-<n>`.
     pub fn new(prefix: &str) -> Result<Self, CgroupError> {
-        let own = cgroup_of_pid(Path::new(DEFAULT_MEMORY_ROOT), "self")?;
+        let own = own_cgroup()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = own
             .path
@@ -35,7 +48,7 @@ impl Sandbox {
             source,
         })?;
         Ok(Sandbox {
-            cg: MemCgroup::new(path),
+            cg: MemCgroup::with_version(path, own.version),
         })
     }
 
@@ -43,14 +56,19 @@ impl Sandbox {
         &self.cg.path
     }
 
-    /// Makes a child cgroup (removed with the sandbox).
+    /// Makes a child cgroup (removed with the sandbox). On v2 the sandbox first hands the
+    /// memory controller down (`+memory` in its `cgroup.subtree_control`), which v2 allows
+    /// only while the sandbox itself holds no process.
     pub fn child(&self, name: &str) -> Result<MemCgroup, CgroupError> {
+        if self.cg.is_v2() {
+            crate::cgroup::write_str(&self.cg.file("cgroup.subtree_control"), "+memory")?;
+        }
         let path = self.cg.path.join(name);
         std::fs::create_dir(&path).map_err(|source| CgroupError::Write {
             path: path.clone(),
             source,
         })?;
-        Ok(MemCgroup::new(path))
+        Ok(MemCgroup::with_version(path, self.cg.version))
     }
 
     /// Kills every process in the sandbox and waits (bounded) until it is empty.

@@ -4,8 +4,6 @@
 
 use std::process::Command;
 
-mod common;
-
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_oomguard"))
         .args(args)
@@ -58,24 +56,4 @@ fn help_and_version_exit_0() {
     assert_eq!(run(&["--help"]).0, 0);
     assert_eq!(run(&["--version"]).0, 0);
     assert_eq!(run(&["run", "--help"]).0, 0);
-}
-
-/// On a node whose memory controller is on cgroup v2 only (Debian's 6.12 kernel has no v1
-/// memory controller), the agent does not guard yet: it must refuse at start with one clear
-/// line and status 2, not start half-configured. The cgroup v2 work replaces this with v2
-/// guarding.
-#[test]
-fn on_a_cgroup_v2_only_node_run_refuses_with_one_line() {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let v1_memory = !oomguard::cgroup::memory_mounts(&mountinfo).is_empty();
-    let v2_memory = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-        .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
-    if v1_memory || !v2_memory {
-        common::not_applicable("the memory controller is not on cgroup v2 only");
-        return;
-    }
-    let (code, err) = run(&["run", "--mode", "eventfd"]);
-    assert_eq!(code, 2, "exit {code}, stderr {err:?}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.contains("cgroup"), "{err:?} does not say what it lacks");
 }

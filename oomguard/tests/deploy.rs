@@ -13,7 +13,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
 use std::time::Duration;
 
 use clap::Parser;
@@ -259,7 +258,8 @@ fn check_daemonset(d: &[Value], ns: &str) {
     let Command::Run(run) = cli.command else {
         panic!("the DaemonSet must run `oomguard run`")
     };
-    assert_eq!(run.root, Path::new("/sys/fs/cgroup/memory"));
+    // No --root: the agent picks the memory hierarchy of the node's layout (v1 or v2).
+    assert_eq!(run.root, None);
     assert_eq!(run.policy, Policy::Container);
     assert_eq!(run.margin_ratio, 0.02);
     assert_eq!(
@@ -291,7 +291,7 @@ fn check_daemonset(d: &[Value], ns: &str) {
     };
     for (path, ro) in [
         ("/run/oomguard", false),
-        ("/sys/fs/cgroup/memory", false),
+        ("/sys/fs/cgroup", false),
         ("/sys/fs/bpf", false),
         ("/sys/kernel/tracing", false),
         ("/run/containerd", false),
@@ -307,7 +307,25 @@ fn check_daemonset(d: &[Value], ns: &str) {
         );
     }
     // The root filesystem is read-only: everything the agent writes is on a writable volume.
-    for dir in [&run.state_dir, &run.bpf_pin_dir, &run.root] {
+    // One DaemonSet for v1 and v2 nodes: a hostPath that must already exist is one every
+    // layout has (a v1-only path like /sys/fs/cgroup/memory would keep the pod from
+    // starting on v2 nodes).
+    for v in &volumes {
+        if let Some(h) = &v.host_path
+            && h.type_.as_deref() == Some("Directory")
+        {
+            assert!(
+                !Path::new(&h.path).starts_with("/sys/fs/cgroup") || h.path == "/sys/fs/cgroup",
+                "volume {} ({}) exists on one cgroup layout only",
+                v.name,
+                h.path
+            );
+        }
+    }
+    // Both layouts' memory roots lie beneath the cgroup volume.
+    let v1_root = PathBuf::from("/sys/fs/cgroup/memory");
+    let v2_root = PathBuf::from("/sys/fs/cgroup");
+    for dir in [&run.state_dir, &run.bpf_pin_dir, &v1_root, &v2_root] {
         assert!(
             mounts
                 .iter()

@@ -677,7 +677,7 @@ fn a_crossing_right_after_a_kill_that_brought_usage_down_is_acted_on() {
     guard.send(Cmd::Arm(Box::new(Armed {
         cgroup: sb.cg.clone(),
         thresholds,
-        kill_fd: signal.try_clone().unwrap(),
+        kill_fd: Some(signal.try_clone().unwrap()),
         reclaim_fd: None,
         oom_fd: None,
     })));

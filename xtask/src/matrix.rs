@@ -28,6 +28,7 @@ pub const TESTS: &[&str] = &[
     "cli",
     "cli_doctor",
     "guard",
+    "cgroup_v2",
     "degraded",
     "ebpf",
     "cli_bpf",

@@ -67,6 +67,8 @@ pub struct Check {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub kernel: String,
+    /// `v1`, `v2`, `hybrid` or `none`, and where the hierarchies are mounted.
+    pub layout: String,
     pub checks: Vec<Check>,
     pub can_run: bool,
     /// `ebpf` or `eventfd`.
@@ -75,7 +77,12 @@ pub struct Report {
 }
 
 impl Report {
-    fn from_checks(kernel: String, checks: Vec<Check>, ebpf: Option<String>) -> Report {
+    fn from_checks(
+        kernel: String,
+        layout: String,
+        checks: Vec<Check>,
+        ebpf: Option<String>,
+    ) -> Report {
         let can_run = checks.iter().all(|c| !c.required || c.status == Status::Ok);
         let (auto_mode, auto_reason) = match ebpf {
             None => (
@@ -88,6 +95,7 @@ impl Report {
         };
         Report {
             kernel,
+            layout,
             checks,
             can_run,
             auto_mode,
@@ -138,7 +146,10 @@ fn render(report: &Report, colour: bool) -> Vec<String> {
             c.detail.clone(),
         ]);
     }
-    let mut lines = vec![format!("kernel {}", report.kernel)];
+    let mut lines = wrap(
+        &format!("kernel {}, cgroup layout {}", report.kernel, report.layout),
+        super::WIDTH,
+    );
     lines.extend(t.render(colour));
     lines.push(String::new());
     lines.push(if report.can_run {
@@ -200,7 +211,11 @@ pub fn probe(args: &DoctorArgs) -> Report {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let mut checks = Vec::new();
-    cgroup_checks(&mut checks);
+    let layout = crate::cgroup::Layout::read().unwrap_or_default();
+    match layout.memory_version() {
+        Some(crate::cgroup::Version::V2) => cgroup_v2_checks(&layout, &mut checks),
+        _ => cgroup_checks(&mut checks),
+    }
 
     let caps = crate::bpf::capabilities();
     checks.push(check(
@@ -256,7 +271,59 @@ pub fn probe(args: &DoctorArgs) -> Report {
         false,
         probe_kube(args.kubeconfig.as_deref()),
     ));
-    Report::from_checks(kernel, checks, caps.reason())
+    Report::from_checks(kernel, layout.describe(), checks, caps.reason())
+}
+
+/// cgroup v2: the files the agent reads (required) and the ones it uses when the kernel
+/// has them, on a throw-away child of our cgroup when ours hands `+memory` down, else on
+/// our own cgroup, read-only.
+fn cgroup_v2_checks(layout: &crate::cgroup::Layout, checks: &mut Vec<Check>) {
+    let mount = layout.cgroup2.first().cloned().unwrap_or_default();
+    checks.push(check(
+        "cgroup",
+        "memory cgroup v2",
+        true,
+        Ok(format!("cgroup2 mounted at {}", mount.display())),
+    ));
+    let files = [
+        ("memory.max", true, "the limit"),
+        ("memory.current", true, "usage, polled by the fallback"),
+        ("memory.events", true, "limit hits and kernel OOM kills"),
+        ("memory.pressure", false, "PSI triggers (boot with psi=1)"),
+        ("memory.reclaim", false, "the reclaim step (kernel 5.19+)"),
+        (
+            "cgroup.kill",
+            false,
+            "the direct container kill (kernel 5.14+)",
+        ),
+    ];
+    let own = match cgroup_of_pid(&mount, "self") {
+        Ok(own) => own,
+        Err(e) => {
+            for (file, required, _) in files {
+                checks.push(check("cgroup", file, required, Err(missing(&e))));
+            }
+            return;
+        }
+    };
+    let delegates = std::fs::read_to_string(own.file("cgroup.subtree_control"))
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+    let probe_cg = delegates.then(|| ProbeCgroup::new(&own).ok()).flatten();
+    let (target, tried_on) = match &probe_cg {
+        Some(p) => (&p.cg, "on a throw-away child of our cgroup"),
+        None => (&own, "in our own cgroup"),
+    };
+    for (file, required, what) in files {
+        let result = if target.file(file).exists() {
+            Ok(format!("{what}: present {tried_on}"))
+        } else {
+            Err(missing(format!(
+                "{what}: {} has no {file}",
+                target.path.display()
+            )))
+        };
+        checks.push(check("cgroup", file, required, result));
+    }
 }
 
 /// The memory hierarchy, our own memory cgroup, and the three control files on a throw-away
@@ -534,6 +601,7 @@ mod tests {
     fn only_required_checks_decide_whether_the_agent_can_run() {
         let r = Report::from_checks(
             "6.1".into(),
+            "v2 (cgroup2 at /sys/fs/cgroup)".into(),
             vec![
                 c("a", Status::Ok, true),
                 c("b", Status::Missing, false),
@@ -544,11 +612,17 @@ mod tests {
         assert!(r.can_run);
         assert_eq!(r.auto_mode, "eventfd");
         assert!(r.auto_reason.contains("tracefs: gone"));
-        let r = Report::from_checks("3.10".into(), vec![c("a", Status::Missing, true)], None);
+        let r = Report::from_checks(
+            "3.10".into(),
+            "v1".into(),
+            vec![c("a", Status::Missing, true)],
+            None,
+        );
         assert!(!r.can_run);
         assert_eq!(r.auto_mode, "ebpf");
         let lines = render(&r, false);
         assert!(lines.iter().any(|l| l.contains("MISSING")));
+        assert_eq!(lines[0], "kernel 3.10, cgroup layout v1");
         assert!(lines.iter().all(|l| l.chars().count() <= crate::cli::WIDTH));
     }
 

@@ -3,6 +3,9 @@
 //! does), in rounds until the cgroup is empty or the deadline passes. Used when containerd
 //! is missing, unreachable or hung, or does not know the cgroup's container.
 //!
+//! On cgroup v2 (kernel 5.14+) one write of `cgroup.kill` kills the whole subtree, with no
+//! pid to race, when nothing in it may be spared; the rounds then only confirm.
+//!
 //! Never the agent itself, never a task with `oom_score_adj = -1000`.
 
 use std::path::{Path, PathBuf};
@@ -36,6 +39,8 @@ pub struct FallbackReport {
     pub remaining: usize,
     /// From the call to the cgroup holding no killable task, when that happened in time.
     pub gone_us: Option<u64>,
+    /// The tasks were killed by one write of `cgroup.kill` (v2).
+    pub cgroup_kill: bool,
 }
 
 impl FallbackReport {
@@ -61,11 +66,14 @@ pub fn fallback_kill_cgroup_tasks(
         protected: Vec::new(),
         remaining: 0,
         gone_us: None,
+        cgroup_kill: false,
     };
     let mut signalled: Vec<(i32, u64)> = Vec::new();
+    let mut first = true;
     loop {
-        let tasks: Vec<Task> = cg
-            .subtree_procs()
+        let procs = cg.subtree_procs();
+        let spares_us = procs.iter().any(|(_, pid)| *pid == me);
+        let tasks: Vec<Task> = procs
             .into_iter()
             .filter(|(_, pid)| *pid != me)
             .filter_map(|(c, pid)| read_task(pid, &c.path))
@@ -89,6 +97,28 @@ pub fn fallback_kill_cgroup_tasks(
         if Instant::now() >= deadline {
             report.remaining = tasks.len();
             return report;
+        }
+        if std::mem::take(&mut first)
+            && !spares_us
+            && report.protected.is_empty()
+            && cg.kill_all().is_ok()
+        {
+            report.cgroup_kill = true;
+            let signal_us = start.elapsed().as_micros() as u64;
+            for t in &tasks {
+                signalled.push((t.pid, t.start_time));
+                report.killed.push(FallbackKill {
+                    pid: t.pid,
+                    comm: t.comm.clone(),
+                    rss_bytes: t.rss_bytes,
+                    proccgroup: t.cgroup.clone(),
+                    outcome: Outcome::Stuck {
+                        mreleased: false,
+                        pidfd: false,
+                        signal_us,
+                    },
+                });
+            }
         }
         // Exiting tasks (no mm any more) have already let go of their memory.
         for t in tasks.iter().filter(|t| !t.exiting) {

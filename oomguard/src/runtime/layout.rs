@@ -238,6 +238,30 @@ mod tests {
         );
     }
 
+    /// cgroup v2: the same kubelet layouts, at the cgroup2 mount instead of `memory/`.
+    #[test]
+    fn cgroup_v2_paths_of_both_drivers() {
+        let u = UID.replace('-', "_");
+        assert_eq!(
+            parse_cgroup(&format!(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"
+            )),
+            container(UID, RuntimeHint::Containerd)
+        );
+        assert_eq!(
+            parse_cgroup(&format!("/sys/fs/cgroup/kubepods/besteffort/pod{UID}/{ID}")),
+            container(UID, RuntimeHint::Unknown)
+        );
+        assert_eq!(
+            parse_cgroup(&format!("/sys/fs/cgroup/kubepods/burstable/pod{UID}")),
+            CgroupRole::Pod {
+                uid: UID.into(),
+                qos: Qos::Burstable
+            }
+        );
+    }
+
     #[test]
     fn everything_else_is_other() {
         for p in [

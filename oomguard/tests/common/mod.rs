@@ -28,6 +28,14 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// notifications in our own memory cgroup. Returns false (after saying why) when the
 /// kernel lacks it, unless the CI switch demands every feature.
 pub fn kernel_ready() -> bool {
+    let layout = oomguard::cgroup::Layout::read().unwrap_or_default();
+    if layout.memory_version() == Some(oomguard::cgroup::Version::V2) {
+        // The v1 paths (threshold eventfds, force_empty) do not exist on this node at all.
+        return not_applicable(&format!(
+            "needs the cgroup v1 memory controller ({})",
+            oomguard::cgroup::layout::node_summary(&layout)
+        ));
+    }
     let why = probe();
     match why {
         None => true,
@@ -77,6 +85,45 @@ pub fn ebpf_ready() -> bool {
         }
         Some(why) => {
             skipped(&format!("eBPF unavailable: {why}"));
+            false
+        }
+    }
+}
+
+/// For tests of the cgroup v2 paths: true on a node whose memory controller is on cgroup
+/// v2 with `+memory` handed down to our own cgroup's children. On a node whose memory
+/// controller is on v1 the test is not applicable (a skip even under the CI switch, which
+/// means "every feature this node has"); a v2 node lacking the rest is a missing feature.
+pub fn v2_ready() -> bool {
+    let layout = oomguard::cgroup::Layout::read().unwrap_or_default();
+    if layout.memory_version() != Some(oomguard::cgroup::Version::V2) {
+        return not_applicable(&format!(
+            "the memory controller is not on cgroup v2 here ({})",
+            oomguard::cgroup::layout::node_summary(&layout)
+        ));
+    }
+    let why = if rustix::process::geteuid().as_raw() != 0 {
+        Some("not root: these tests make cgroups and kill processes".to_string())
+    } else {
+        match oomguard::sandbox::own_cgroup() {
+            Err(e) => Some(format!("no memory cgroup of our own: {e}")),
+            Ok(own) => match std::fs::read_to_string(own.file("cgroup.subtree_control")) {
+                Ok(c) if c.split_whitespace().any(|c| c == "memory") => None,
+                Ok(_) => Some(format!(
+                    "{} does not hand +memory down (cgroup.subtree_control)",
+                    own.path.display()
+                )),
+                Err(e) => Some(format!("{}: {e}", own.path.display())),
+            },
+        }
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("required feature missing ({REQUIRE_ENV} is set): {why}")
+        }
+        Some(why) => {
+            skipped(&why);
             false
         }
     }

@@ -1,0 +1,610 @@
+//! The cgroup v2 fallback signals: v2 has no threshold eventfd, so where eBPF gives no
+//! crossing records (and beside them, as the safety net) this thread watches each guarded
+//! v2 cgroup's headroom and tells the guard thread when usage crossed its reclaim or kill
+//! threshold, or when the kernel OOM killer ran there.
+//!
+//! Three sources, one thread:
+//! - **Polling `memory.current`** at an interval that adapts to the headroom left (see
+//!   [`next_poll`]): a cgroup far from its kill threshold is read rarely, one near it often.
+//!   Each cgroup keeps its `memory.current` open and is read with one `pread`.
+//! - **`memory.events` changes** (inotify `IN_MODIFY` on the file): `max` (a charge hit the
+//!   limit), `high` (usage went over `memory.high`, see `--v2-throttle`) and `oom` make the
+//!   cgroup be read at once; an `oom_kill` increase is reported as a kernel OOM kill.
+//! - **A PSI trigger on `memory.pressure`** ([`crate::cgroup::v2::PSI_TRIGGER`]), armed
+//!   while the cgroup is at or above its reclaim threshold only: every trigger costs the
+//!   kernel a `psimon` thread per cgroup, and far from the limit there is no stall to see.
+//!
+//! The guard re-reads usage on every signal (the policy state de-duplicates), so this
+//! thread only has to be early, never exact.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+use inotify::{Inotify, WatchDescriptor, WatchMask};
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use rustix::event::{EventfdFlags, Timespec, eventfd};
+
+use crate::bpf::Threshold;
+use crate::cgroup::v2::{self, MemoryEvents, PSI_TRIGGER};
+use crate::cgroup::{MemCgroup, UNLIMITED};
+use crate::guard::{Cmd, GuardSender, Signal};
+use crate::threshold::Thresholds;
+
+/// The growth rate every poll interval assumes at least: a cgroup read now cannot pass its
+/// kill threshold unseen before the next read unless it grows faster than this. Twice the
+/// 64 MB/s the fallback must beat.
+pub const FLOOR_RATE: u64 = 128 << 20;
+/// The shortest interval between two reads of one cgroup.
+pub const MIN_POLL: Duration = Duration::from_millis(2);
+/// The longest interval between two reads of one cgroup (an idle cgroup far from its limit).
+pub const MAX_POLL: Duration = Duration::from_secs(2);
+/// Reads due within this much of each other are done in one wake-up...
+const SLACK: Duration = Duration::from_millis(2);
+/// ...and a read may come this fraction of its interval early, so that idle cgroups (long
+/// intervals) are read in batches: a wake-up costs more than a read. Reading early is
+/// always safe.
+const EARLY_DIVISOR: u32 = 8;
+/// How often the watcher's work is summed up in a debug line.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// The polling policy: the time until the next read of a cgroup at `usage`, growing at
+/// `rate` bytes/s (0 when not growing), with kill threshold `kill`.
+///
+/// `headroom / max(FLOOR_RATE, 2 × rate)`, clamped to [`MIN_POLL`, `MAX_POLL`]: at any
+/// growth up to the floor rate, or up to twice the rate seen between the last two reads,
+/// the next read comes before usage reaches the kill threshold, and the margin above it
+/// (to the limit) is the slack for a faster burst. At or above the threshold the guard
+/// re-checks on its own; the watcher reads every `above` to see it fall back and cross
+/// again.
+pub fn next_poll(usage: u64, kill: u64, rate: u64, above: Duration) -> Duration {
+    if usage >= kill {
+        return above.clamp(MIN_POLL, MAX_POLL);
+    }
+    let assumed = FLOOR_RATE.max(rate.saturating_mul(2)) as f64;
+    let secs = (kill - usage) as f64 / assumed;
+    Duration::from_secs_f64(secs.min(MAX_POLL.as_secs_f64())).clamp(MIN_POLL, MAX_POLL)
+}
+
+/// Options of the watcher.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// How often a cgroup at or above its kill threshold is read (`--guard-ms`).
+    pub above_interval: Duration,
+    /// `--v2-throttle`: set `memory.high` at the kill threshold while guarding.
+    pub throttle: bool,
+}
+
+enum Msg {
+    Watch(MemCgroup, Thresholds),
+    Unwatch(PathBuf),
+    Shutdown,
+}
+
+/// Counters for tests, `/metrics` and the CPU measurement.
+#[derive(Debug, Default)]
+pub struct WatcherStats {
+    pub watched: AtomicU64,
+    pub polls: AtomicU64,
+    pub wakeups: AtomicU64,
+    pub crossings: AtomicU64,
+}
+
+/// Handle on the watcher thread.
+pub struct Watcher {
+    tx: Sender<Msg>,
+    wake: Arc<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub stats: Arc<WatcherStats>,
+}
+
+impl Watcher {
+    /// Starts the thread; its signals go to `guard`.
+    pub fn spawn(guard: GuardSender, options: Options) -> std::io::Result<Watcher> {
+        let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        let epoll = epoll::create(CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &epoll,
+            wake.as_fd(),
+            EventData::new_u64(WAKE_TOKEN),
+            EventFlags::IN,
+        )?;
+        let inotify = Inotify::init()?;
+        epoll::add(
+            &epoll,
+            inotify.as_fd(),
+            EventData::new_u64(INOTIFY_TOKEN),
+            EventFlags::IN,
+        )?;
+        let (tx, rx) = channel();
+        let stats = Arc::new(WatcherStats::default());
+        let mut state = State {
+            guard,
+            options,
+            epoll,
+            wake: wake.clone(),
+            rx,
+            inotify,
+            entries: HashMap::new(),
+            by_path: HashMap::new(),
+            by_wd: HashMap::new(),
+            due: BinaryHeap::new(),
+            next_key: FIRST_KEY,
+            stats: stats.clone(),
+            throttle_failed: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("oomguard-v2watch".into())
+            .stack_size(256 * 1024)
+            .spawn(move || state.run())?;
+        Ok(Watcher {
+            tx,
+            wake,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    fn send(&self, msg: Msg) {
+        if self.tx.send(msg).is_ok() {
+            let _ = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Watches (or re-watches with new thresholds) a v2 cgroup.
+    pub fn watch(&self, cg: &MemCgroup, thresholds: Thresholds) {
+        self.send(Msg::Watch(cg.clone(), thresholds));
+    }
+
+    pub fn unwatch(&self, path: &Path) {
+        self.send(Msg::Unwatch(path.to_path_buf()));
+    }
+}
+
+impl Drop for Watcher {
+    /// Stops the thread, which gives back every `memory.high` it set.
+    fn drop(&mut self) {
+        self.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const WAKE_TOKEN: u64 = 0;
+const INOTIFY_TOKEN: u64 = 1;
+/// Keys of watched cgroups start here; a cgroup's PSI fd is registered under its key.
+const FIRST_KEY: u64 = 2;
+
+struct Entry {
+    cg: MemCgroup,
+    thresholds: Thresholds,
+    current: File,
+    wd: Option<WatchDescriptor>,
+    psi: Option<OwnedFd>,
+    events: MemoryEvents,
+    last: Option<(Instant, u64)>,
+    rate: u64,
+    above_kill: bool,
+    above_reclaim: bool,
+    /// Bumped on every (re)schedule: stale heap entries are skipped.
+    generation: u64,
+    /// `memory.high` as it was before `--v2-throttle` set it (restored on unwatch).
+    high_before: Option<u64>,
+}
+
+struct State {
+    guard: GuardSender,
+    options: Options,
+    epoll: OwnedFd,
+    wake: Arc<OwnedFd>,
+    rx: Receiver<Msg>,
+    inotify: Inotify,
+    entries: HashMap<u64, Entry>,
+    by_path: HashMap<PathBuf, u64>,
+    by_wd: HashMap<WatchDescriptor, u64>,
+    /// (due, key, generation, how early it may be read).
+    due: BinaryHeap<Reverse<(Instant, u64, u64, Duration)>>,
+    next_key: u64,
+    stats: Arc<WatcherStats>,
+    throttle_failed: bool,
+}
+
+impl State {
+    fn run(&mut self) {
+        let mut events: Vec<Event> = Vec::with_capacity(64);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut summary = (Instant::now(), 0u64, 0u64);
+        loop {
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            if summary.0.elapsed() >= SUMMARY_EVERY {
+                let polls = self.stats.polls.load(Ordering::Relaxed);
+                let wakeups = self.stats.wakeups.load(Ordering::Relaxed);
+                tracing::debug!(
+                    watched = self.entries.len(),
+                    polls = polls - summary.1,
+                    wakeups = wakeups - summary.2,
+                    secs = summary.0.elapsed().as_secs_f64(),
+                    "v2 fallback watcher"
+                );
+                summary = (Instant::now(), polls, wakeups);
+            }
+            let wait = self
+                .due
+                .peek()
+                .map(|Reverse((t, _, _, _))| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(60));
+            let ts = Timespec {
+                tv_sec: wait.as_secs() as i64,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            events.clear();
+            match epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed; the v2 fallback watcher stops");
+                    return;
+                }
+            }
+            let ready: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+            for token in ready {
+                match token {
+                    WAKE_TOKEN => {
+                        let mut b = [0u8; 8];
+                        let _ = rustix::io::read(self.wake.as_fd(), &mut b);
+                        if !self.commands() {
+                            self.restore_all();
+                            return;
+                        }
+                    }
+                    INOTIFY_TOKEN => self.inotify_events(&mut buf),
+                    key => {
+                        // A PSI trigger fired: the cgroup stalls on memory now.
+                        self.poll(key, "psi");
+                    }
+                }
+            }
+            let now = Instant::now();
+            while let Some(Reverse((t, key, generation, early))) = self.due.peek().copied() {
+                if t > now + early.max(SLACK) {
+                    break;
+                }
+                self.due.pop();
+                if self
+                    .entries
+                    .get(&key)
+                    .is_some_and(|e| e.generation == generation)
+                {
+                    self.poll(key, "poll");
+                }
+            }
+        }
+    }
+
+    fn commands(&mut self) -> bool {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Watch(cg, t) => self.watch(cg, t),
+                Msg::Unwatch(path) => {
+                    if let Some(key) = self.by_path.remove(&path) {
+                        self.remove(key);
+                    }
+                }
+                Msg::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn watch(&mut self, cg: MemCgroup, thresholds: Thresholds) {
+        if let Some(&key) = self.by_path.get(&cg.path) {
+            let Some(e) = self.entries.get_mut(&key) else {
+                return;
+            };
+            e.thresholds = thresholds;
+            self.throttle(key);
+            self.poll(key, "arm");
+            return;
+        }
+        let current = match File::open(cg.file("memory.current")) {
+            Ok(f) => f,
+            Err(e) => {
+                if cg.exists() {
+                    tracing::warn!(cgroup = %cg.path.display(), error = %e, "cannot open memory.current: no fallback signal for this cgroup");
+                }
+                return;
+            }
+        };
+        let wd = match self
+            .inotify
+            .watches()
+            .add(cg.file("memory.events"), WatchMask::MODIFY)
+        {
+            Ok(wd) => Some(wd),
+            Err(e) => {
+                tracing::warn!(cgroup = %cg.path.display(), error = %e, "cannot watch memory.events: polling only");
+                None
+            }
+        };
+        let key = self.next_key;
+        self.next_key += 1;
+        if let Some(wd) = &wd {
+            self.by_wd.insert(wd.clone(), key);
+        }
+        let events = cg.events().unwrap_or_default();
+        self.by_path.insert(cg.path.clone(), key);
+        self.entries.insert(
+            key,
+            Entry {
+                cg,
+                thresholds,
+                current,
+                wd,
+                psi: None,
+                events,
+                last: None,
+                rate: 0,
+                above_kill: false,
+                above_reclaim: false,
+                generation: 0,
+                high_before: None,
+            },
+        );
+        self.stats
+            .watched
+            .store(self.entries.len() as u64, Ordering::Relaxed);
+        self.throttle(key);
+        self.poll(key, "arm");
+    }
+
+    fn remove(&mut self, key: u64) {
+        self.restore_high(key);
+        if let Some(e) = self.entries.remove(&key) {
+            if let Some(wd) = e.wd {
+                self.by_wd.remove(&wd);
+                // Fails when the file is gone (the watch went with it).
+                let _ = self.inotify.watches().remove(wd);
+            }
+            if self.by_path.get(&e.cg.path) == Some(&key) {
+                self.by_path.remove(&e.cg.path);
+            }
+        }
+        self.stats
+            .watched
+            .store(self.entries.len() as u64, Ordering::Relaxed);
+    }
+
+    /// `--v2-throttle`: `memory.high` at the kill threshold, remembering the old value.
+    fn throttle(&mut self, key: u64) {
+        if !self.options.throttle {
+            return;
+        }
+        let Some(e) = self.entries.get_mut(&key) else {
+            return;
+        };
+        if e.high_before.is_none() {
+            e.high_before = v2::high(&e.cg.path).ok();
+        }
+        if let Err(err) = v2::set_high(&e.cg.path, Some(e.thresholds.kill))
+            && !self.throttle_failed
+        {
+            self.throttle_failed = true;
+            tracing::warn!(cgroup = %e.cg.path.display(), error = %err, "--v2-throttle: cannot set memory.high (said once)");
+        }
+    }
+
+    /// Gives back the `memory.high` `--v2-throttle` replaced, unless someone (the kubelet's
+    /// MemoryQoS) changed it meanwhile.
+    fn restore_high(&mut self, key: u64) {
+        let Some(e) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let Some(before) = e.high_before.take() else {
+            return;
+        };
+        if v2::high(&e.cg.path).ok() == Some(e.thresholds.kill) {
+            let value = (before < UNLIMITED).then_some(before);
+            let _ = v2::set_high(&e.cg.path, value);
+        }
+    }
+
+    fn restore_all(&mut self) {
+        let keys: Vec<u64> = self.entries.keys().copied().collect();
+        for key in keys {
+            self.restore_high(key);
+        }
+    }
+
+    fn inotify_events(&mut self, buf: &mut [u8]) {
+        let mut keys = Vec::new();
+        match self.inotify.read_events(buf) {
+            Ok(events) => {
+                for ev in events {
+                    if ev.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                        keys.extend(self.entries.keys().copied());
+                    } else if let Some(&key) = self.by_wd.get(&ev.wd) {
+                        if ev.mask.contains(inotify::EventMask::IGNORED) {
+                            self.by_wd.remove(&ev.wd);
+                            if let Some(e) = self.entries.get_mut(&key) {
+                                e.wd = None;
+                            }
+                        } else {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::warn!(error = %e, "reading inotify events of memory.events"),
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.on_events(key);
+        }
+    }
+
+    /// `memory.events` changed: a kernel OOM kill is reported, and any other change makes
+    /// the cgroup be read now.
+    fn on_events(&mut self, key: u64) {
+        let Some(e) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let Ok(now) = e.cg.events() else {
+            return;
+        };
+        let before = std::mem::replace(&mut e.events, now);
+        if now.oom_kill > before.oom_kill || now.oom > before.oom {
+            self.guard
+                .send(Cmd::Signal(Signal::KernelOom(e.cg.path.clone())));
+        }
+        if now != before {
+            self.poll(key, "memory.events");
+        }
+    }
+
+    /// Reads `memory.current`, signals crossings, and schedules the next read.
+    fn poll(&mut self, key: u64, via: &'static str) {
+        let above_interval = self.options.above_interval;
+        let Some(e) = self.entries.get_mut(&key) else {
+            return;
+        };
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        let usage = match rustix::io::pread(&e.current, &mut buf, 0) {
+            Ok(n) => std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok()),
+            Err(_) => None,
+        };
+        let Some(usage) = usage else {
+            // Gone (ENODEV): discovery disarms it; stop reading.
+            let path = e.cg.path.clone();
+            self.by_path.remove(&path);
+            self.remove(key);
+            return;
+        };
+        let now = Instant::now();
+        if let Some((t, u)) = e.last {
+            let dt = now.duration_since(t).as_secs_f64();
+            e.rate = if usage > u && dt > 0.0 {
+                ((usage - u) as f64 / dt) as u64
+            } else {
+                0
+            };
+        }
+        e.last = Some((now, usage));
+        let t = e.thresholds;
+        let mut signals = Vec::new();
+        let kill_now = usage >= t.kill;
+        if kill_now && !e.above_kill {
+            signals.push(Threshold::Kill);
+        }
+        e.above_kill = kill_now;
+        let reclaim_now = usage >= t.reclaim;
+        if reclaim_now && !e.above_reclaim {
+            signals.push(Threshold::Reclaim);
+        }
+        e.above_reclaim = reclaim_now;
+        // PSI only near the limit: each trigger costs the kernel a thread.
+        if reclaim_now && e.psi.is_none() {
+            match v2::psi_trigger(&e.cg.path, PSI_TRIGGER) {
+                Ok(fd) => {
+                    if epoll::add(
+                        &self.epoll,
+                        fd.as_fd(),
+                        EventData::new_u64(key),
+                        EventFlags::PRI,
+                    )
+                    .is_ok()
+                    {
+                        e.psi = Some(fd);
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(cgroup = %e.cg.path.display(), error = %err, "no PSI trigger")
+                }
+            }
+        } else if usage < t.reclaim.saturating_sub(t.margin) {
+            // Closing the fd removes it from the epoll set and destroys the trigger.
+            e.psi = None;
+        }
+        e.generation += 1;
+        let interval = next_poll(usage, t.kill, e.rate, above_interval);
+        self.due.push(Reverse((
+            now + interval,
+            key,
+            e.generation,
+            interval / EARLY_DIVISOR,
+        )));
+        let path = e.cg.path.clone();
+        for threshold in signals {
+            self.stats.crossings.fetch_add(1, Ordering::Relaxed);
+            self.guard.send(Cmd::Signal(Signal::Crossed {
+                path: path.clone(),
+                threshold,
+                at: now,
+                via,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+    const ABOVE: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn far_from_the_threshold_is_read_rarely() {
+        // 500 MiB of headroom at the 128 MiB/s floor: about 4 s, capped at 2 s.
+        assert_eq!(next_poll(12 * M, 512 * M, 0, ABOVE), MAX_POLL);
+        // 64 MiB of headroom: half a second.
+        let d = next_poll(192 * M, 256 * M, 0, ABOVE);
+        assert!(
+            d > Duration::from_millis(490) && d < Duration::from_millis(510),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn near_the_threshold_or_growing_fast_is_read_often() {
+        // 1 MiB of headroom: under 10 ms.
+        assert!(next_poll(255 * M, 256 * M, 0, ABOVE) < Duration::from_millis(10));
+        // Growing at 1 GiB/s with 100 MiB left: read within 50 ms.
+        let d = next_poll(156 * M, 256 * M, 1024 * M, ABOVE);
+        assert!(d <= Duration::from_millis(50), "{d:?}");
+        // Never below the floor interval.
+        assert_eq!(next_poll(256 * M - 1, 256 * M, u64::MAX, ABOVE), MIN_POLL);
+    }
+
+    #[test]
+    fn above_the_threshold_reads_at_the_guard_interval() {
+        assert_eq!(next_poll(300 * M, 256 * M, 0, ABOVE), ABOVE);
+        assert_eq!(next_poll(300 * M, 256 * M, 0, Duration::ZERO), MIN_POLL);
+    }
+
+    #[test]
+    fn the_floor_rate_is_never_outrun_unseen() {
+        // Whatever the usage, growing at the floor rate for one interval stays below the
+        // limit (kill threshold + margin) when the read comes.
+        let kill = 240 * M;
+        for usage in (0..kill).step_by((3 * M) as usize) {
+            let d = next_poll(usage, kill, 0, ABOVE);
+            let grown = usage + (FLOOR_RATE as f64 * d.as_secs_f64()) as u64;
+            assert!(
+                grown <= kill + 4096 || d == MIN_POLL,
+                "usage {usage}: {d:?}"
+            );
+        }
+    }
+}

@@ -161,7 +161,7 @@ fn v2_page_cache_is_left_to_the_kernel() {
         return;
     }
     let Some(dir) = cache_dir() else {
-        eprintln!("skipped: not applicable: no disk-backed file system for page cache here");
+        not_applicable("no disk-backed file system for page cache here");
         return;
     };
     let _serial = serial();
@@ -234,7 +234,7 @@ fn v2_memory_reclaim() {
     let _serial = serial();
     let sb = sandbox("v2-reclaim", 256 * M);
     if !sb.cg.file("memory.reclaim").exists() {
-        eprintln!("skipped: no memory.reclaim (kernel before 5.19)");
+        skipped("no memory.reclaim (kernel before 5.19)");
         return;
     }
     let mut anon = hog(&sb.cg, &["--total", "32M"]);
@@ -279,7 +279,7 @@ fn v2_cgroup_kill_fallback() {
     let sb = sandbox("v2-kill", 256 * M);
     let ctr = sb.child("ctr").unwrap();
     if !ctr.file("cgroup.kill").exists() {
-        eprintln!("skipped: no cgroup.kill (kernel before 5.14)");
+        skipped("no cgroup.kill (kernel before 5.14)");
         return;
     }
     let mount = oomguard::sandbox::memory_root();

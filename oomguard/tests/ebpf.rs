@@ -70,7 +70,7 @@ fn programs_ready(programs: &[&str]) -> bool {
             common::REQUIRE_ENV
         );
     }
-    eprintln!("skipped: {reason}");
+    common::skipped(&reason);
     false
 }
 
@@ -878,20 +878,20 @@ fn reports_crossings_on_cgroup_v2() {
         Ok(dir) => dir,
         Err(why) => {
             // Not a missing feature: the host's layout is another one.
-            eprintln!("skipped: not applicable: {why}");
+            common::not_applicable(&why.to_string());
             return;
         }
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
+        common::skipped("needs root");
         return;
     }
     if let Some(reason) = bpf::capabilities().reason() {
         if std::env::var_os(common::REQUIRE_ENV).is_some() {
             panic!("required feature missing: {reason}");
         }
-        eprintln!("skipped: {reason}");
+        common::skipped(&reason);
         return;
     }
     let _serial = common::serial();

@@ -1125,4 +1125,15 @@ mod tests {
         assert!(longer.is_some(), "more arguments than the tracepoint has");
         assert!(prototype_problem(&btf, "no_such_tracepoint", &[]).is_some());
     }
+
+    #[test]
+    fn the_task_map_holds_four_times_the_processes_within_bounds() {
+        assert_eq!(tasks_map_entries(0), 16_384);
+        assert_eq!(tasks_map_entries(5_000), 20_000);
+        assert_eq!(tasks_map_entries(25_000), 100_000);
+        assert_eq!(
+            tasks_map_entries(1_000_000),
+            oomguard_common::TASKS_MAX_ENTRIES
+        );
+    }
 }

@@ -388,6 +388,22 @@ fn hidden_hooks() -> Vec<String> {
         .collect()
 }
 
+/// Why tracepoint `hook` cannot be read as `args` (its first arguments after `void *`, as BTF
+/// spells them): absent, or another prototype.
+fn prototype_problem(btf: &Btf, hook: &str, args: &[&str]) -> Option<String> {
+    match btf.tracepoint_args(hook) {
+        None => Some(format!("tracepoint {hook} not in this kernel")),
+        Some(found) if found.len() < args.len() || found.iter().zip(args).any(|(f, a)| f != a) => {
+            Some(format!(
+                "tracepoint {hook} takes ({}), the program reads ({})",
+                found.join(", "),
+                args.join(", ")
+            ))
+        }
+        Some(_) => None,
+    }
+}
+
 /// Whether one program can run, given the kernel's BTF and layout.
 fn program_check(
     program: &Program,
@@ -402,25 +418,7 @@ fn program_check(
             "tracepoint {hook} not in this kernel ({HIDE_HOOKS_ENV})"
         ))
     } else {
-        match btf.tracepoint_args(hook) {
-            None => Some(format!("tracepoint {hook} not in this kernel")),
-            Some(args)
-                if !args.starts_with(
-                    &program
-                        .args
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>(),
-                ) =>
-            {
-                Some(format!(
-                    "tracepoint {hook} takes ({}), the program reads ({})",
-                    args.join(", "),
-                    program.args.join(", ")
-                ))
-            }
-            Some(_) => None,
-        }
+        prototype_problem(btf, hook, program.args)
     };
     let problem = problem
         .or_else(|| match (program.hook, tracefs) {
@@ -1082,4 +1080,60 @@ pub fn page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program's prototype as this kernel has it, and a prototype that does not match
+    /// (what a kernel that changed a tracepoint looks like).
+    #[test]
+    fn tracepoint_prototypes_are_checked_against_btf() {
+        let btf = match offsets::vmlinux_btf() {
+            Ok(btf) => btf,
+            Err(e) => {
+                eprintln!("skipped: no kernel BTF: {}", error_chain(&e));
+                return;
+            }
+        };
+        for p in PROGRAMS.iter().filter(|p| !p.args.is_empty()) {
+            let problem = prototype_problem(&btf, p.hook.name(), p.args);
+            eprintln!("{}: {problem:?}", p.name);
+            assert!(
+                problem.is_none()
+                    || problem
+                        .as_deref()
+                        .is_some_and(|w| w.contains("not in this kernel")),
+                "{}: {problem:?}",
+                p.name
+            );
+        }
+        let wrong = prototype_problem(&btf, "sched_process_exit", &["struct mm_struct *"]);
+        assert!(
+            wrong
+                .as_deref()
+                .is_some_and(|w| w.contains("takes (struct task_struct *")
+                    && w.contains("reads (struct mm_struct *)")),
+            "{wrong:?}"
+        );
+        let longer = prototype_problem(
+            &btf,
+            "oom_score_adj_update",
+            &["struct task_struct *", "int", "int", "int"],
+        );
+        assert!(longer.is_some(), "more arguments than the tracepoint has");
+        assert!(prototype_problem(&btf, "no_such_tracepoint", &[]).is_some());
+    }
+
+    #[test]
+    fn the_task_map_holds_four_times_the_processes_within_bounds() {
+        assert_eq!(tasks_map_entries(0), 16_384);
+        assert_eq!(tasks_map_entries(5_000), 20_000);
+        assert_eq!(tasks_map_entries(25_000), 100_000);
+        assert_eq!(
+            tasks_map_entries(1_000_000),
+            oomguard_common::TASKS_MAX_ENTRIES
+        );
+    }
 }

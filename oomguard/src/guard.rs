@@ -490,7 +490,9 @@ impl Guard {
 
     fn arm(&mut self, armed: Armed) {
         let path = armed.cgroup.path.clone();
-        let mut previous = self.remove(&path);
+        let id = armed.cgroup.id().unwrap_or(0);
+        // A cgroup made again at the same path is a new one: nothing of the old carries over.
+        let mut previous = self.remove(&path).filter(|p| p.id == id);
         let victim = previous.as_mut().and_then(|p| p.victim.take());
         let (armed_limit, armed_kill) = (armed.thresholds.limit, armed.thresholds.kill);
         let mut tokens = Vec::new();
@@ -502,7 +504,6 @@ impl Guard {
             tokens.extend(self.register(fd, &path, Kind::Oom));
         }
         let oom_kills_seen = armed.cgroup.subtree_oom_kills();
-        let id = armed.cgroup.id().unwrap_or(0);
         if let Some(bpf) = &self.deps.ebpf
             && let Err(e) = bpf.set_thresholds(id, armed.thresholds.reclaim, armed.thresholds.kill)
         {
@@ -1243,8 +1244,7 @@ impl Guard {
 
     /// Keeps a kernel OOM victim (a `mark_victim` record) for the report of every guarded
     /// cgroup at or above its cgroup; returns those cgroups. Which limit was hit is not in
-    /// the record: their subtree counters tell, as on the eventfd path. A victim in an
-    /// unguarded cgroup (unknown id): every guarded cgroup.
+    /// the record: their subtree counters tell, as on the eventfd path.
     fn stash_victim(&mut self, r: &Record) -> Vec<PathBuf> {
         let Record::KernelOomVictim {
             pid,
@@ -1282,17 +1282,28 @@ impl Guard {
         paths
     }
 
-    /// The guarded cgroups at or above a victim record's cgroup (all when it is not guarded
-    /// itself), and its cgroup when known.
+    /// The guarded cgroups at or above a victim record's cgroup, and its cgroup when known.
+    /// A victim in a cgroup that is not guarded itself is placed by its `/proc/PID/cgroup`
+    /// (it has not been reaped yet when the record is read, as a rule); when that is gone
+    /// too, no cgroup: the OOM eventfd of the cgroup it happened in still reports it, and
+    /// no guarded cgroup elsewhere walks its subtree for it.
     fn victim_paths(&self, r: &Record) -> (Vec<PathBuf>, Option<PathBuf>) {
-        let Record::KernelOomVictim { cgroup_id, .. } = *r else {
+        let Record::KernelOomVictim { cgroup_id, pid, .. } = *r else {
             return (Vec::new(), None);
         };
-        let victim_cg = self.by_id.get(&cgroup_id).cloned();
+        let victim_cg = self.by_id.get(&cgroup_id).cloned().or_else(|| {
+            let pid = pid.to_string();
+            crate::cgroup::cgroup_of_pid(&self.deps.memory_mount, &pid)
+                .ok()
+                .map(|c| c.path)
+        });
+        let Some(v) = &victim_cg else {
+            return (Vec::new(), None);
+        };
         let paths = self
             .entries
             .keys()
-            .filter(|p| victim_cg.as_ref().is_none_or(|v| v.starts_with(p)))
+            .filter(|p| v.starts_with(p))
             .cloned()
             .collect();
         (paths, victim_cg)
@@ -1343,6 +1354,12 @@ impl Guard {
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let victims = std::mem::take(&mut e.kernel_victims);
+        // Reported here: not again by a guarded cgroup around it.
+        for other in self.entries.values_mut() {
+            other
+                .kernel_victims
+                .retain(|k| !victims.iter().any(|v| v.pid == k.pid));
+        }
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
         if let Some(v) = victims.first() {
             d.proccgroup = v.proccgroup.clone();

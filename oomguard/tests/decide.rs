@@ -321,3 +321,49 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
         Some(u64::from(grow.id()))
     );
 }
+
+/// A cgroup removed and made again at the same path with the same limit is a new cgroup:
+/// the rescan arms it again although its thresholds did not change (without inotify, so
+/// nothing but the rescan can tell).
+#[test]
+fn a_cgroup_made_again_with_the_same_limit_is_re_armed() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("decide-recreate", 512 * M);
+    let child = sb.child("c").unwrap();
+    child.set_limit(128 * M).unwrap();
+    let agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--no-inotify",
+            "--walk-interval",
+            "1",
+        ],
+    );
+    assert!(
+        agent
+            .wait_armed(&child.path, Duration::from_secs(10))
+            .is_some()
+    );
+    std::fs::remove_dir(&child.path).unwrap();
+    let again = sb.child("c").unwrap();
+    again.set_limit(128 * M).unwrap();
+    // Two rescans.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut hog = hog(&again, &["--rate", "50M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, Duration::from_secs(30));
+    assert!(killed_by_sigkill(st), "the hog ended with {st:?}");
+    assert_eq!(
+        again.subtree_oom_kills(),
+        0,
+        "the kernel had to act: the re-made cgroup was not guarded; log: {:#?}",
+        agent.records()
+    );
+    assert_eq!(agent.decisions("kill").len(), 1);
+}

@@ -212,6 +212,12 @@ struct Entry {
     victim: Option<Pending>,
     /// The band below the kill threshold that ends an episode.
     hysteresis: u64,
+    /// `memory.oom_kill_disable=1` when armed: a user-space OOM handler owns the cgroup
+    /// (the kernel freezes its tasks at the limit instead of killing); never acted on.
+    left_alone: bool,
+    /// `memory.use_hierarchy=0` (kernels before 5.11): the limit covers only the cgroup's
+    /// own tasks, so only they are candidates.
+    flat: bool,
 }
 
 /// How long a kill-eventfd wake-up keeps a cgroup under watch.
@@ -396,6 +402,7 @@ impl Guard {
                         if let Some(e) = self.entries.get_mut(&path) {
                             drain(&e.armed.kill_fd);
                             e.watch_until = Some(woke + WATCH_WINDOW);
+                            e.state.crossed();
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                         if let Some(m) = &self.deps.metrics {
@@ -495,6 +502,15 @@ impl Guard {
         let mut previous = self.remove(&path).filter(|p| p.id == id);
         let victim = previous.as_mut().and_then(|p| p.victim.take());
         let (armed_limit, armed_kill) = (armed.thresholds.limit, armed.thresholds.kill);
+        let left_alone = armed.cgroup.oom_control().is_ok_and(|o| o.oom_kill_disable);
+        if left_alone && previous.as_ref().is_none_or(|p| !p.left_alone) {
+            tracing::info!(
+                cgroup = %path.display(),
+                "memory.oom_kill_disable=1: a user-space OOM handler owns this cgroup; the agent leaves it alone"
+            );
+        }
+        let flat = crate::cgroup::read_u64(&armed.cgroup.file("memory.use_hierarchy"))
+            .is_ok_and(|v| v == 0);
         let mut tokens = Vec::new();
         tokens.extend(self.register(&armed.kill_fd, &path, Kind::Kill));
         if let Some(fd) = &armed.reclaim_fd {
@@ -537,6 +553,8 @@ impl Guard {
             last_at_limit: None,
             victim: None,
             hysteresis: decide::hysteresis(armed_limit.saturating_sub(armed_kill), self.cpus),
+            left_alone,
+            flat,
         };
         self.entries.insert(path.clone(), entry);
         if let Some(v) = victim {
@@ -552,6 +570,9 @@ impl Guard {
         self.stats
             .guarded
             .store(self.entries.len() as u64, Ordering::Relaxed);
+        if left_alone && let Some(s) = &self.deps.state {
+            s.cgroup_state(&path, crate::state::CgroupState::LeftAlone);
+        }
         // Usage may already be above the new threshold: the notifier only reports crossings.
         self.evaluate(&path, Instant::now(), "arm");
     }
@@ -664,6 +685,9 @@ impl Guard {
         let Some(e) = self.entries.get_mut(path) else {
             return;
         };
+        if e.left_alone {
+            return;
+        }
         let cg = e.armed.cgroup.clone();
         let th = e.armed.thresholds;
         let usage = match cg.usage() {
@@ -970,6 +994,9 @@ impl Guard {
         if let Some(own) = &self.self_cgroup {
             ranked.retain(|c| &c.task.cgroup != own);
         }
+        if self.entries.get(&cg.path).is_some_and(|e| e.flat) {
+            ranked.retain(|c| c.task.cgroup == cg.path);
+        }
         ranked
     }
 
@@ -1137,6 +1164,7 @@ impl Guard {
                         }
                         if let Some(e) = self.entries.get_mut(&path) {
                             e.watch_until = Some(woke + WATCH_WINDOW);
+                            e.state.crossed();
                         }
                         self.evaluate(&path, woke, "ebpf");
                     }

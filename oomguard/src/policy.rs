@@ -112,6 +112,14 @@ impl State {
         }
     }
 
+    /// A crossing was signalled: the episode opens even if the reading that follows finds
+    /// usage just under the threshold (per-CPU stock drained, a moment of reclaim). The
+    /// notifier may not have seen that dip and will not signal the same crossing again, so
+    /// the cgroup is watched until usage falls a hysteresis band below.
+    pub fn crossed(&mut self) {
+        self.above = true;
+    }
+
     /// A kill was made: once its victim is gone, the next pressing reading becomes the
     /// floor, so a kill that did not bring usage down is followed by another only on
     /// further growth.
@@ -209,6 +217,21 @@ mod tests {
                 overshoot: 3 * M + HYST
             }
         );
+    }
+
+    #[test]
+    fn a_signalled_crossing_read_just_below_is_watched() {
+        let mut s = State::default();
+        s.crossed();
+        assert_eq!(obs(&mut s, KILL - 4096, 0), Step::Watch);
+        assert_eq!(
+            obs(&mut s, KILL + 4096, 0),
+            Step::Act { overshoot: 4096 },
+            "the growth after the dip is acted on"
+        );
+        let mut s = State::default();
+        s.crossed();
+        assert_eq!(obs(&mut s, KILL - HYST - 1, 0), Step::Idle);
     }
 
     #[test]

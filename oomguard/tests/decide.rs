@@ -367,3 +367,47 @@ fn a_cgroup_made_again_with_the_same_limit_is_re_armed() {
     );
     assert_eq!(agent.decisions("kill").len(), 1);
 }
+
+/// `memory.oom_kill_disable=1`: a user-space OOM handler owns the cgroup (the kernel
+/// freezes its tasks at the limit instead of killing). The agent leaves it alone and says
+/// so.
+#[test]
+fn a_cgroup_with_oom_kill_disabled_is_left_alone() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let sb = sandbox("decide-oomoff", 128 * M);
+    std::fs::write(sb.cg.file("memory.oom_control"), "1").unwrap();
+    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    assert!(
+        agent
+            .wait_for(Duration::from_secs(5), |v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("oom_kill_disable=1"))
+            })
+            .is_some(),
+        "the agent did not say it leaves the cgroup alone: {:#?}",
+        agent.records()
+    );
+    let hog = Reap(hog(&sb.cg, &["--rate", "100M", "--total", "200M"]));
+    // The hog reaches the limit and waits there (the kernel's OOM is disabled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sb.cg.oom_control().unwrap().under_oom {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hog never reached the limit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let mut hog = hog;
+    assert!(hog.0.try_wait().unwrap().is_none(), "the hog was killed");
+    assert!(
+        agent.decisions("kill").is_empty(),
+        "{:#?}",
+        agent.decisions("kill")
+    );
+    drop(hog);
+}

@@ -1544,7 +1544,8 @@ fn diff_trial(sc: Diff, mode: &str, agent_exe: &Path, memhog: &Path) -> Result<(
     let file_s = file.display().to_string();
     match sc {
         Diff::CacheHeavy(pct) => {
-            let total = format!("{}", limit * pct / 100);
+            // A bare number means MiB to memhog: say KiB.
+            let total = format!("{}K", limit * pct / 100 / 1024);
             let anon = hog(&sb.cg, &["--total", &total, "--rate", "0"])?;
             wait_rss(&anon, limit * pct / 100 * 95 / 100, Duration::from_secs(30));
             kids.0.push(anon);

@@ -98,8 +98,9 @@ pub struct RunArgs {
     /// Largest margin; a bare number is MiB.
     #[arg(long, default_value = "50M")]
     pub max_margin: Size,
-    /// Skip the kill while reclaimable page cache (total_inactive_file + total_active_file in
-    /// memory.stat) is at least this fraction of the limit: the kernel can still reclaim it.
+    /// Skip the background force_empty while reclaimable page cache (total_inactive_file +
+    /// total_active_file in memory.stat) is at least this fraction of the limit: dropping an
+    /// I/O-heavy cgroup's cache would only hurt. (The kill itself follows the decision rule.)
     #[arg(long, default_value_t = 0.1)]
     pub cache_skip_ratio: f64,
     /// eBPF or eventfd signals.
@@ -111,11 +112,12 @@ pub struct RunArgs {
     /// While a cgroup stays at or above its threshold, re-check it this often (ms).
     #[arg(long, default_value_t = 50)]
     pub guard_ms: u64,
-    /// After acting on a cgroup, wait this long (ms) before acting on it again unless its usage
-    /// first fell below the threshold (memory still being freed must not cause a second kill).
+    /// The longest wait (ms) for a victim that has neither exited nor been reaped before its
+    /// subtree may act again (the kernel's OOM reaper gives up on a task after about 1 s).
     #[arg(long, default_value_t = 1000)]
     pub cooldown_ms: u64,
-    /// How long (ms) a killed task may take to exit before the next candidate is killed.
+    /// How long (ms) the kill waits for its victim's exit before the guard goes on (and waits
+    /// for the exit through the victim's pidfd).
     #[arg(long, default_value_t = 500)]
     pub kill_timeout_ms: u64,
     /// Bound (ms) on one background memory.force_empty.

@@ -21,6 +21,9 @@ use crate::threshold::{Notifier, Thresholds, arm};
 pub struct Known {
     pub limit: u64,
     pub thresholds: Thresholds,
+    /// The directory's inode when it was armed: a cgroup removed and made again at the
+    /// same path (same limit) is a new cgroup with nothing armed on it.
+    pub id: u64,
 }
 
 pub struct Discovery {
@@ -43,6 +46,9 @@ pub struct Discovery {
     runtime: Option<Arc<crate::runtime::RuntimeClient>>,
     /// The cgroup v2 fallback signals (v2 has no threshold eventfd): told what to watch.
     watcher: Option<Arc<crate::headroom::Watcher>>,
+    /// Directories inotify could not watch for want of watches (ENOSPC); said once.
+    unwatched: std::collections::HashSet<PathBuf>,
+    enospc_said: bool,
 }
 
 /// Delays after mkdir at which a cgroup without a limit is looked at again (--no-inotify).
@@ -77,6 +83,8 @@ impl Discovery {
             recheck: Vec::new(),
             runtime: None,
             watcher: None,
+            unwatched: std::collections::HashSet::new(),
+            enospc_said: false,
         })
     }
 
@@ -210,12 +218,21 @@ impl Discovery {
         if !dir.starts_with(&self.config.root.path) || self.watched.contains_key(dir) {
             return;
         }
-        if !self.config.inotify && self.known.contains_key(dir) {
+        if !self.config.inotify
+            && self
+                .known
+                .get(dir)
+                .is_some_and(|k| MemCgroup::new(dir).id().ok() == Some(k.id))
+        {
             return;
         }
         tracing::info!(cgroup = %dir.display(), via, "cgroup created");
-        for cg in MemCgroup::new(dir).subtree() {
+        // Watch each directory before listing it: a child made in between is then either
+        // listed or reported by inotify, never neither.
+        let mut todo = vec![MemCgroup::new(dir)];
+        while let Some(cg) = todo.pop() {
             self.watch(&cg.path);
+            todo.extend(cg.children().unwrap_or_default());
             self.reconcile(&cg);
             let guarded = self.known.contains_key(&cg.path);
             if let Some(rt) = &self.runtime
@@ -261,20 +278,45 @@ impl Discovery {
         }
     }
 
-    fn watch(&mut self, dir: &Path) {
+    /// Watches `dir`; true when it was not watched before.
+    fn watch(&mut self, dir: &Path) -> bool {
         if !self.config.inotify || self.watched.contains_key(dir) {
-            return;
+            return false;
         }
         match self.inotify.get_mut().watches().add(dir, DIR_EVENTS) {
             Ok(wd) => {
                 self.watches.insert(wd.clone(), dir.to_path_buf());
                 self.watched.insert(dir.to_path_buf(), wd);
+                self.unwatched.remove(dir);
+                return true;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            // Out of watches: said once, with the count, after the walk (not per directory).
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                self.unwatched.insert(dir.to_path_buf());
+            }
             Err(e) => {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot watch with inotify; the periodic rescan covers it")
             }
         }
+        false
+    }
+
+    /// Says once that inotify ran out of watches, and for how many directories.
+    fn say_enospc(&mut self) {
+        if self.unwatched.is_empty() || self.enospc_said {
+            return;
+        }
+        self.enospc_said = true;
+        let max = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        tracing::warn!(
+            unwatched = self.unwatched.len(),
+            max_user_watches = %max,
+            "inotify is out of watches (raise fs.inotify.max_user_watches): cgroups made beneath the unwatched directories are found by the rescan every {} s",
+            self.config.walk_interval.as_secs()
+        );
     }
 
     /// A full walk: arm what is new or changed, disarm what is gone. Returns the
@@ -310,13 +352,28 @@ impl Discovery {
         self.watched.retain(|p, _| kept(p));
         let watched = &self.watched;
         self.watches.retain(|wd, p| watched.get(p) == Some(wd));
+        self.unwatched.retain(|p| present.contains(p));
         let mut todo = Vec::new();
+        let mut newly_watched = Vec::new();
         for cg in &all {
-            self.watch(&cg.path);
+            if self.watch(&cg.path) {
+                newly_watched.push(cg.path.clone());
+            }
             if let Some(t) = self.plan(cg) {
                 todo.push((cg.clone(), t));
             }
         }
+        // The walk listed these before they were watched: a child made in between is in
+        // neither. List them again now that inotify covers them.
+        let mut missed = Vec::new();
+        for dir in &newly_watched {
+            for child in MemCgroup::new(dir).children().unwrap_or_default() {
+                if !present.contains(&child.path) {
+                    missed.push(child.path);
+                }
+            }
+        }
+        self.say_enospc();
         let planned_ms = t0.elapsed().as_millis() as u64;
         let to_arm = todo.len();
         // Kill thresholds (and OOM notifiers) of every cgroup first: each cgroup is guarded
@@ -347,6 +404,9 @@ impl Discovery {
                     "cannot arm the reclaim threshold; the kill threshold guards it"
                 ),
             }
+        }
+        for dir in missed {
+            self.on_created(&dir, "rescan");
         }
         tracing::debug!(
             guarded = self.known.len(),
@@ -416,7 +476,7 @@ impl Discovery {
         if self
             .known
             .get(&cg.path)
-            .is_some_and(|k| k.thresholds == thresholds)
+            .is_some_and(|k| k.thresholds == thresholds && cg.id().ok() == Some(k.id))
         {
             return None;
         }
@@ -440,6 +500,7 @@ impl Discovery {
                     Known {
                         limit: thresholds.limit,
                         thresholds,
+                        id: cg.id().unwrap_or(0),
                     },
                 );
                 self.failed.remove(&cg.path);

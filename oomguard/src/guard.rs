@@ -5,8 +5,11 @@
 //! Three eventfds per guarded cgroup: the kill threshold, the lower reclaim threshold, and
 //! `memory.oom_control` (the kernel OOM killer ran). Threshold eventfds fire on upward and
 //! downward crossings and when the cgroup is removed, so every wake-up re-reads usage. While
-//! a cgroup stays above its threshold it is re-checked every `guard_interval` (the notifier
-//! does not fire again until usage first falls back below).
+//! a cgroup's episode is open it is re-checked on its own schedule (the notifier does not
+//! fire again until usage first falls back below): usage every `guard_interval`, and
+//! `memory.stat` of a cgroup whose cache the kernel can still reclaim only as often as its
+//! headroom asks ([`crate::decide::recheck_after`]). A victim that has not exited is
+//! waited for through its pidfd in the same epoll set.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,7 +27,8 @@ use thiserror::Error;
 use crate::bpf::{EbpfGuard, Record, Threshold};
 use crate::cgroup::{MemCgroup, MemStat};
 use crate::config::{Config, Policy};
-use crate::kill::kill_task;
+use crate::decide;
+use crate::kill::{kill_task_pinned, pidfd_exited};
 use crate::policy::{State, Step, cache_is_large};
 use crate::reclaim::{ReclaimResult, Reclaimer, Request};
 use crate::report::{Action, ContainerKill, Decision, Killed, Reporter};
@@ -205,6 +209,17 @@ enum Kind {
     Oom,
     Ring,
     BpfLog,
+    /// A victim's pidfd: readable when it has exited.
+    Victim,
+}
+
+/// A victim signalled but not yet gone: no other victim in its subtree until it exits, or
+/// until `cooldown` (the longest wait, like the kernel's OOM reaper giving up on a task).
+struct Pending {
+    pid: i32,
+    fd: Option<OwnedFd>,
+    token: Option<u64>,
+    since: Instant,
 }
 
 struct Entry {
@@ -227,12 +242,34 @@ struct Entry {
     /// usage below the threshold may have met a momentary dip (per-CPU charge stock
     /// drained, reclaim), and the kernel will not signal the same crossing again.
     watch_until: Option<Instant>,
+    /// When to evaluate again without a signal (`None`: only on a signal).
+    next_check: Option<Instant>,
+    /// The last evaluation an eBPF at-limit record asked for (they come with every reclaim
+    /// of a cgroup that lives at its limit: rate-limited to one per [`AT_LIMIT_EVERY`]).
+    last_at_limit: Option<Instant>,
+    /// The victim of this cgroup's last kill, while it has not exited.
+    victim: Option<Pending>,
+    /// The band below the kill threshold that ends an episode.
+    hysteresis: u64,
+    /// `memory.oom_kill_disable=1` when armed: a user-space OOM handler owns the cgroup
+    /// (the kernel freezes its tasks at the limit instead of killing); never acted on.
+    left_alone: bool,
+    /// `memory.use_hierarchy=0` (kernels before 5.11): the limit covers only the cgroup's
+    /// own tasks, so only they are candidates.
+    flat: bool,
 }
 
 /// How long a kill-eventfd wake-up keeps a cgroup under watch.
 const WATCH_WINDOW: Duration = Duration::from_secs(1);
 /// How long to wait for the kernel to count a kill after its OOM notification.
 const OOM_COUNT_WAIT: Duration = Duration::from_secs(3);
+/// At most one evaluation per cgroup per this from eBPF at-limit records.
+const AT_LIMIT_EVERY: Duration = Duration::from_millis(100);
+/// Growth assumed for a cgroup at its limit with reclaimable cache when none was measured:
+/// sets how often its `memory.stat` is read (20 MiB of headroom: every 156 ms).
+const ASSUMED_GROWTH: u64 = 64 << 20;
+/// The longest a cgroup with reclaimable cache goes without a re-check.
+const RECHECK_MAX: Duration = Duration::from_secs(1);
 
 struct Guard {
     deps: Deps,
@@ -251,6 +288,13 @@ struct Guard {
     backlog: Vec<Record>,
     /// Victims (by record time) of the backlog already stashed by [`Guard::collect_victims`].
     stashed: std::collections::HashSet<u64>,
+    /// The agent's own memory cgroup: its tasks and the container holding it are never
+    /// chosen, whatever the policy.
+    self_cgroup: Option<PathBuf>,
+    /// CPUs the kernel may batch charges on (the hysteresis covers one batch each).
+    cpus: u64,
+    /// Entries with a pending victim (most of the time none: no subtree scan then).
+    pending_victims: usize,
 }
 
 const RING_TOKEN: u64 = u64::MAX;
@@ -280,7 +324,16 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
         by_id: HashMap::new(),
         backlog: Vec::new(),
         stashed: std::collections::HashSet::new(),
+        self_cgroup: None,
+        cpus: 1,
+        pending_victims: 0,
     };
+    guard.self_cgroup = crate::cgroup::cgroup_of_pid(&guard.deps.memory_mount, "self")
+        .ok()
+        .map(|c| c.path);
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let conf = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    guard.cpus = u64::try_from(conf).unwrap_or(1).max(1);
     if let Some(bpf) = &guard.deps.ebpf {
         epoll::add(
             &guard.epoll,
@@ -343,22 +396,21 @@ impl Guard {
         loop {
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
-            let any_above = self
-                .entries
-                .values()
-                .any(|e| e.state.above || e.watch_until.is_some_and(|t| t > now));
+            let next_check = self.entries.values().filter_map(|e| e.next_check).min();
             let oom_pending = self.entries.values().any(|e| e.oom_pending_until.is_some());
             let interval = self.deps.config.guard_interval;
             // The tick also feeds the health watchdog: turn four times per --watchdog-ms when
             // idle (every 2.5 s by default), so an idle agent barely wakes up.
-            let wait = if any_above {
+            let idle = (self.deps.config.watchdog / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let mut wait = if oom_pending {
                 interval.saturating_sub(last_recheck.elapsed())
-            } else if oom_pending {
-                interval
             } else {
-                (self.deps.config.watchdog / 4)
-                    .clamp(Duration::from_millis(100), Duration::from_secs(5))
+                idle
             };
+            if let Some(t) = next_check {
+                wait = wait.min(t.saturating_duration_since(now));
+            }
             let ts = Timespec {
                 tv_sec: wait.as_secs() as i64,
                 tv_nsec: i64::from(wait.subsec_nanos()),
@@ -391,6 +443,7 @@ impl Guard {
                                 drain(fd);
                             }
                             e.watch_until = Some(woke + WATCH_WINDOW);
+                            e.state.crossed();
                         }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                         if let Some(m) = &self.deps.metrics {
@@ -411,34 +464,36 @@ impl Guard {
                             bpf.flush_logs();
                         }
                     }
+                    Kind::Victim => {
+                        self.victim_gone(&path);
+                        self.evaluate(&path, woke, "victim-exit");
+                    }
                 }
             }
             if !self.backlog.is_empty() {
                 self.ring(woke);
             }
-            let pending: Vec<PathBuf> = self
-                .entries
-                .iter()
-                .filter(|(_, e)| e.oom_pending_until.is_some())
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in pending {
-                self.oom_signal(&p);
-            }
-            if any_above && last_recheck.elapsed() >= interval {
+            if oom_pending && last_recheck.elapsed() >= interval {
                 last_recheck = Instant::now();
-                let now = Instant::now();
-                let above: Vec<PathBuf> = self
+                let pending: Vec<PathBuf> = self
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.state.above || e.watch_until.is_some_and(|t| t > now))
+                    .filter(|(_, e)| e.oom_pending_until.is_some())
                     .map(|(p, _)| p.clone())
                     .collect();
-                for p in above {
-                    self.evaluate(&p, Instant::now(), "recheck");
+                for p in pending {
+                    self.oom_signal(&p);
                 }
-            } else if !any_above {
-                last_recheck = Instant::now();
+            }
+            let now = Instant::now();
+            let due: Vec<PathBuf> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.next_check.is_some_and(|t| t <= now))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in due {
+                self.evaluate(&p, Instant::now(), "recheck");
             }
         }
     }
@@ -516,7 +571,20 @@ impl Guard {
 
     fn arm(&mut self, armed: Armed) {
         let path = armed.cgroup.path.clone();
-        let previous = self.remove(&path);
+        let id = armed.cgroup.id().unwrap_or(0);
+        // A cgroup made again at the same path is a new one: nothing of the old carries over.
+        let mut previous = self.remove(&path).filter(|p| p.id == id);
+        let victim = previous.as_mut().and_then(|p| p.victim.take());
+        let (armed_limit, armed_kill) = (armed.thresholds.limit, armed.thresholds.kill);
+        let left_alone = armed.cgroup.oom_control().is_ok_and(|o| o.oom_kill_disable);
+        if left_alone && previous.as_ref().is_none_or(|p| !p.left_alone) {
+            tracing::info!(
+                cgroup = %path.display(),
+                "memory.oom_kill_disable=1: a user-space OOM handler owns this cgroup; the agent leaves it alone"
+            );
+        }
+        let flat = crate::cgroup::read_u64(&armed.cgroup.file("memory.use_hierarchy"))
+            .is_ok_and(|v| v == 0);
         let mut tokens = Vec::new();
         if let Some(fd) = &armed.kill_fd {
             tokens.extend(self.register(fd, &path, Kind::Kill));
@@ -528,7 +596,6 @@ impl Guard {
             tokens.extend(self.register(fd, &path, Kind::Oom));
         }
         let oom_kills_seen = armed.cgroup.subtree_oom_kills();
-        let id = armed.cgroup.id().unwrap_or(0);
         if let Some(bpf) = &self.deps.ebpf
             && let Err(e) = bpf.set_thresholds(id, armed.thresholds.reclaim, armed.thresholds.kill)
         {
@@ -558,11 +625,30 @@ impl Guard {
             kernel_victims: Vec::new(),
             usage_unreadable: false,
             watch_until: None,
+            next_check: None,
+            last_at_limit: None,
+            victim: None,
+            hysteresis: decide::hysteresis(armed_limit.saturating_sub(armed_kill), self.cpus),
+            left_alone,
+            flat,
         };
         self.entries.insert(path.clone(), entry);
+        if let Some(v) = victim {
+            // Still waited for under the new thresholds.
+            if let Some(t) = v.token {
+                self.tokens.insert(t, (path.clone(), Kind::Victim));
+            }
+            self.pending_victims += 1;
+            if let Some(e) = self.entries.get_mut(&path) {
+                e.victim = Some(v);
+            }
+        }
         self.stats
             .guarded
             .store(self.entries.len() as u64, Ordering::Relaxed);
+        if left_alone && let Some(s) = &self.deps.state {
+            s.cgroup_state(&path, crate::state::CgroupState::LeftAlone);
+        }
         // Usage may already be above the new threshold: the notifier only reports crossings.
         self.evaluate(&path, Instant::now(), "arm");
     }
@@ -586,6 +672,12 @@ impl Guard {
         let entry = self.entries.remove(path)?;
         for t in &entry.tokens {
             self.tokens.remove(t);
+        }
+        if let Some(v) = &entry.victim {
+            self.pending_victims = self.pending_victims.saturating_sub(1);
+            if let Some(t) = v.token {
+                self.tokens.remove(&t);
+            }
         }
         if self.by_id.get(&entry.id).is_some_and(|p| p == path) {
             self.by_id.remove(&entry.id);
@@ -626,12 +718,52 @@ impl Guard {
         d
     }
 
-    /// Re-reads the cgroup and applies the policy if it is (still) above its threshold.
-    fn evaluate(&mut self, path: &Path, woke: Instant, signal: &'static str) {
-        let cfg = self.deps.config.clone();
+    /// Whether a victim of this cgroup's subtree, or of a guarded cgroup around it, has not
+    /// exited yet: one episode per subtree, as the kernel never picks a second victim while
+    /// the first is still exiting.
+    fn subtree_busy(&self, path: &Path) -> bool {
+        self.pending_victims > 0
+            && self
+                .entries
+                .iter()
+                .any(|(p, e)| e.victim.is_some() && (p.starts_with(path) || path.starts_with(p)))
+    }
+
+    /// Forgets a cgroup's victim: it exited, or waited for longer than the cooldown.
+    fn victim_gone(&mut self, path: &Path) {
         let Some(e) = self.entries.get_mut(path) else {
             return;
         };
+        if let Some(v) = e.victim.take() {
+            self.pending_victims = self.pending_victims.saturating_sub(1);
+            if let Some(t) = v.token {
+                self.tokens.remove(&t);
+            }
+            tracing::debug!(cgroup = %path.display(), pid = v.pid, waited_ms = v.since.elapsed().as_millis() as u64, "victim gone");
+        }
+    }
+
+    /// Re-reads the cgroup and applies the decision rule ([`crate::decide`]) to it.
+    fn evaluate(&mut self, path: &Path, woke: Instant, signal: &'static str) {
+        let cfg = self.deps.config.clone();
+        // A victim that has exited (its pidfd readable, or its pid gone) or was waited for
+        // long enough no longer holds the subtree.
+        if let Some(v) = self.entries.get(path).and_then(|e| e.victim.as_ref()) {
+            let exited = match &v.fd {
+                Some(fd) => pidfd_exited(fd),
+                None => crate::victim::read_task(v.pid, Path::new("")).is_none_or(|t| t.exiting),
+            };
+            if exited || v.since.elapsed() >= cfg.cooldown {
+                self.victim_gone(path);
+            }
+        }
+        let busy = self.subtree_busy(path);
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
+        if e.left_alone {
+            return;
+        }
         let cg = e.armed.cgroup.clone();
         let th = e.armed.thresholds;
         let usage = match cg.usage() {
@@ -650,6 +782,7 @@ impl Guard {
                     e.usage_unreadable = true;
                     tracing::warn!(cgroup = %path.display(), error = %err, "cannot read usage");
                 }
+                e.next_check = Some(Instant::now() + cfg.guard_interval);
                 return;
             }
         };
@@ -658,115 +791,221 @@ impl Guard {
             tracing::info!(cgroup = %path.display(), "usage readable again");
         }
         let mut stats = None;
-        let step = e.state.observe(
-            Instant::now(),
-            usage >= th.kill,
-            || {
+        let now = Instant::now();
+        let step = e
+            .state
+            .observe(now, usage, th.kill, e.hysteresis, busy, || {
                 let st = cg.stat().unwrap_or_default();
-                let large = cache_is_large(st.reclaimable_cache(), th.limit, cfg.cache_skip_ratio);
+                let cache = st.reclaimable_cache();
                 stats = Some(st);
-                large
-            },
-            cfg.cooldown,
-        );
+                cache
+            });
+        // When to look again without a signal.
+        let watching = e.watch_until.is_some_and(|t| t > now);
+        e.next_check = match step {
+            Step::Idle if watching => Some(now + cfg.guard_interval),
+            Step::Idle => None,
+            Step::Watch | Step::Held => Some(now + cfg.guard_interval),
+            Step::Waiting => Some(
+                match e.victim.as_ref() {
+                    // Its exit wakes the guard through the pidfd; only the bound is polled.
+                    Some(v) if v.fd.is_some() => v.since + cfg.cooldown,
+                    _ => now + cfg.guard_interval,
+                }
+                .min(now + RECHECK_MAX),
+            ),
+            Step::Reclaimable { headroom, .. } => Some(
+                now + decide::recheck_after(
+                    headroom,
+                    e.state.growth_per_s,
+                    ASSUMED_GROWTH,
+                    cfg.guard_interval,
+                    RECHECK_MAX,
+                ),
+            ),
+            // `act` settles the next step.
+            Step::Act { .. } => None,
+        };
         if let Some(s) = &self.deps.state {
             use crate::state::CgroupState;
             match step {
                 Step::Idle => s.cgroup_state(path, CgroupState::Armed),
-                Step::Act => s.cgroup_state(path, CgroupState::Acting),
-                Step::Cooling | Step::SkipCache { .. } => {}
+                Step::Act { .. } => s.cgroup_state(path, CgroupState::Acting),
+                Step::Waiting => s.cgroup_state(path, CgroupState::CoolingDown),
+                Step::Watch | Step::Held | Step::Reclaimable { .. } => {}
             }
         }
         if let Some(m) = &self.deps.metrics {
             match step {
-                // A re-check while cooling down is not a new signal being skipped.
-                Step::Cooling if signal != "recheck" => {
+                // A re-check while waiting is not a new signal being skipped.
+                Step::Waiting if signal != "recheck" => {
                     m.skip_cooldown.inc();
                 }
-                Step::SkipCache { .. } if signal != "recheck" => {
+                Step::Reclaimable { .. } if signal != "recheck" => {
                     m.skip_cache.inc();
                 }
                 _ => {}
             }
         }
         match step {
-            Step::Idle | Step::Cooling | Step::SkipCache { report: false } => {}
-            Step::SkipCache { report: true } => {
+            Step::Idle
+            | Step::Watch
+            | Step::Waiting
+            | Step::Held
+            | Step::Reclaimable { report: false, .. } => {}
+            Step::Reclaimable {
+                report: true,
+                headroom,
+            } => {
                 let e = &self.entries[path];
                 let mut d = self.decision(e, Action::SkipCache, usage, stats.unwrap_or_default());
                 d.signal = signal;
                 d.detail = format!(
-                    "reclaimable page cache {} >= {} x limit: left to the kernel's reclaim",
-                    d.reclaimable_cache, cfg.cache_skip_ratio
+                    "the kernel can still reclaim page cache: {} reclaimable, {headroom} more \
+                     bytes of unreclaimable memory before the threshold; left to the kernel",
+                    d.reclaimable_cache
                 );
                 self.deps.reporter.send(d);
             }
-            Step::Act => self.act(path, usage, stats.unwrap_or_default(), woke, signal),
+            Step::Act { overshoot } => self.act(
+                path,
+                usage,
+                overshoot,
+                stats.unwrap_or_default(),
+                woke,
+                signal,
+            ),
         }
     }
 
+    /// Applies the policy to a pressing cgroup whose unreclaimable memory is `overshoot`
+    /// bytes above its kill threshold: at most one victim, and only one whose death frees
+    /// more than that.
     fn act(
         &mut self,
         path: &Path,
         usage: u64,
+        overshoot: u64,
         stats: MemStat,
         woke: Instant,
         signal: &'static str,
     ) {
         let cfg = self.deps.config.clone();
+        // The innermost guarded cgroup acts: a guarded descendant at its own threshold is
+        // evaluated first, and if it made a kill this cgroup waits for that victim.
+        let inner: Vec<PathBuf> = self
+            .entries
+            .iter()
+            .filter(|(p, e)| {
+                p.as_path() != path
+                    && p.starts_with(path)
+                    && e.armed
+                        .cgroup
+                        .usage()
+                        .is_ok_and(|u| u >= e.armed.thresholds.kill)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        let kills = self.stats.kills.load(Ordering::Relaxed);
+        for p in inner {
+            self.evaluate(&p, woke, "innermost");
+        }
+        // A descendant's kill changed the numbers this decision was made on: read again.
+        if self.stats.kills.load(Ordering::Relaxed) != kills || self.subtree_busy(path) {
+            if let Some(e) = self.entries.get_mut(path) {
+                e.next_check = Some(Instant::now() + cfg.guard_interval);
+            }
+            return;
+        }
         let Some(e) = self.entries.get(path) else {
             return;
         };
         let cg = e.armed.cgroup.clone();
-        let kill_threshold = e.armed.thresholds.kill;
         let limit = e.armed.thresholds.limit;
+        let hard = decide::unreclaimable(usage, stats.reclaimable_cache());
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
-        // Usage read below the threshold once the kills were done: no cooldown then.
-        let mut below_after = false;
-        if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke) {
-            // Done through the runtime or its fallback.
-        } else if cfg.policy == Policy::Noop {
-            let candidates = self.rank(&cg, limit);
-            if let Some(top) = candidates.first() {
-                d.action = Action::WouldKill;
-                d.proccgroup = top.task.cgroup.display().to_string();
-                d.killed.push(Killed::new(top, None));
-            }
+        let mut pending: Option<Pending> = None;
+        let mut killed_any = false;
+        if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke, overshoot) {
+            killed_any = d.action == Action::Kill;
         } else {
-            let candidates = self.rank(&cg, limit);
-            let mut first_signal = None;
-            for c in candidates.iter().take(MAX_KILL_ATTEMPTS) {
-                let sent = Instant::now();
-                let outcome =
-                    kill_task(&c.task, &cg.path, &self.deps.memory_mount, cfg.kill_timeout);
-                if let Some(us) = outcome.signal_us() {
-                    first_signal.get_or_insert(sent + Duration::from_micros(us) - woke);
+            let ranked = self.rank(&cg, limit);
+            let any = !ranked.is_empty();
+            let helping: Vec<&victim::Candidate> = ranked
+                .iter()
+                .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot))
+                .collect();
+            if any && helping.is_empty() {
+                d.action = Action::NoHelp;
+                let best = ranked
+                    .iter()
+                    .map(|c| c.task.freeable_bytes())
+                    .max()
+                    .unwrap_or(0);
+                d.detail = format!(
+                    "unreclaimable memory is {overshoot} bytes above the threshold and no \
+                     task frees more (the most any would free: {best}): a kill could not help"
+                );
+            } else if cfg.policy == Policy::Noop {
+                if let Some(top) = helping.first() {
+                    d.action = Action::WouldKill;
+                    d.proccgroup = top.task.cgroup.display().to_string();
+                    d.killed.push(Killed::new(top, None));
                 }
-                let effective = outcome.took_effect();
-                if d.proccgroup.is_empty() {
-                    d.proccgroup = c.task.cgroup.display().to_string();
+            } else {
+                // One victim: the next candidate only when this one was never signalled
+                // (refused as recycled or moved, or the kernel refused the signal).
+                for c in helping.into_iter().take(MAX_KILL_ATTEMPTS) {
+                    let sent = Instant::now();
+                    let (outcome, fd) = kill_task_pinned(
+                        &c.task,
+                        &cg.path,
+                        &self.deps.memory_mount,
+                        cfg.kill_timeout,
+                    );
+                    if let Some(us) = outcome.signal_us() {
+                        let t = sent + Duration::from_micros(us) - woke;
+                        d.wake_to_kill_us = Some(t.as_micros() as u64);
+                    }
+                    if d.proccgroup.is_empty() {
+                        d.proccgroup = c.task.cgroup.display().to_string();
+                    }
+                    let signalled = outcome.signalled();
+                    let gone = outcome == crate::kill::Outcome::Gone;
+                    // Reaped by process_mrelease: its memory is back even before it exits.
+                    let reaped = matches!(
+                        outcome,
+                        crate::kill::Outcome::Stuck {
+                            mreleased: true,
+                            ..
+                        }
+                    );
+                    if signalled {
+                        killed_any = true;
+                        self.stats.kills.fetch_add(1, Ordering::Relaxed);
+                        d.action = Action::Kill;
+                        if matches!(outcome, crate::kill::Outcome::Stuck { .. }) && !reaped {
+                            pending = Some(Pending {
+                                pid: c.task.pid,
+                                fd,
+                                token: None,
+                                since: sent,
+                            });
+                        }
+                    } else if !gone {
+                        d.action = Action::KillFailed;
+                    }
+                    d.killed.push(Killed::new(c, Some(outcome)));
+                    if signalled || gone {
+                        break;
+                    }
                 }
-                d.killed.push(Killed::new(c, Some(outcome)));
-                if effective {
-                    self.stats.kills.fetch_add(1, Ordering::Relaxed);
-                    d.action = Action::Kill;
-                } else if d.action != Action::Kill {
-                    d.action = Action::KillFailed;
+                if d.action == Action::Kill
+                    && let Ok(after) = cg.usage()
+                {
+                    d.detail = format!("usage after the kill: {after}");
                 }
-                // Go on only while usage is still above the threshold: the victim (exited, or
-                // stuck but reaped by process_mrelease) may have freed enough, and one small
-                // task of many growing together may not have.
-                if cg.usage().is_ok_and(|u| u < kill_threshold) {
-                    below_after = true;
-                    break;
-                }
-            }
-            d.wake_to_kill_us = first_signal.map(|t| t.as_micros() as u64);
-            if d.action == Action::Kill
-                && let Ok(after) = cg.usage()
-            {
-                d.detail = format!("usage after the kill: {after}");
             }
         }
         if d.action == Action::NoCandidate {
@@ -775,25 +1014,47 @@ impl Guard {
             }
             d.detail = "no task may be killed (only protected or exiting tasks)".into();
         }
+        let waiting = pending.is_some();
+        if let Some(mut v) = pending {
+            if let Some(fd) = &v.fd {
+                // Its exit wakes the guard: the pidfd becomes readable.
+                v.token = self.register(fd, path, Kind::Victim);
+            }
+            self.pending_victims += 1;
+            if let Some(e) = self.entries.get_mut(path) {
+                e.victim = Some(v);
+            }
+        }
         if let Some(e) = self.entries.get_mut(path) {
-            e.state.acted(Instant::now(), below_after);
+            if killed_any {
+                e.state.acted();
+            } else {
+                // Nothing was killed: act again only on further growth.
+                e.state.held(hard);
+            }
+            e.next_check = Some(Instant::now() + cfg.guard_interval);
         }
         if let Some(s) = &self.deps.state {
             use crate::state::CgroupState;
-            let now = if below_after {
-                CgroupState::Armed
-            } else {
+            let now = if waiting {
                 CgroupState::CoolingDown
+            } else {
+                CgroupState::Armed
             };
             s.cgroup_state(path, now);
         }
         self.deps.reporter.send(d);
+        if killed_any && !waiting {
+            // The victim is gone: the reading now ends the episode (usage fell below the
+            // band) or sets the level further growth must pass.
+            self.evaluate(path, Instant::now(), "after-kill");
+        }
     }
 
     /// The process policy's candidates, best first: from the eBPF score map when its
     /// programs run, else from /proc.
     fn rank(&self, cg: &MemCgroup, limit: u64) -> Vec<victim::Candidate> {
-        match &self.deps.ebpf {
+        let mut ranked = match &self.deps.ebpf {
             Some(bpf) if bpf.has_scores() => {
                 victim::candidates_from_map(cg, limit, self.self_pid, MAX_KILL_ATTEMPTS, |pids| {
                     bpf.task_scores(pids)
@@ -803,14 +1064,29 @@ impl Guard {
                 })
             }
             _ => victim::candidates(cg, limit, self.self_pid),
+        };
+        // The agent's own cgroup (its container, with a shell exec'd into it) is never a
+        // victim: the agent would kill itself or its helpers.
+        if let Some(own) = &self.self_cgroup {
+            ranked.retain(|c| &c.task.cgroup != own);
         }
+        if self.entries.get(&cg.path).is_some_and(|e| e.flat) {
+            ranked.retain(|c| c.task.cgroup == cg.path);
+        }
+        ranked
     }
 
     /// The container policy: choose the container (never the sandbox), kill it through
     /// containerd, and fall back to killing its cgroup's tasks directly when the runtime
     /// cannot do it in time. False when the cgroup holds no identifiable container: then
     /// the process policy acts.
-    fn act_container(&self, cg: &MemCgroup, d: &mut Decision, woke: Instant) -> bool {
+    fn act_container(
+        &self,
+        cg: &MemCgroup,
+        d: &mut Decision,
+        woke: Instant,
+        overshoot: u64,
+    ) -> bool {
         let Some(rt) = &self.deps.runtime else {
             return false;
         };
@@ -821,6 +1097,34 @@ impl Guard {
                 return false;
             }
         };
+        // Never the container the agent runs in (a DaemonSet with a memory limit): the
+        // process policy, which leaves the agent's cgroup out, acts instead.
+        if self
+            .self_cgroup
+            .as_ref()
+            .is_some_and(|own| own.starts_with(&target.cgroup))
+        {
+            d.detail = format!(
+                "container {} holds the agent itself; process policy instead",
+                target.id
+            );
+            return false;
+        }
+        // What the container's death gives back: its anonymous memory (page cache and
+        // tmpfs stay charged to the pod).
+        let freeable = MemCgroup::new(&target.cgroup)
+            .stat()
+            .map(|s| s.get("total_rss"))
+            .unwrap_or(u64::MAX);
+        if !decide::can_help(freeable, overshoot) {
+            d.action = Action::NoHelp;
+            d.proccgroup = target.cgroup.display().to_string();
+            d.detail = format!(
+                "unreclaimable memory is {overshoot} bytes above the threshold and container                  {} frees only {freeable}: a kill could not help",
+                target.id
+            );
+            return true;
+        }
         // What the container ran, for the record: read before the kill (after it the tasks
         // are gone), but only the cheap pid list; /proc details are read after the request.
         let victim_cg = MemCgroup::new(&target.cgroup);
@@ -924,13 +1228,23 @@ impl Guard {
                     ..
                 }
                 | Record::AtLimit { cgroup_id, .. } => {
+                    let at_limit = matches!(r, Record::AtLimit { .. });
                     if let Some(path) = self.by_id.get(&cgroup_id).cloned() {
+                        // A cgroup living at its limit (file I/O) reports every reclaim:
+                        // evaluating each would read memory.stat a thousand times a second.
+                        if at_limit && let Some(e) = self.entries.get_mut(&path) {
+                            if e.last_at_limit.is_some_and(|t| woke - t < AT_LIMIT_EVERY) {
+                                continue;
+                            }
+                            e.last_at_limit = Some(woke);
+                        }
                         self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                         if let Some(m) = &self.deps.metrics {
                             m.kill_signal_ebpf.inc();
                         }
                         if let Some(e) = self.entries.get_mut(&path) {
                             e.watch_until = Some(woke + WATCH_WINDOW);
+                            e.state.crossed();
                         }
                         self.evaluate(&path, woke, "ebpf");
                     }
@@ -1046,8 +1360,7 @@ impl Guard {
 
     /// Keeps a kernel OOM victim (a `mark_victim` record) for the report of every guarded
     /// cgroup at or above its cgroup; returns those cgroups. Which limit was hit is not in
-    /// the record: their subtree counters tell, as on the eventfd path. A victim in an
-    /// unguarded cgroup (unknown id): every guarded cgroup.
+    /// the record: their subtree counters tell, as on the eventfd path.
     fn stash_victim(&mut self, r: &Record) -> Vec<PathBuf> {
         let Record::KernelOomVictim {
             pid,
@@ -1085,17 +1398,28 @@ impl Guard {
         paths
     }
 
-    /// The guarded cgroups at or above a victim record's cgroup (all when it is not guarded
-    /// itself), and its cgroup when known.
+    /// The guarded cgroups at or above a victim record's cgroup, and its cgroup when known.
+    /// A victim in a cgroup that is not guarded itself is placed by its `/proc/PID/cgroup`
+    /// (it has not been reaped yet when the record is read, as a rule); when that is gone
+    /// too, no cgroup: the OOM eventfd of the cgroup it happened in still reports it, and
+    /// no guarded cgroup elsewhere walks its subtree for it.
     fn victim_paths(&self, r: &Record) -> (Vec<PathBuf>, Option<PathBuf>) {
-        let Record::KernelOomVictim { cgroup_id, .. } = *r else {
+        let Record::KernelOomVictim { cgroup_id, pid, .. } = *r else {
             return (Vec::new(), None);
         };
-        let victim_cg = self.by_id.get(&cgroup_id).cloned();
+        let victim_cg = self.by_id.get(&cgroup_id).cloned().or_else(|| {
+            let pid = pid.to_string();
+            crate::cgroup::cgroup_of_pid(&self.deps.memory_mount, &pid)
+                .ok()
+                .map(|c| c.path)
+        });
+        let Some(v) = &victim_cg else {
+            return (Vec::new(), None);
+        };
         let paths = self
             .entries
             .keys()
-            .filter(|p| victim_cg.as_ref().is_none_or(|v| v.starts_with(p)))
+            .filter(|p| v.starts_with(p))
             .cloned()
             .collect();
         (paths, victim_cg)
@@ -1146,6 +1470,12 @@ impl Guard {
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let victims = std::mem::take(&mut e.kernel_victims);
+        // Reported here: not again by a guarded cgroup around it.
+        for other in self.entries.values_mut() {
+            other
+                .kernel_victims
+                .retain(|k| !victims.iter().any(|v| v.pid == k.pid));
+        }
         let mut d = self.decision(&self.entries[path], Action::KernelOom, usage, stats);
         if let Some(v) = victims.first() {
             d.proccgroup = v.proccgroup.clone();

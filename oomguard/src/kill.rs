@@ -39,6 +39,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// SIGKILL was sent (the task has exited or is exiting).
+    pub fn signalled(&self) -> bool {
+        matches!(self, Outcome::Exited { .. } | Outcome::Stuck { .. })
+    }
+
     /// The task is dead or dying because of us.
     pub fn took_effect(&self) -> bool {
         matches!(self, Outcome::Exited { .. })
@@ -112,55 +117,75 @@ fn process_mrelease(pidfd: &OwnedFd) -> bool {
 /// Kills `task` if it is still the scored process inside `scope`, and waits up to
 /// `timeout` for it to exit.
 pub fn kill_task(task: &Task, scope: &Path, memory_mount: &Path, timeout: Duration) -> Outcome {
+    kill_task_pinned(task, scope, memory_mount, timeout).0
+}
+
+/// Like [`kill_task`], and when the victim was signalled but has not exited yet
+/// ([`Outcome::Stuck`]), its pidfd too: the caller waits for its exit (it becomes
+/// readable then) before choosing another victim, as the kernel does.
+pub fn kill_task_pinned(
+    task: &Task,
+    scope: &Path,
+    memory_mount: &Path,
+    timeout: Duration,
+) -> (Outcome, Option<OwnedFd>) {
     let start = Instant::now();
     let Some(pid) = Pid::from_raw(task.pid) else {
-        return Outcome::Refused {
-            reason: "pid 0".into(),
-        };
+        let reason = "pid 0".into();
+        return (Outcome::Refused { reason }, None);
     };
     match pidfd_open(pid, PidfdFlags::empty()) {
         Ok(fd) => {
             // The pidfd names one process for good (a recycled pid number cannot redirect it):
             // if the start time still matches now, the signal reaches the task that was scored.
             if let Err(reason) = still_eligible(task, scope, memory_mount) {
-                return Outcome::Refused { reason };
+                return (Outcome::Refused { reason }, None);
             }
             match pidfd_send_signal(&fd, Signal::KILL) {
                 Ok(()) => {}
-                Err(Errno::SRCH) => return Outcome::Gone,
+                Err(Errno::SRCH) => return (Outcome::Gone, None),
                 Err(e) => {
-                    return Outcome::Failed {
-                        errno: e.raw_os_error(),
-                    };
+                    let errno = e.raw_os_error();
+                    return (Outcome::Failed { errno }, None);
                 }
             }
             let signal_us = start.elapsed().as_micros() as u64;
             let mreleased = process_mrelease(&fd);
             if wait_pidfd(&fd, timeout) {
-                Outcome::Exited {
+                let exit_us = start.elapsed().as_micros() as u64;
+                let out = Outcome::Exited {
                     mreleased,
                     pidfd: true,
                     signal_us,
-                    exit_us: start.elapsed().as_micros() as u64,
-                }
+                    exit_us,
+                };
+                (out, None)
             } else {
-                Outcome::Stuck {
+                let out = Outcome::Stuck {
                     mreleased,
                     pidfd: true,
                     signal_us,
-                }
+                };
+                (out, Some(fd))
             }
         }
-        Err(Errno::SRCH) => Outcome::Gone,
+        Err(Errno::SRCH) => (Outcome::Gone, None),
         // ENOSYS: a kernel before 5.3. EPERM/EACCES: pidfd_open checks no permission, so
         // this is a seccomp profile or an LSM denying the call; kill(2) still works.
-        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => {
-            kill_without_pidfd(task, pid, scope, memory_mount, timeout, start)
+        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => (
+            kill_without_pidfd(task, pid, scope, memory_mount, timeout, start),
+            None,
+        ),
+        Err(e) => {
+            let errno = e.raw_os_error();
+            (Outcome::Failed { errno }, None)
         }
-        Err(e) => Outcome::Failed {
-            errno: e.raw_os_error(),
-        },
     }
+}
+
+/// Whether a pidfd's process has exited (the pidfd is readable), without waiting.
+pub fn pidfd_exited(fd: &OwnedFd) -> bool {
+    wait_pidfd(fd, Duration::ZERO)
 }
 
 /// The 3.10 path: check, `kill(2)`, and poll `/proc` for the exit.

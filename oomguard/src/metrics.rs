@@ -327,7 +327,9 @@ impl Metrics {
                 self.kernel_ooms.inc();
                 return;
             }
-            Action::SkipCache | Action::NoCandidate | Action::Reclaim => return,
+            Action::SkipCache | Action::NoHelp | Action::NoCandidate | Action::Reclaim => {
+                return;
+            }
         };
         self.kills
             .get_or_create(&KillLabels { policy, outcome })

@@ -1,85 +1,144 @@
-//! From a threshold signal to a decision: pure functions and the per-cgroup state machine
-//! (cooldown, once-per-episode reporting), all testable without a kernel.
+//! From a threshold signal to a decision: the per-cgroup state machine of one episode
+//! (the rule of [`crate::decide`], hysteresis, waiting for a victim, acting again only on
+//! growth, once-per-episode reporting), testable without a kernel.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use crate::decide::{Pressure, pressure, unreclaimable};
 
 /// What the guard should do after observing a cgroup's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// Usage is below the kill threshold: nothing to do, stop re-checking.
+    /// Below the kill threshold, no episode open: nothing to do, stop re-checking.
     Idle,
-    /// Above the threshold, but a kill on this cgroup is still taking effect.
-    Cooling,
-    /// Above the threshold, but the kernel can still reclaim page cache: skip.
-    /// `report` is true for the first skip of an episode only.
-    SkipCache { report: bool },
-    /// Apply the policy now.
-    Act,
+    /// An episode is open but usage sits in the hysteresis band under the threshold: keep
+    /// watching (cheaply: usage only).
+    Watch,
+    /// Above the threshold, but a victim in this subtree is still exiting.
+    Waiting,
+    /// Above the threshold, but the kernel can still reclaim enough file cache to stay
+    /// below the limit. `report` is true for the first such reading of an episode only.
+    Reclaimable { report: bool, headroom: u64 },
+    /// Pressing, but the unreclaimable part has not grown since the last action of this
+    /// episode (a kill that did not bring it under, or no kill that could help).
+    Held,
+    /// Apply the policy: the unreclaimable part is `overshoot` bytes above the threshold.
+    Act { overshoot: u64 },
 }
 
-/// Per-cgroup memory of what the guard did, driving [`State::observe`].
+/// Per-cgroup memory of one episode (from the first reading at the kill threshold until
+/// usage falls a hysteresis band below it), driving [`State::observe`].
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    /// Usage was at or above the kill threshold at the last observation.
+    /// An episode is open: usage reached the kill threshold and has not yet fallen a
+    /// hysteresis band below it.
     pub above: bool,
-    last_action: Option<Instant>,
-    /// Usage fell below the threshold since the last action: the action took effect.
-    dropped_since_action: bool,
     skip_reported: bool,
+    /// The unreclaimable bytes when the last action resolved: act again only above this
+    /// (plus the hysteresis), on further growth toward the limit.
+    floor: Option<u64>,
+    /// A kill was made: the next pressing reading (once the victim is gone) sets the floor.
+    settle: bool,
+    /// The last unreclaimable reading, for the growth rate.
+    last: Option<(Instant, u64)>,
+    /// How fast the unreclaimable part grew between the last two readings (bytes/s).
+    pub growth_per_s: u64,
 }
 
 impl State {
-    /// Decides the next step from one fresh reading. `cache_large` is only consulted when
-    /// the cgroup is above its threshold.
+    /// Decides the next step from one fresh reading of `usage`. `busy`: a victim in this
+    /// subtree has not exited (or been reaped) yet. `reclaimable_cache` is read only at
+    /// or above the threshold (it costs a `memory.stat` read).
     pub fn observe(
         &mut self,
         now: Instant,
-        above: bool,
-        cache_large: impl FnOnce() -> bool,
-        cooldown: Duration,
+        usage: u64,
+        kill_threshold: u64,
+        hysteresis: u64,
+        busy: bool,
+        reclaimable_cache: impl FnOnce() -> u64,
     ) -> Step {
-        if !above {
-            self.above = false;
-            self.dropped_since_action = true;
-            self.skip_reported = false;
-            return Step::Idle;
+        if usage < kill_threshold {
+            if !self.above {
+                return Step::Idle;
+            }
+            if usage < kill_threshold.saturating_sub(hysteresis) {
+                *self = State::default();
+                return Step::Idle;
+            }
+            return Step::Watch;
         }
         self.above = true;
-        if let Some(t) = self.last_action
-            && !self.dropped_since_action
-            && now.saturating_duration_since(t) < cooldown
+        if busy {
+            return Step::Waiting;
+        }
+        // The unreclaimable part is at most usage: under the floor's band, no need to read
+        // memory.stat to know it has not grown (a cgroup held up by tmpfs costs one read).
+        if !self.settle
+            && self
+                .floor
+                .is_some_and(|f| usage < f.saturating_add(hysteresis))
         {
-            return Step::Cooling;
+            return Step::Held;
         }
-        if cache_large() {
-            let report = !self.skip_reported;
-            self.skip_reported = true;
-            return Step::SkipCache { report };
+        let cache = reclaimable_cache();
+        let hard = unreclaimable(usage, cache);
+        if let Some((t, before)) = self.last {
+            self.growth_per_s =
+                crate::decide::growth_rate(before, hard, now.saturating_duration_since(t));
         }
-        Step::Act
+        self.last = Some((now, hard));
+        match pressure(usage, cache, kill_threshold) {
+            Pressure::Below => Step::Watch,
+            Pressure::Reclaimable { headroom } => {
+                self.settle = false;
+                let report = !self.skip_reported;
+                self.skip_reported = true;
+                Step::Reclaimable { report, headroom }
+            }
+            Pressure::Pressing { overshoot } => {
+                if std::mem::take(&mut self.settle) {
+                    self.floor = Some(hard);
+                    return Step::Held;
+                }
+                if self
+                    .floor
+                    .is_some_and(|f| hard < f.saturating_add(hysteresis))
+                {
+                    return Step::Held;
+                }
+                Step::Act { overshoot }
+            }
+        }
     }
 
-    /// Records that the policy acted at `now`. `below_after`: a reading taken once the
-    /// action was done already found usage under the threshold, so the action took effect
-    /// and the next crossing is a new episode, acted on at once. Otherwise the cooldown holds
-    /// until a later observation sees usage below (or it runs out): the signal of the next
-    /// crossing can come before any signal of the dip (an eBPF crossing record is sent at
-    /// the charge itself, the eventfd's downward notification is rate-limited), and without
-    /// this it would be cooled down while usage ran on to the limit.
-    pub fn acted(&mut self, now: Instant, below_after: bool) {
-        self.last_action = Some(now);
-        self.dropped_since_action = below_after;
+    /// A crossing was signalled: the episode opens even if the reading that follows finds
+    /// usage just under the threshold (per-CPU stock drained, a moment of reclaim). The
+    /// notifier may not have seen that dip and will not signal the same crossing again, so
+    /// the cgroup is watched until usage falls a hysteresis band below.
+    pub fn crossed(&mut self) {
+        self.above = true;
+    }
+
+    /// A kill was made: once its victim is gone, the next pressing reading becomes the
+    /// floor, so a kill that did not bring usage down is followed by another only on
+    /// further growth.
+    pub fn acted(&mut self) {
+        self.settle = true;
+        self.floor = None;
         self.skip_reported = false;
     }
 
-    pub fn in_cooldown(&self, now: Instant, cooldown: Duration) -> bool {
-        self.last_action.is_some_and(|t| {
-            !self.dropped_since_action && now.saturating_duration_since(t) < cooldown
-        })
+    /// No kill was made (none could help, or no candidate): act again only once the
+    /// unreclaimable part has grown past `unreclaimable` (plus the hysteresis).
+    pub fn held(&mut self, unreclaimable: u64) {
+        self.floor = Some(unreclaimable);
     }
 }
 
-/// "Large" page cache: reclaimable file cache of at least `ratio * limit` bytes.
+/// "Large" page cache: reclaimable file cache of at least `ratio * limit` bytes. Only the
+/// reclaim worker asks: `force_empty` on such a cgroup would throw away hot cache the
+/// kernel reclaims by itself when it needs to.
 pub fn cache_is_large(reclaimable_cache: u64, limit: u64, ratio: f64) -> bool {
     ratio > 0.0 && reclaimable_cache as f64 >= ratio * limit as f64
 }
@@ -88,84 +147,123 @@ pub fn cache_is_large(reclaimable_cache: u64, limit: u64, ratio: f64) -> bool {
 mod tests {
     use super::*;
 
-    const CD: Duration = Duration::from_millis(1000);
+    const M: u64 = 1 << 20;
+    const KILL: u64 = 100 * M;
+    const HYST: u64 = M;
+
+    fn obs(s: &mut State, usage: u64, cache: u64) -> Step {
+        s.observe(Instant::now(), usage, KILL, HYST, false, || cache)
+    }
 
     #[test]
     fn below_threshold_is_idle() {
         let mut s = State::default();
-        assert_eq!(s.observe(Instant::now(), false, || true, CD), Step::Idle);
+        assert_eq!(obs(&mut s, KILL - 1, 0), Step::Idle);
         assert!(!s.above);
     }
 
     #[test]
-    fn acts_then_cools_down_then_acts_again() {
-        let t0 = Instant::now();
+    fn pressing_acts_cache_waits() {
         let mut s = State::default();
-        assert_eq!(s.observe(t0, true, || false, CD), Step::Act);
-        s.acted(t0, false);
         assert_eq!(
-            s.observe(t0 + Duration::from_millis(10), true, || false, CD),
-            Step::Cooling
+            obs(&mut s, KILL, 10 * M),
+            Step::Reclaimable {
+                report: true,
+                headroom: 10 * M
+            }
         );
         assert_eq!(
-            s.observe(t0 + Duration::from_millis(1001), true, || false, CD),
-            Step::Act
+            obs(&mut s, KILL, 10 * M),
+            Step::Reclaimable {
+                report: false,
+                headroom: 10 * M
+            },
+            "said once per episode"
+        );
+        assert_eq!(obs(&mut s, KILL + 2 * M, M), Step::Act { overshoot: M });
+    }
+
+    #[test]
+    fn one_page_below_does_not_end_the_episode() {
+        let mut s = State::default();
+        assert_eq!(obs(&mut s, KILL, 0), Step::Act { overshoot: 0 });
+        s.acted();
+        assert_eq!(obs(&mut s, KILL - 4096, 0), Step::Watch);
+        assert_eq!(obs(&mut s, KILL, 0), Step::Held, "no growth since the kill");
+        assert_eq!(obs(&mut s, KILL - HYST - 1, 0), Step::Idle);
+        assert!(!s.above);
+        assert_eq!(
+            obs(&mut s, KILL, 0),
+            Step::Act { overshoot: 0 },
+            "a new episode"
         );
     }
 
     #[test]
-    fn a_new_crossing_ends_the_cooldown() {
-        let t0 = Instant::now();
+    fn after_a_kill_that_did_not_bring_usage_down_only_growth_acts() {
         let mut s = State::default();
-        s.acted(t0, false);
-        assert_eq!(s.observe(t0, false, || false, CD), Step::Idle);
+        assert_eq!(obs(&mut s, KILL + 5 * M, 0), Step::Act { overshoot: 5 * M });
+        s.acted();
         assert_eq!(
-            s.observe(t0 + Duration::from_millis(5), true, || false, CD),
-            Step::Act
+            s.observe(Instant::now(), KILL + 5 * M, KILL, HYST, true, || 0),
+            Step::Waiting,
+            "the victim is still exiting"
+        );
+        assert_eq!(obs(&mut s, KILL + 3 * M, 0), Step::Held);
+        assert_eq!(obs(&mut s, KILL + 3 * M + HYST / 2, 0), Step::Held);
+        assert_eq!(
+            obs(&mut s, KILL + 3 * M + HYST, 0),
+            Step::Act {
+                overshoot: 3 * M + HYST
+            }
         );
     }
 
     #[test]
-    fn usage_seen_below_right_after_acting_ends_the_cooldown() {
-        let t0 = Instant::now();
+    fn a_signalled_crossing_read_just_below_is_watched() {
         let mut s = State::default();
-        assert_eq!(s.observe(t0, true, || false, CD), Step::Act);
-        s.acted(t0, true);
-        assert!(!s.in_cooldown(t0, CD));
+        s.crossed();
+        assert_eq!(obs(&mut s, KILL - 4096, 0), Step::Watch);
         assert_eq!(
-            s.observe(t0 + Duration::from_millis(10), true, || false, CD),
-            Step::Act,
-            "the next crossing is a new episode"
+            obs(&mut s, KILL + 4096, 0),
+            Step::Act { overshoot: 4096 },
+            "the growth after the dip is acted on"
         );
+        let mut s = State::default();
+        s.crossed();
+        assert_eq!(obs(&mut s, KILL - HYST - 1, 0), Step::Idle);
     }
 
     #[test]
-    fn cache_skip_is_reported_once_per_episode() {
+    fn held_without_a_kill_waits_for_growth() {
+        let mut s = State::default();
+        assert_eq!(obs(&mut s, KILL + M, 0), Step::Act { overshoot: M });
+        s.held(KILL + M);
+        let unread = s.observe(Instant::now(), KILL + M + 4096, KILL, HYST, false, || {
+            panic!("memory.stat read although usage cannot have grown past the floor")
+        });
+        assert_eq!(unread, Step::Held);
+        assert_eq!(obs(&mut s, KILL + 2 * M, 0), Step::Act { overshoot: 2 * M });
+    }
+
+    #[test]
+    fn growth_rate_is_measured_on_the_unreclaimable_part() {
         let t0 = Instant::now();
         let mut s = State::default();
-        assert_eq!(
-            s.observe(t0, true, || true, CD),
-            Step::SkipCache { report: true }
+        s.observe(t0, KILL, KILL, HYST, false, || 50 * M);
+        s.observe(
+            t0 + std::time::Duration::from_millis(500),
+            KILL,
+            KILL,
+            HYST,
+            false,
+            || 40 * M,
         );
-        assert_eq!(
-            s.observe(t0, true, || true, CD),
-            Step::SkipCache { report: false }
-        );
-        assert_eq!(
-            s.observe(t0, true, || false, CD),
-            Step::Act,
-            "cache reclaimed: act"
-        );
-        assert_eq!(s.observe(t0, false, || true, CD), Step::Idle);
-        assert_eq!(
-            s.observe(t0, true, || true, CD),
-            Step::SkipCache { report: true }
-        );
+        assert_eq!(s.growth_per_s, 20 * M);
     }
 
     #[test]
     fn cache_rule() {
-        const M: u64 = 1 << 20;
         assert!(cache_is_large(100 * M, 1000 * M, 0.1));
         assert!(!cache_is_large(99 * M, 1000 * M, 0.1));
         assert!(

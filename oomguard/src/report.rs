@@ -22,8 +22,12 @@ pub enum Action {
     Kill,
     /// The noop policy: what would have been killed.
     WouldKill,
-    /// Reclaimable page cache is large: left to the kernel.
+    /// At the threshold, but the kernel can still reclaim enough page cache to stay below
+    /// the limit: left to the kernel.
     SkipCache,
+    /// Pressing, but no candidate frees more than the overshoot (the memory is held by
+    /// tmpfs/shmem or the kernel): a kill could not help, so none is made.
+    NoHelp,
     /// Above the threshold but nothing may be killed (only protected tasks).
     NoCandidate,
     /// Every kill attempt failed or did not take effect before its deadline.

@@ -33,6 +33,10 @@ pub enum CgroupState {
     /// Acted; waiting for the memory to be freed before acting again.
     #[serde(rename = "cooling down")]
     CoolingDown,
+    /// `memory.oom_kill_disable=1`: a user-space OOM handler owns the cgroup; the agent
+    /// never acts on it.
+    #[serde(rename = "left alone (oom_kill_disable)")]
+    LeftAlone,
 }
 
 impl CgroupState {
@@ -42,6 +46,7 @@ impl CgroupState {
             CgroupState::Reclaiming => "reclaiming",
             CgroupState::Acting => "acting",
             CgroupState::CoolingDown => "cooling down",
+            CgroupState::LeftAlone => "left alone (oom_kill_disable)",
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Task {
     pub cgroup: PathBuf,
     /// RssAnon + RssFile + RssShmem.
     pub rss_bytes: u64,
+    /// RssAnon: with the page tables, what its death frees (file and tmpfs pages stay).
+    pub anon_bytes: u64,
     pub swap_bytes: u64,
     pub pgtables_bytes: u64,
     pub oom_score_adj: i32,
@@ -42,6 +44,14 @@ pub struct Task {
     pub start_time: u64,
     /// Zombie, dead, or without an mm: the kernel skips such tasks too.
     pub exiting: bool,
+}
+
+impl Task {
+    /// What killing it gives back to its cgroup: anonymous memory and page tables. Its file
+    /// and shmem pages stay charged (cache, tmpfs) after it dies.
+    pub fn freeable_bytes(&self) -> u64 {
+        self.anon_bytes.saturating_add(self.pgtables_bytes)
+    }
 }
 
 /// A task with its score, best victim first after [`rank`].
@@ -95,6 +105,7 @@ pub struct Status {
     pub name: String,
     pub state: char,
     pub rss_bytes: u64,
+    pub anon_bytes: u64,
     pub swap_bytes: u64,
     pub pgtables_bytes: u64,
     /// False for kernel threads and zombies: they have no mm.
@@ -120,6 +131,9 @@ pub fn parse_status(text: &str) -> Status {
             "Name" => s.name = v.to_string(),
             "State" => s.state = v.chars().next().unwrap_or('?'),
             "RssAnon" | "RssFile" | "RssShmem" => {
+                if k == "RssAnon" {
+                    s.anon_bytes = kib(v);
+                }
                 s.rss_bytes = s.rss_bytes.saturating_add(kib(v));
                 s.has_mm = true;
             }
@@ -150,6 +164,7 @@ pub fn read_task(pid: i32, cgroup: &Path) -> Option<Task> {
         comm: st.name,
         cgroup: cgroup.to_path_buf(),
         rss_bytes: st.rss_bytes,
+        anon_bytes: st.anon_bytes,
         swap_bytes: st.swap_bytes,
         pgtables_bytes: st.pgtables_bytes,
         oom_score_adj: adj.trim().parse().unwrap_or(0),
@@ -172,6 +187,7 @@ pub fn candidates(cgroup: &MemCgroup, limit_bytes: u64, exclude_pid: i32) -> Vec
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapScore {
     pub rss_bytes: u64,
+    pub anon_bytes: u64,
     pub swap_bytes: u64,
     pub pgtables_bytes: u64,
     pub oom_score_adj: i32,
@@ -181,6 +197,7 @@ impl From<&oomguard_common::TaskScore> for MapScore {
     fn from(s: &oomguard_common::TaskScore) -> Self {
         MapScore {
             rss_bytes: s.rss_anon + s.rss_file + s.rss_shmem,
+            anon_bytes: s.rss_anon,
             swap_bytes: s.swap,
             pgtables_bytes: s.pgtables,
             oom_score_adj: s.oom_score_adj,
@@ -211,6 +228,7 @@ pub fn candidates_from_map(
                     comm: String::new(),
                     cgroup: PathBuf::new(),
                     rss_bytes: m.rss_bytes,
+                    anon_bytes: m.anon_bytes,
                     swap_bytes: m.swap_bytes,
                     pgtables_bytes: m.pgtables_bytes,
                     oom_score_adj: m.oom_score_adj,
@@ -238,6 +256,7 @@ pub fn candidates_from_map(
         if let Some(mut t) = read_task(pid, cg) {
             let m = found[&pid];
             t.rss_bytes = m.rss_bytes;
+            t.anon_bytes = m.anon_bytes;
             t.swap_bytes = m.swap_bytes;
             t.pgtables_bytes = m.pgtables_bytes;
             t.oom_score_adj = m.oom_score_adj;
@@ -266,6 +285,7 @@ mod tests {
             comm: format!("t{pid}"),
             cgroup: PathBuf::from("/cg"),
             rss_bytes: rss_mib * M,
+            anon_bytes: rss_mib * M,
             swap_bytes: 0,
             pgtables_bytes: 0,
             oom_score_adj: adj,
@@ -346,6 +366,7 @@ RssAnon:\t  102400 kB\nRssFile:\t    1024 kB\nRssShmem:\t       0 kB\nVmSwap:\t 
         assert_eq!(s.name, "mem hog");
         assert_eq!(s.state, 'R');
         assert_eq!(s.rss_bytes, (102400 + 1024) * 1024);
+        assert_eq!(s.anon_bytes, 102400 * 1024);
         assert_eq!(s.swap_bytes, 8 * 1024);
         assert_eq!(s.pgtables_bytes, 200 * 1024);
         assert!(s.has_mm);

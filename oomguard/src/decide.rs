@@ -1,0 +1,193 @@
+//! The decision rule, as pure functions over plain numbers: act only where the kernel would
+//! have to act soon, and only with a kill that can help.
+//!
+//! - **Pressing**: usage is at the kill threshold *and* what the kernel cannot reclaim
+//!   without killing (usage minus the file pages on the LRU, which reclaim can always write
+//!   back and drop) is at the kill threshold too. A cgroup doing file I/O sits at its limit
+//!   whatever its anonymous share; only the unreclaimable part says the kernel is about to
+//!   run out of reclaim and kill.
+//! - **A kill that can help**: the candidate frees (its anonymous memory and page tables;
+//!   shared file and tmpfs pages stay charged after it dies) more than the overshoot of the
+//!   unreclaimable part above the kill threshold. Killing an idle task in a cgroup held up
+//!   by tmpfs frees nothing and is not made.
+//! - **Hysteresis**: an episode ends only when usage falls a band below the kill threshold,
+//!   not one page below it: per-CPU charge batching makes usage jitter by pages × CPUs.
+
+use std::time::Duration;
+
+pub const PAGE_SIZE: u64 = 4096;
+/// Pages a CPU charges to a memcg in one batch (the kernel's `MEMCG_CHARGE_BATCH`): usage
+/// read from user space is off by up to this per CPU.
+pub const CHARGE_BATCH_PAGES: u64 = 64;
+
+/// Where a cgroup stands against its kill threshold, from one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// Usage below the kill threshold.
+    Below,
+    /// Usage at the kill threshold, but the kernel can still reclaim enough file cache to
+    /// stay below its limit: `headroom` more unreclaimable bytes before it cannot.
+    Reclaimable { headroom: u64 },
+    /// The unreclaimable part is at the kill threshold: the kernel would have to kill soon.
+    /// `overshoot` is how far above the threshold it is.
+    Pressing { overshoot: u64 },
+}
+
+/// What the kernel could not reclaim without killing: usage minus reclaimable file cache.
+pub fn unreclaimable(usage: u64, reclaimable_cache: u64) -> u64 {
+    usage.saturating_sub(reclaimable_cache)
+}
+
+/// The rule for one reading of usage and reclaimable file cache.
+pub fn pressure(usage: u64, reclaimable_cache: u64, kill_threshold: u64) -> Pressure {
+    if usage < kill_threshold {
+        return Pressure::Below;
+    }
+    let hard = unreclaimable(usage, reclaimable_cache);
+    if hard < kill_threshold {
+        Pressure::Reclaimable {
+            headroom: kill_threshold - hard,
+        }
+    } else {
+        Pressure::Pressing {
+            overshoot: hard - kill_threshold,
+        }
+    }
+}
+
+/// Whether killing a candidate that frees `freeable` bytes brings the unreclaimable part
+/// back under the kill threshold. A kill that cannot is not made: the kernel would not
+/// kill either until a charge fails at the limit.
+pub fn can_help(freeable: u64, overshoot: u64) -> bool {
+    freeable > overshoot
+}
+
+/// The band below the kill threshold usage must fall into before an episode ends: a
+/// quarter of the margin, and at least the per-CPU charge batches of every CPU.
+pub fn hysteresis(margin: u64, cpus: u64) -> u64 {
+    (margin / 4).max(CHARGE_BATCH_PAGES * PAGE_SIZE * cpus.max(1))
+}
+
+/// When to look again at a cgroup whose cache the kernel can still reclaim. Nothing signals
+/// growth of its unreclaimable part (usage stays at the limit), so it is polled, as often
+/// as the fastest growth seen (`growth_per_s`, or `assumed_per_s` when none was) could
+/// use up half the headroom, within `[min, max]`.
+pub fn recheck_after(
+    headroom: u64,
+    growth_per_s: u64,
+    assumed_per_s: u64,
+    min: Duration,
+    max: Duration,
+) -> Duration {
+    let rate = growth_per_s.max(assumed_per_s).max(1);
+    let secs = (headroom / 2) as f64 / rate as f64;
+    Duration::from_secs_f64(secs.min(max.as_secs_f64())).clamp(min, max.max(min))
+}
+
+/// Growth of the unreclaimable part between two readings `dt` apart, in bytes per second
+/// (0 when it shrank).
+pub fn growth_rate(before: u64, after: u64, dt: Duration) -> u64 {
+    let secs = dt.as_secs_f64();
+    if secs <= 0.0 {
+        return 0;
+    }
+    (after.saturating_sub(before) as f64 / secs) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn a_cache_heavy_cgroup_at_its_limit_is_not_pressing() {
+        // Issue 14's first reproduction: 90% of 256 MiB anonymous, dd filling the rest.
+        let kill = 256 * M - 5 * M;
+        let p = pressure(256 * M, 25 * M, kill);
+        assert_eq!(
+            p,
+            Pressure::Reclaimable {
+                headroom: kill - 231 * M
+            }
+        );
+    }
+
+    #[test]
+    fn unreclaimable_memory_at_the_threshold_is_pressing() {
+        let kill = 230 * M;
+        assert_eq!(pressure(229 * M, 0, kill), Pressure::Below);
+        assert_eq!(
+            pressure(232 * M, M, kill),
+            Pressure::Pressing { overshoot: M }
+        );
+        assert_eq!(
+            pressure(kill, 0, kill),
+            Pressure::Pressing { overshoot: 0 },
+            "exactly at the threshold counts"
+        );
+    }
+
+    #[test]
+    fn cache_no_longer_covering_the_overshoot_is_pressing() {
+        let kill = 100 * M;
+        // 101 MiB used, 2 MiB of it cache: 99 MiB the kernel cannot reclaim.
+        assert!(matches!(
+            pressure(101 * M, 2 * M, kill),
+            Pressure::Reclaimable { headroom } if headroom == M
+        ));
+        assert!(matches!(
+            pressure(103 * M, 2 * M, kill),
+            Pressure::Pressing { overshoot } if overshoot == M
+        ));
+    }
+
+    #[test]
+    fn absurd_cache_saturates() {
+        assert!(matches!(
+            pressure(10 * M, u64::MAX, M),
+            Pressure::Reclaimable { headroom } if headroom == M
+        ));
+    }
+
+    #[test]
+    fn a_kill_helps_only_when_it_frees_more_than_the_overshoot() {
+        // Issue 14's second reproduction: an idle task (a few hundred KiB anonymous) in a
+        // cgroup held 2 MiB above its threshold by tmpfs.
+        assert!(!can_help(300 << 10, 2 * M));
+        assert!(can_help(200 * M, 2 * M));
+        assert!(!can_help(2 * M, 2 * M));
+        assert!(can_help(1, 0));
+    }
+
+    #[test]
+    fn hysteresis_covers_the_charge_batches() {
+        assert_eq!(hysteresis(20 * M, 2), 5 * M);
+        // A 1 MiB margin on 64 CPUs: 64 × 256 KiB.
+        assert_eq!(hysteresis(M, 64), 16 * M);
+        assert_eq!(hysteresis(0, 0), 256 << 10);
+    }
+
+    #[test]
+    fn recheck_interval_follows_headroom_and_growth() {
+        let min = Duration::from_millis(50);
+        let max = Duration::from_secs(1);
+        // Steady (no growth seen), 20 MiB of headroom, 100 MiB/s assumed: 100 ms.
+        assert_eq!(
+            recheck_after(20 * M, 0, 100 * M, min, max),
+            Duration::from_millis(100)
+        );
+        // Lots of headroom: the bound.
+        assert_eq!(recheck_after(1 << 40, 0, 100 * M, min, max), max);
+        // Fast growth seen: the floor.
+        assert_eq!(recheck_after(20 * M, 10_000 * M, 100 * M, min, max), min);
+        assert_eq!(recheck_after(0, 0, 0, min, max), min);
+    }
+
+    #[test]
+    fn growth_is_never_negative() {
+        assert_eq!(growth_rate(10 * M, 5 * M, Duration::from_secs(1)), 0);
+        assert_eq!(growth_rate(0, 10 * M, Duration::from_millis(500)), 20 * M);
+        assert_eq!(growth_rate(0, 10 * M, Duration::ZERO), 0);
+    }
+}

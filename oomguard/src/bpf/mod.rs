@@ -617,6 +617,9 @@ impl EbpfGuard {
         if EBPF_OBJECT.is_empty() {
             return Err(BpfError::ObjectMissing);
         }
+        // bpffs first: without it nothing is pinned and the agent falls back as a whole, so
+        // no per-program line should come before that one warning.
+        mount::ensure_bpffs()?;
         let tracefs = tracefs::ensure_tracefs()
             .inspect_err(|e| {
                 tracing::warn!(error = %error_chain(e), "no tracefs: the programs on tracefs tracepoints will not load");
@@ -655,7 +658,6 @@ impl EbpfGuard {
             .map(|p| p.program)
             .collect();
 
-        mount::ensure_bpffs()?;
         fs::create_dir_all(pin_dir).map_err(|source| BpfError::PinDir {
             what: "making",
             path: pin_dir.to_path_buf(),

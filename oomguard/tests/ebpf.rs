@@ -522,11 +522,14 @@ fn proc_rss(pid: u32) -> (u64, u64, u64) {
     (field("RssAnon"), field("RssFile"), field("RssShmem"))
 }
 
-/// The kernel's rss counters are per-CPU with a batch of max(32, 2 × CPUs) pages; the shared
-/// count the programs read may trail the exact sum `/proc` shows by a batch per CPU.
+/// The kernel's rss counters are per-CPU with a batch of max(32, 2 × CPUs) pages (6.2+); the
+/// shared count the programs read may trail the exact sum `/proc` shows by a batch per CPU.
+/// Before 6.2 each thread keeps up to 64 page events (TASK_RSS_EVENTS_THRESH) of its own
+/// before folding them into the mm's atomics, and /proc and the program may each see a
+/// different fold: two of those per counter.
 fn tolerance() -> u64 {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    cpus * 32.max(2 * cpus) * bpf::page_size()
+    (cpus * 32.max(2 * cpus)).max(2 * 64) * bpf::page_size()
 }
 
 fn assert_close(what: &str, map: u64, proc: u64) {
@@ -736,7 +739,8 @@ fn map_and_proc_pick_the_same_victim() {
         // way. The map's choice must score, by /proc, within that error of /proc's choice.
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
         let batch = 32.max(2 * cpus);
-        let tolerance = 3 * batch * cpus;
+        // Per counter: a batch per CPU (6.2+), or two 64-event folds per thread (pre-6.2).
+        let tolerance = 3 * (batch * cpus).max(2 * 64);
         let map_pick = from_proc
             .iter()
             .find(|c| c.task.pid == from_map[0].task.pid)
@@ -809,10 +813,13 @@ fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
     let want = format!("of memcg {id} dropped");
     let drops: Vec<&String> = logged.iter().filter(|l| l.contains(&want)).collect();
     eprintln!("{made} cgroup records queued; aya-log said: {drops:?}");
-    assert_eq!(
-        drops.len(),
-        1,
-        "one log line for the dropped crossing: {logged:#?}"
+    // One line per dropped crossing, not per charge event (thousands while the ring is
+    // full). Under load the cgroup can fall back through the re-arm band (its page cache
+    // reclaimed) and cross again, which is a crossing of its own: a few lines, not one per
+    // event.
+    assert!(
+        (1..=3).contains(&drops.len()),
+        "one log line per dropped crossing: {logged:#?}"
     );
     assert!(
         drops[0].starts_with("WARN ring buffer full: crossing record"),

@@ -19,6 +19,15 @@ use oomguard::config::RunArgs;
 use oomguard::guard::{Armed, Cmd, Deps};
 use oomguard::report::Action;
 
+/// Whether crossings come from the memcg charge path itself (`count_memcg_events`), not from
+/// the rss counters.
+fn charge_path_crossings() -> bool {
+    oomguard::bpf::capabilities()
+        .programs
+        .iter()
+        .any(|p| p.program == "memcg_pressure" && p.wanted())
+}
+
 /// Allocates past `limit` at `rate` and checks the agent, not the kernel, killed it.
 fn kills_before_the_kernel(rate: &str, mode: &str) {
     if !kernel_ready() || (mode == "ebpf" && !ebpf_ready()) {
@@ -65,9 +74,12 @@ fn kills_before_the_kernel(rate: &str, mode: &str) {
     .thresholds(256 * M)
     .unwrap();
     assert_eq!(decision["threshold"].as_u64(), Some(t.kill));
-    if mode == "ebpf" {
+    if mode == "ebpf" && charge_path_crossings() {
         // The eBPF crossing record is emitted at the charge that crosses; the eventfd
         // notifier trails it (rate-limited per CPU): the record must be what woke the guard.
+        // Where only rss_stat carries crossings (kernels without count_memcg_events), the
+        // record follows the mm's rss counters, which pre-6.2 kernels fold in only every 64
+        // page events per thread: either signal may come first there.
         assert_eq!(decision["signal"], "ebpf", "{decision:#}");
         assert_eq!(sb.cg.failcnt().unwrap(), 0, "the limit was hit");
     }

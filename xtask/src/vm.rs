@@ -682,6 +682,15 @@ pub fn run(target: &Path, guest: &Guest, command: &str, out: Option<&Path>) -> R
     qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe. The guest dies with us (Ctrl-C, a killed CI job):
+    // no qemu is left behind.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        qemu.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let started = Instant::now();
     let mut child = qemu
         .spawn()

@@ -455,7 +455,7 @@ impl Guard {
                         if let Some(m) = &self.deps.metrics {
                             m.reclaim_signal_eventfd.inc();
                         }
-                        self.reclaim_signal(&path)
+                        self.reclaim_signal(&path, "eventfd")
                     }
                     Kind::Oom => self.oom_signal(&path),
                     Kind::Ring => self.ring(woke),
@@ -538,12 +538,13 @@ impl Guard {
             Signal::Crossed {
                 path,
                 threshold: Threshold::Reclaim,
+                via,
                 ..
             } => {
                 if let Some(m) = &self.deps.metrics {
                     m.reclaim_signal_fallback.inc();
                 }
-                self.reclaim_signal(&path);
+                self.reclaim_signal(&path, via);
             }
             Signal::KernelOom(path) => self.oom_signal(&path),
         }
@@ -1258,7 +1259,7 @@ impl Guard {
                         if let Some(m) = &self.deps.metrics {
                             m.reclaim_signal_ebpf.inc();
                         }
-                        self.reclaim_signal(&path);
+                        self.reclaim_signal(&path, "ebpf");
                     }
                 }
                 Record::KernelOomVictim { ktime_ns, .. } => {
@@ -1283,7 +1284,7 @@ impl Guard {
         }
     }
 
-    fn reclaim_signal(&mut self, path: &Path) {
+    fn reclaim_signal(&mut self, path: &Path, signal: &'static str) {
         let interval = self.deps.config.reclaim_interval;
         let Some(e) = self.entries.get_mut(path) else {
             return;
@@ -1331,6 +1332,7 @@ impl Guard {
             MemStat::default(),
         );
         d.threshold = self.entries[path].armed.thresholds.reclaim;
+        d.signal = signal;
         let cgroup = self.entries[path].armed.cgroup.clone();
         let reclaim_file = if cgroup.is_v2() {
             "memory.reclaim"

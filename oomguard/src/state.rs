@@ -24,7 +24,7 @@ pub enum CgroupState {
     /// Thresholds armed; usage below the kill threshold (or the kill was skipped for cache).
     #[serde(rename = "armed")]
     Armed,
-    /// Background `memory.force_empty` is running.
+    /// Background `memory.force_empty` (v2: `memory.reclaim`) is running.
     #[serde(rename = "reclaiming")]
     Reclaiming,
     /// Above the kill threshold: the policy is choosing or killing a victim.

@@ -314,12 +314,14 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
         "the task in the agent's own cgroup was killed: {:#?}",
         agent.decisions("kill")
     );
-    let kills = agent.decisions("kill");
-    assert!(!kills.is_empty(), "{:#?}", agent.records());
-    assert_eq!(
-        killed(&kills[0])[0]["pid"].as_u64(),
-        Some(u64::from(grow.id()))
-    );
+    // The decision record is written once the victim's exit is confirmed, which can come
+    // just after the test saw the exit itself.
+    let kill = agent
+        .wait_for(Duration::from_secs(5), |v| {
+            v["message"] == "decision" && v["action"] == "kill"
+        })
+        .unwrap_or_else(|| panic!("no kill decision: {:#?}", agent.records()));
+    assert_eq!(killed(&kill)[0]["pid"].as_u64(), Some(u64::from(grow.id())));
 }
 
 /// A cgroup removed and made again at the same path with the same limit is a new cgroup:
@@ -365,6 +367,17 @@ fn a_cgroup_made_again_with_the_same_limit_is_re_armed() {
         "the kernel had to act: the re-made cgroup was not guarded; log: {:#?}",
         agent.records()
     );
+    // The record comes once the victim's exit is confirmed; then no second one follows.
+    assert!(
+        agent
+            .wait_for(Duration::from_secs(5), |v| {
+                v["message"] == "decision" && v["action"] == "kill"
+            })
+            .is_some(),
+        "no kill decision: {:#?}",
+        agent.records()
+    );
+    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(agent.decisions("kill").len(), 1);
 }
 
@@ -380,14 +393,21 @@ fn a_cgroup_with_oom_kill_disabled_is_left_alone() {
     let sb = sandbox("decide-oomoff", 128 * M);
     std::fs::write(sb.cg.file("memory.oom_control"), "1").unwrap();
     let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    // Said while arming, so before the "armed" record start_agent waited for: look at every
+    // record, not only those after it.
+    let said = |a: &oomguard::sandbox::Agent| {
+        a.records().iter().any(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("oom_kill_disable=1"))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !said(&agent) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        agent
-            .wait_for(Duration::from_secs(5), |v| {
-                v["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("oom_kill_disable=1"))
-            })
-            .is_some(),
+        said(&agent),
         "the agent did not say it leaves the cgroup alone: {:#?}",
         agent.records()
     );

@@ -55,11 +55,13 @@ pub fn pressure(usage: u64, reclaimable_cache: u64, kill_threshold: u64) -> Pres
     }
 }
 
-/// Whether killing a candidate that frees `freeable` bytes brings the unreclaimable part
-/// back under the kill threshold. A kill that cannot is not made: the kernel would not
-/// kill either until a charge fails at the limit.
-pub fn can_help(freeable: u64, overshoot: u64) -> bool {
-    freeable > overshoot
+/// Whether killing a candidate that frees `freeable` bytes helps: it brings the
+/// unreclaimable part back under the kill threshold, or it gives back at least half a
+/// margin (many tasks growing together: no single one covers the overshoot, but each kill
+/// holds the limit off as the kernel's own would). A kill that does neither (an idle task
+/// in a cgroup held up by tmpfs) is not made.
+pub fn can_help(freeable: u64, overshoot: u64, margin: u64) -> bool {
+    freeable > overshoot || freeable >= (margin / 2).max(1)
 }
 
 /// The band below the kill threshold usage must fall into before an episode ends: a
@@ -154,10 +156,13 @@ mod tests {
     fn a_kill_helps_only_when_it_frees_more_than_the_overshoot() {
         // Issue 14's second reproduction: an idle task (a few hundred KiB anonymous) in a
         // cgroup held 2 MiB above its threshold by tmpfs.
-        assert!(!can_help(300 << 10, 2 * M));
-        assert!(can_help(200 * M, 2 * M));
-        assert!(!can_help(2 * M, 2 * M));
-        assert!(can_help(1, 0));
+        let margin = 5 * M;
+        assert!(!can_help(300 << 10, 2 * M, margin));
+        assert!(can_help(200 * M, 2 * M, margin));
+        assert!(!can_help(2 * M, 2 * M, margin));
+        assert!(can_help(1, 0, margin));
+        // Fifty tasks of 5 MiB growing together, 8 MiB over: each kill holds the limit off.
+        assert!(can_help(5 * M, 8 * M, margin));
     }
 
     #[test]

@@ -268,6 +268,9 @@ const AT_LIMIT_EVERY: Duration = Duration::from_millis(100);
 /// Growth assumed for a cgroup at its limit with reclaimable cache when none was measured:
 /// sets how often its `memory.stat` is read (20 MiB of headroom: every 156 ms).
 const ASSUMED_GROWTH: u64 = 64 << 20;
+/// The shortest: a fast task that crossed with a few MiB of cache in its cgroup (its own
+/// binary's pages) must be seen growing before the kernel runs out of that cache.
+const RECHECK_MIN: Duration = Duration::from_millis(10);
 /// The longest a cgroup with reclaimable cache goes without a re-check.
 const RECHECK_MAX: Duration = Duration::from_secs(1);
 
@@ -806,7 +809,11 @@ impl Guard {
         e.next_check = match step {
             Step::Idle if watching => Some(now + cfg.guard_interval),
             Step::Idle => None,
-            Step::Watch | Step::Held => Some(now + cfg.guard_interval),
+            Step::Watch => Some(now + cfg.guard_interval),
+            // Above the threshold without a signal to come (the notifier saw the crossing):
+            // growth past the floor must be seen before the kernel's limit (usage only,
+            // unless usage is past the floor).
+            Step::Held => Some(now + cfg.guard_interval.min(RECHECK_MIN)),
             Step::Waiting => Some(
                 match e.victim.as_ref() {
                     // Its exit wakes the guard through the pidfd; only the bound is polled.
@@ -820,7 +827,7 @@ impl Guard {
                     headroom,
                     e.state.growth_per_s,
                     ASSUMED_GROWTH,
-                    cfg.guard_interval,
+                    cfg.guard_interval.min(RECHECK_MIN),
                     RECHECK_MAX,
                 ),
             ),
@@ -923,19 +930,22 @@ impl Guard {
         };
         let cg = e.armed.cgroup.clone();
         let limit = e.armed.thresholds.limit;
+        let margin = e.armed.thresholds.margin;
         let hard = decide::unreclaimable(usage, stats.reclaimable_cache());
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
         let mut pending: Option<Pending> = None;
         let mut killed_any = false;
-        if cfg.policy == Policy::Container && self.act_container(&cg, &mut d, woke, overshoot) {
+        if cfg.policy == Policy::Container
+            && self.act_container(&cg, &mut d, woke, overshoot, margin)
+        {
             killed_any = d.action == Action::Kill;
         } else {
             let ranked = self.rank(&cg, limit);
             let any = !ranked.is_empty();
             let helping: Vec<&victim::Candidate> = ranked
                 .iter()
-                .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot))
+                .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot, margin))
                 .collect();
             if any && helping.is_empty() {
                 d.action = Action::NoHelp;
@@ -1087,6 +1097,7 @@ impl Guard {
         d: &mut Decision,
         woke: Instant,
         overshoot: u64,
+        margin: u64,
     ) -> bool {
         let Some(rt) = &self.deps.runtime else {
             return false;
@@ -1117,7 +1128,7 @@ impl Guard {
             .stat()
             .map(|s| s.get("total_rss"))
             .unwrap_or(u64::MAX);
-        if !decide::can_help(freeable, overshoot) {
+        if !decide::can_help(freeable, overshoot, margin) {
             d.action = Action::NoHelp;
             d.proccgroup = target.cgroup.display().to_string();
             d.detail = format!(

@@ -66,6 +66,9 @@ impl State {
                 *self = State::default();
                 return Step::Idle;
             }
+            // The kill brought usage under the threshold: the next crossing is acted on at
+            // once, not taken as the level after the kill.
+            self.settle = false;
             return Step::Watch;
         }
         self.above = true;
@@ -188,14 +191,32 @@ mod tests {
         let mut s = State::default();
         assert_eq!(obs(&mut s, KILL, 0), Step::Act { overshoot: 0 });
         s.acted();
+        assert_eq!(
+            obs(&mut s, KILL + M, 0),
+            Step::Held,
+            "no growth since the kill"
+        );
         assert_eq!(obs(&mut s, KILL - 4096, 0), Step::Watch);
-        assert_eq!(obs(&mut s, KILL, 0), Step::Held, "no growth since the kill");
+        assert_eq!(obs(&mut s, KILL + M, 0), Step::Held, "still no growth");
         assert_eq!(obs(&mut s, KILL - HYST - 1, 0), Step::Idle);
         assert!(!s.above);
         assert_eq!(
             obs(&mut s, KILL, 0),
             Step::Act { overshoot: 0 },
             "a new episode"
+        );
+    }
+
+    #[test]
+    fn a_crossing_after_a_kill_that_brought_usage_under_is_acted_on() {
+        let mut s = State::default();
+        assert_eq!(obs(&mut s, KILL + M, 0), Step::Act { overshoot: M });
+        s.acted();
+        assert_eq!(obs(&mut s, KILL - 4096, 0), Step::Watch);
+        assert_eq!(
+            obs(&mut s, KILL + 4096, 0),
+            Step::Act { overshoot: 4096 },
+            "many tasks growing together cross again right after a kill"
         );
     }
 

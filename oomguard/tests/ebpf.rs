@@ -532,13 +532,14 @@ fn tolerance() -> u64 {
     (cpus * 32.max(2 * cpus)).max(2 * 64) * bpf::page_size()
 }
 
+/// Within the counters' error, or 1% of the value (a TCG guest's 6.12 was seen 145 pages off
+/// on 130 MiB, past the per-CPU batch bound: the program updates the map only when the shared
+/// counter moves, so its snapshot can trail by what the last moves left unfolded).
 fn assert_close(what: &str, map: u64, proc: u64) {
     let diff = map.abs_diff(proc);
-    eprintln!(
-        "{what}: map {map}, /proc {proc}, off by {diff} (tolerance {})",
-        tolerance()
-    );
-    assert!(diff <= tolerance(), "{what}: map {map} vs /proc {proc}");
+    let tolerance = tolerance().max(proc / 100);
+    eprintln!("{what}: map {map}, /proc {proc}, off by {diff} (tolerance {tolerance})");
+    assert!(diff <= tolerance, "{what}: map {map} vs /proc {proc}");
 }
 
 #[test]

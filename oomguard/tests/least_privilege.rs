@@ -419,8 +419,19 @@ fn works_with_exactly_the_manifests_capabilities(mode: &str) {
     let k = killed(&decision);
     assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
     assert_eq!(k[0]["outcome"], "exited", "{decision:#}");
+    // Which signal woke the guard for the kill is not this test's subject (guard.rs pins it
+    // where the charge path runs), and since episodes re-check usage a kill may follow an
+    // eventfd wake-up; that the eBPF programs work under these capabilities is: a crossing
+    // record from them reached the guard.
     if mode == "ebpf" {
-        assert_eq!(decision["signal"], "ebpf", "{decision:#}");
+        assert!(
+            agent
+                .records()
+                .iter()
+                .any(|v| v["message"] == "decision" && v["signal"] == "ebpf"),
+            "no decision woke by an eBPF record: {:#?}",
+            agent.decisions("kill")
+        );
     }
 
     // Self-protection, for each capability that buys it.

@@ -275,6 +275,24 @@ pub fn patience(timeout: Duration) -> Duration {
     timeout.mul_f64(factor)
 }
 
+/// Says why the running test skips, on stderr and, in the kernel matrix's guests, in the
+/// file `OOMGUARD_SKIP_LOG` names (`<test name>\t<reason>` per line), so the matrix counts it
+/// as skipped, not passed.
+pub fn record_skip(why: &str) {
+    eprintln!("skipped: {why}");
+    if let Some(log) = std::env::var_os("OOMGUARD_SKIP_LOG") {
+        use std::io::Write;
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{name}\t{}", why.replace(['\n', '\t'], " "));
+        }
+    }
+}
+
 pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;

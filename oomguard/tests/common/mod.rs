@@ -53,18 +53,7 @@ pub fn kernel_ready() -> bool {
 /// file `OOMGUARD_SKIP_LOG` names (`<test name>\t<reason>` per line), so the matrix counts it
 /// as skipped, not passed.
 pub fn skipped(why: &str) {
-    eprintln!("skipped: {why}");
-    if let Some(log) = std::env::var_os("OOMGUARD_SKIP_LOG") {
-        use std::io::Write;
-        let name = std::thread::current().name().unwrap_or("?").to_owned();
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{name}\t{}", why.replace(['\n', '\t'], " "));
-        }
-    }
+    oomguard::sandbox::record_skip(why);
 }
 
 /// For a test of a cgroup layout or kernel this machine does not have (a v2 test on a v1

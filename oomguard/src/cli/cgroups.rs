@@ -1,24 +1,11 @@
 //! `oomguard cgroups [--json]`: every cgroup the running agent guards, from its control
 //! socket.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Args;
-
+use super::args::CgroupsArgs;
 use super::{Align, Paint, Table, bytes, or_dash, short_cgroup};
 use crate::control::{CgroupView, Client};
-
-#[derive(Debug, Clone, Args)]
-pub struct CgroupsArgs {
-    /// The agent's --state-dir (where control.sock is).
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// A JSON list of objects: path, limit, usage, margin, threshold, reclaim_threshold,
-    /// cache (bytes), state, since, last_action.
-    #[arg(long)]
-    pub json: bool,
-}
 
 pub fn main(args: CgroupsArgs) -> ExitCode {
     let cgroups = match Client::new(&args.state_dir).cgroups() {

@@ -3,33 +3,14 @@
 //! before exit), and the mode `--mode auto` would pick. Exit 0 when the agent can run.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
-
+use super::args::DoctorArgs;
 use super::{Align, Paint, Table, error_line};
 use crate::cgroup::{MemCgroup, cgroup_of_pid};
 use crate::threshold::{Notifier, arm};
-
-#[derive(Debug, Clone, Args)]
-pub struct DoctorArgs {
-    /// containerd socket of the docker runtime.
-    #[arg(long, default_value = "/run/docker/containerd/docker-containerd.sock")]
-    pub docker_containerd_sock: PathBuf,
-    /// containerd socket of the containerd runtime.
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    pub containerd_sock: PathBuf,
-    /// The kubeconfig the agent would be given (default: in-cluster, else $KUBECONFIG,
-    /// else ~/.kube/config).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
-    /// One JSON object: kernel, checks (group, name, status, required, detail), can_run,
-    /// auto_mode, auto_reason.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -3,27 +3,11 @@
 //! new ones until interrupted.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Args;
-
+use super::args::EventsArgs;
 use super::{Align, Paint, Table, bytes, short_cgroup};
 use crate::control::Client;
-
-#[derive(Debug, Clone, Args)]
-pub struct EventsArgs {
-    /// The agent's --state-dir (where control.sock is).
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// After the recent events, print new ones as they happen.
-    #[arg(long, short)]
-    pub follow: bool,
-    /// One JSON object per line: seq, timestamp, cgroup, kind ("decision" or "signal") and
-    /// the decision record or the signal.
-    #[arg(long)]
-    pub json: bool,
-}
 
 const HEADERS: [(&str, Align); 7] = [
     ("TIME", Align::Left),

@@ -5,6 +5,7 @@
 //!
 //! `--json` output is stable: fields are only ever added. README.md, "Debug CLI", documents it.
 
+pub mod args;
 pub mod bpf;
 pub mod cgroups;
 pub mod doctor;

@@ -1,0 +1,149 @@
+//! The `oomguard` command line: one clap tree holding every subcommand's arguments. The binary
+//! parses it once; each subcommand's module only runs what it is given. `run`'s flags are the
+//! agent's configuration, so they live (and are validated) in [`crate::config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{DEFAULT_STATE_DIR, RunArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oomguard",
+    version,
+    about = "Kill a memory cgroup's offender before the kernel's memcg OOM killer has to"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Guard every memory cgroup with a limit below --root.
+    #[command(args_override_self = true)]
+    Run(Box<RunArgs>),
+    /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
+    Demo(crate::demo::DemoArgs),
+    /// Check what this node offers the agent; exit 0 when it can run.
+    Doctor(DoctorArgs),
+    /// Inspect the agent's pinned eBPF programs and maps (bpftool-style).
+    Bpf(BpfArgs),
+    /// The cgroups the running agent guards, with thresholds, usage and state.
+    Cgroups(CgroupsArgs),
+    /// The running agent's recent decisions and signals; --follow streams them.
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    /// containerd socket of the docker runtime.
+    #[arg(long, default_value = "/run/docker/containerd/docker-containerd.sock")]
+    pub docker_containerd_sock: PathBuf,
+    /// containerd socket of the containerd runtime.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub containerd_sock: PathBuf,
+    /// The kubeconfig the agent would be given (default: in-cluster, else $KUBECONFIG,
+    /// else ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// One JSON object: kernel, checks (group, name, status, required, detail), can_run,
+    /// auto_mode, auto_reason.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BpfArgs {
+    /// Where the agent pins its maps (the agent's --bpf-pin-dir).
+    #[arg(long, global = true, default_value = crate::bpf::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// JSON output (a list of objects; {"error": "..."} when it fails).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: BpfCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BpfCommand {
+    /// The agent's eBPF programs.
+    Prog {
+        #[command(subcommand)]
+        command: ProgCommand,
+    },
+    /// The agent's pinned eBPF maps.
+    Map {
+        #[command(subcommand)]
+        command: MapCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ProgCommand {
+    /// id, type, name, attach point, and run count/time when BPF stats are on.
+    Show,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MapCommand {
+    /// id, type, name, key/value sizes, capacity and entries of each pinned map.
+    Show,
+    /// Every entry of a pinned map (THRESHOLDS, TASKS), decoded.
+    Dump {
+        /// The pin's file name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CgroupsArgs {
+    /// The agent's --state-dir (where control.sock is).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// A JSON list of objects: path, limit, usage, margin, threshold, reclaim_threshold,
+    /// cache (bytes), state, since, last_action.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    /// The agent's --state-dir (where control.sock is).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// After the recent events, print new ones as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// One JSON object per line: seq, timestamp, cgroup, kind ("decision" or "signal") and
+    /// the decision record or the signal.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_parses_into_its_flags() {
+        let cli =
+            Cli::try_parse_from(["oomguard", "run", "--policy=noop", "--policy=process"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.policy,
+            crate::config::Policy::Process,
+            "the last one wins"
+        );
+    }
+}

@@ -2,10 +2,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
 use oomguard::bpf::{self, EbpfGuard};
 use oomguard::cli::args::{Cli, Command};
-use oomguard::config::{Config, Mode, RunArgs, clap_error_line};
+use oomguard::config::{Config, Mode, RunArgs};
 use oomguard::discovery::Discovery;
 use oomguard::events::{EventSink, EventsOptions};
 use oomguard::metrics::Metrics;
@@ -13,17 +12,9 @@ use oomguard::runtime::{RuntimeClient, RuntimeConfig};
 use oomguard::{cgroup, guard, reclaim, report, sys};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_or_exit_code() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            // One clear line for bad input, not clap's usage block.
-            eprintln!("oomguard: {} (see --help)", clap_error_line(&e));
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::Run(args) => run(*args),

@@ -91,12 +91,80 @@ fn json_report_agrees_with_the_kernel() {
 }
 
 #[test]
-fn human_report_fits_100_columns_and_names_the_mode() {
+fn human_report_to_a_pipe_is_whole_and_names_the_mode() {
     if !common::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+    assert!(
+        !out.contains('…'),
+        "nothing is cut when stdout is no terminal: {out}"
+    );
     assert!(out.contains("--mode auto would use "), "{out}");
+}
+
+/// Runs `oomguard doctor` with stdout on a pseudo-terminal (stderr discarded) and returns
+/// what the terminal showed; `env` goes to the child.
+fn doctor_on_a_terminal(env: &[(&str, &str)]) -> (i32, String) {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new fds into the out-pointers; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds are new and owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = Command::new(common::agent_exe())
+        .arg("doctor")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::from(slave))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run oomguard doctor");
+    // The reader ends when the child's side closes (EIO); bounded by the receive below.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut master = std::fs::File::from(master);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(out);
+    });
+    let out = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if out.is_err() {
+        let _ = child.kill();
+    }
+    let code = child.wait().expect("wait for doctor").code().unwrap_or(-1);
+    let out = out.expect("doctor ended within 60 s");
+    (code, String::from_utf8_lossy(&out).replace('\r', ""))
+}
+
+#[test]
+fn human_report_on_a_terminal_fits_its_width_and_cuts_at_the_end() {
+    if !common::kernel_ready() {
+        return;
+    }
+    let (code, out) = doctor_on_a_terminal(&[("COLUMNS", "72"), ("NO_COLOR", "1")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 72), "{out}");
+    // Some detail is longer than the 72 columns left: its beginning stays, its end goes.
+    let cut: Vec<&str> = out.lines().filter(|l| l.contains('…')).collect();
+    assert!(!cut.is_empty(), "{out}");
+    assert!(cut.iter().all(|l| l.ends_with('…')), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("GROUP ")),
+        "the header is whole: {out}"
+    );
 }

@@ -2,11 +2,13 @@
 //! parses it once; each subcommand's module only runs what it is given. `run`'s flags are the
 //! agent's configuration, so they live (and are validated) in [`crate::config`].
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DEFAULT_STATE_DIR, RunArgs};
+use crate::config::{DEFAULT_STATE_DIR, RunArgs, clap_error_line};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,6 +19,39 @@ use crate::config::{DEFAULT_STATE_DIR, RunArgs};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's command line, once. Bad input is one line and exit status 2:
+    /// `{"error": "..."}` on stdout when `--json` was asked for, else plain text on stderr
+    /// (clap's usage block left out). `--help` and `--version` print and exit 0.
+    pub fn parse_or_exit_code() -> Result<Cli, ExitCode> {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        Cli::try_parse_from(&argv).map_err(|e| {
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let line = clap_error_line(&e);
+            if asks_for_json(&argv) {
+                println!("{}", serde_json::json!({ "error": line }));
+            } else {
+                eprintln!("oomguard: {line} (see --help)");
+            }
+            ExitCode::from(2)
+        })
+    }
+}
+
+/// Whether a command line that did not parse asked for JSON: `--json` before any `--`, on a
+/// subcommand that has it (not `run`).
+fn asks_for_json(argv: &[OsString]) -> bool {
+    let mut words = argv.iter().skip(1).take_while(|a| *a != "--");
+    let subcommand = argv
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'));
+    subcommand.is_some_and(|s| s != "run") && words.any(|a| a == "--json")
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +162,23 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn bad_input_asks_for_json_only_where_json_exists() {
+        let argv = |words: &[&str]| -> Vec<OsString> {
+            std::iter::once("oomguard")
+                .chain(words.iter().copied())
+                .map(OsString::from)
+                .collect()
+        };
+        assert!(asks_for_json(&argv(&["bpf", "map", "dump", "--json"])));
+        assert!(asks_for_json(&argv(&["cgroups", "--json", "--state-dir"])));
+        assert!(!asks_for_json(&argv(&["cgroups", "--state-dir"])));
+        assert!(!asks_for_json(&argv(&["run", "--json"])));
+        assert!(!asks_for_json(&argv(&[
+            "bpf", "map", "dump", "--", "--json"
+        ])));
+    }
 
     #[test]
     fn the_tree_is_consistent() {

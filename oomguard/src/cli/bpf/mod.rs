@@ -53,7 +53,7 @@ pub fn main(args: BpfArgs) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => super::fail(&e),
+        Err(e) => super::fail(&e, args.json),
     }
 }
 

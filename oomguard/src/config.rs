@@ -391,11 +391,20 @@ run_flags!(
     flags_file,
 );
 
-/// A clap error as one line, without clap's `error: ` prefix and usage block.
+/// A clap error as one line: its first paragraph (what is wrong, and the missing arguments
+/// or possible values clap lists under it), without the `error: ` prefix, tips and usage.
 pub fn clap_error_line(error: &clap::Error) -> String {
     let text = error.render().to_string();
-    let line = text.lines().next().unwrap_or("invalid arguments");
-    line.strip_prefix("error: ").unwrap_or(line).to_string()
+    let line = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    match line.strip_prefix("error: ").unwrap_or(&line) {
+        "" => "invalid arguments".to_string(),
+        line => line.to_string(),
+    }
 }
 
 /// The flags in a flags file: whitespace-separated words, `#` to the end of the line is a
@@ -715,6 +724,10 @@ mod tests {
     fn unknown_policy_is_a_parse_error() {
         let e = parse_words(["--policy", "reboot"]).unwrap_err();
         assert!(e.contains("reboot") && !e.starts_with("error:"), "{e}");
+        assert!(
+            e.contains("[possible values: container, process, noop]"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1, "{e}");
     }
 

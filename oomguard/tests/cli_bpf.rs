@@ -244,59 +244,33 @@ fn a_missing_pin_dir_is_one_clear_line() {
     let missing = "/sys/fs/bpf/oomguard-test-cli-none";
     for args in [
         &["bpf", "prog", "show"][..],
-        &["bpf", "map", "show", "--json"],
+        &["bpf", "map", "show"],
         &["bpf", "map", "dump", "TASKS"],
     ] {
         let mut args = args.to_vec();
         args.extend(["--bpf-pin-dir", missing]);
         let (code, out, err) = oomguard(&args);
         assert_eq!(code, 1, "{args:?}");
-        if args.contains(&"--json") {
-            assert!(err.is_empty(), "{args:?}: {err}");
-            assert!(json_error(&out).contains(missing), "{out}");
-        } else {
-            assert!(out.is_empty(), "{args:?}: {out}");
-            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-            assert!(err.contains(missing), "{err}");
-        }
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(missing), "{err}");
     }
 }
 
 #[test]
-fn every_json_subcommand_answers_json_when_it_fails() {
+fn json_answers_json_when_it_fails() {
     let missing = "/sys/fs/bpf/oomguard-test-cli-none";
-    let state = "/nonexistent/oomguard-state";
-    for (args, dir) in [
-        (
-            &["bpf", "prog", "show", "--json", "--bpf-pin-dir"][..],
-            missing,
-        ),
-        (&["bpf", "map", "show", "--json", "--bpf-pin-dir"], missing),
-        (
-            &["bpf", "map", "dump", "TASKS", "--json", "--bpf-pin-dir"],
-            missing,
-        ),
-        (&["cgroups", "--json", "--state-dir"], state),
-        (&["events", "--json", "--state-dir"], state),
-        (&["events", "--follow", "--json", "--state-dir"], state),
+    for args in [
+        &["bpf", "prog", "show", "--json"][..],
+        &["bpf", "map", "show", "--json"],
+        &["bpf", "map", "dump", "TASKS", "--json"],
     ] {
         let mut args = args.to_vec();
-        args.push(dir);
+        args.extend(["--bpf-pin-dir", missing]);
         let (code, out, err) = oomguard(&args);
         assert_eq!(code, 1, "{args:?}: {out} {err}");
         assert!(err.is_empty(), "{args:?}: {err}");
         let error = json_error(&out);
-        assert!(error.contains(dir), "{args:?}: {error}");
-    }
-    // Bad input too: exit status 2, the one line as JSON.
-    for args in [
-        &["bpf", "map", "dump", "--json"][..],
-        &["cgroups", "--json", "--no-such-flag"],
-        &["events", "--json", "--state-dir"],
-    ] {
-        let (code, out, err) = oomguard(args);
-        assert_eq!(code, 2, "{args:?}: {out} {err}");
-        assert!(err.is_empty(), "{args:?}: {err}");
-        assert!(!json_error(&out).is_empty());
+        assert!(error.contains(missing), "{args:?}: {error}");
     }
 }

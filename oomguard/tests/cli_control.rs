@@ -272,6 +272,7 @@ fn no_agent_is_one_clear_line_and_exit_1() {
         &["cgroups"][..],
         &["cgroups", "--json"],
         &["events"],
+        &["events", "--json"],
         &["events", "--follow", "--json"],
     ] {
         let mut args = args.to_vec();

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
-use oomguard::config::{Cli, Command};
+use oomguard::cli::args::{Cli, Command};
 
 const PAGE: u64 = 4096;
 

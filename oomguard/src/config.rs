@@ -5,40 +5,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use thiserror::Error;
 
 use crate::cgroup::{Layout, MemCgroup, Version, layout::node_summary};
 use crate::size::Size;
 use crate::threshold::Margins;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "oomguard",
-    version,
-    about = "Kill a memory cgroup's offender before the kernel's memcg OOM killer has to"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Guard every memory cgroup with a limit below --root.
-    #[command(args_override_self = true)]
-    Run(Box<RunArgs>),
-    /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
-    Demo(crate::demo::DemoArgs),
-    /// Check what this node offers the agent; exit 0 when it can run.
-    Doctor(crate::cli::doctor::DoctorArgs),
-    /// Inspect the agent's pinned eBPF programs and maps (bpftool-style).
-    Bpf(crate::cli::bpf::BpfArgs),
-    /// The cgroups the running agent guards, with thresholds, usage and state.
-    Cgroups(crate::cli::cgroups::CgroupsArgs),
-    /// The running agent's recent decisions and signals; --follow streams them.
-    Events(crate::cli::events::EventsArgs),
-}
+/// Where the control socket (`control.sock`) lives unless `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/run/oomguard";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,7 +129,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Where the control socket (control.sock) for `oomguard cgroups`/`events` lives.
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Serve /metrics, /healthz and /readyz on HOST:PORT (or :PORT, all addresses). Off when
     /// unset, empty or port 0.
@@ -315,44 +293,118 @@ impl RunArgs {
 }
 
 impl RunArgs {
-    /// Parses `run`'s command-line arguments (`args`, what follows `run`) and, when they
-    /// name a `--flags-file`, that file's flags after them: the file wins.
-    pub fn load(args: &[std::ffi::OsString]) -> Result<RunArgs, ConfigError> {
-        let parse = |extra: &[String]| {
-            let argv = ["oomguard", "run"]
-                .iter()
-                .map(std::ffi::OsString::from)
-                .chain(args.iter().cloned())
-                .chain(extra.iter().map(std::ffi::OsString::from));
-            match Cli::try_parse_from(argv) {
-                Ok(Cli {
-                    command: Command::Run(run),
-                }) => Ok(*run),
-                Ok(_) => Err("not a run command".to_string()),
-                Err(e) => Err(first_line(&e.render().to_string())),
-            }
-        };
-        let first = parse(&[]).map_err(ConfigError::Args)?;
-        let Some(path) = first.flags_file.clone() else {
-            return Ok(first);
+    /// The command line (`self`, parsed once by the binary's clap tree) with the flags file
+    /// it names laid over it, validated: what the agent starts with and what SIGHUP reloads.
+    pub fn config(&self, hostname: &str) -> Result<Config, ConfigError> {
+        self.with_flags_file()?.validate(hostname)
+    }
+
+    /// `run`'s flags from `words` (what follows `run`) and, when they name a `--flags-file`,
+    /// that file's flags over them. For callers without the binary's clap tree (tests).
+    pub fn load<T: Into<OsString> + Clone>(words: &[T]) -> Result<RunArgs, ConfigError> {
+        let (run, _) = parse_words(words.iter().cloned()).map_err(ConfigError::Args)?;
+        run.with_flags_file()
+    }
+
+    /// `self` with the flags its `--flags-file` names laid over it (the file wins); `self`
+    /// unchanged without one. Only flags written in the file count: its defaults and the
+    /// environment do not undo the command line.
+    pub fn with_flags_file(&self) -> Result<RunArgs, ConfigError> {
+        let Some(path) = &self.flags_file else {
+            return Ok(self.clone());
         };
         let err = |error: String| ConfigError::FlagsFile {
             path: path.display().to_string(),
             error,
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-        let tokens = flags_file_tokens(&text);
-        if tokens.iter().any(|t| t.starts_with("--flags-file")) {
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let (file, matches) = parse_words(flags_file_tokens(&text)).map_err(err)?;
+        let written = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        if written("flags_file") {
             return Err(err("may not name another --flags-file".into()));
         }
-        let run = parse(&tokens).map_err(err)?;
+        let mut run = self.clone();
+        overlay(&mut run, file, written);
         Ok(run)
     }
 }
 
-fn first_line(text: &str) -> String {
-    let line = text.lines().next().unwrap_or("invalid arguments");
-    line.strip_prefix("error: ").unwrap_or(line).to_string()
+/// `words` parsed as `run`'s flags alone (no program or subcommand name); a repeated flag
+/// takes its last value, as on the command line.
+fn parse_words<T: Into<OsString> + Clone>(
+    words: impl IntoIterator<Item = T>,
+) -> Result<(RunArgs, ArgMatches), String> {
+    let command = RunArgs::augment_args(
+        clap::Command::new("run")
+            .no_binary_name(true)
+            .args_override_self(true),
+    );
+    let matches = command
+        .try_get_matches_from(words)
+        .map_err(|e| clap_error_line(&e))?;
+    let run = RunArgs::from_arg_matches(&matches).map_err(|e| clap_error_line(&e))?;
+    Ok((run, matches))
+}
+
+/// Lays the fields `written` names (clap ids: the field names) over `base`, and lists them
+/// so a test can check that every flag is here.
+macro_rules! run_flags {
+    ($($field:ident),* $(,)?) => {
+        #[cfg(test)]
+        const RUN_FLAGS: &[&str] = &[$(stringify!($field)),*];
+
+        fn overlay(base: &mut RunArgs, file: RunArgs, written: impl Fn(&str) -> bool) {
+            $(if written(stringify!($field)) {
+                base.$field = file.$field;
+            })*
+        }
+    };
+}
+
+run_flags!(
+    root,
+    policy,
+    margin_ratio,
+    min_margin,
+    max_margin,
+    cache_skip_ratio,
+    mode,
+    walk_interval,
+    guard_ms,
+    cooldown_ms,
+    kill_timeout_ms,
+    reclaim_timeout_ms,
+    reclaim_interval_ms,
+    rt_priority,
+    log_format,
+    node_name,
+    docker_containerd_sock,
+    containerd_sock,
+    docker_root,
+    bpf_pin_dir,
+    kubeconfig,
+    state_dir,
+    metrics_addr,
+    watchdog_ms,
+    no_inotify,
+    v2_throttle,
+    flags_file,
+);
+
+/// A clap error as one line: its first paragraph (what is wrong, and the missing arguments
+/// or possible values clap lists under it), without the `error: ` prefix, tips and usage.
+pub fn clap_error_line(error: &clap::Error) -> String {
+    let text = error.render().to_string();
+    let line = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    match line.strip_prefix("error: ").unwrap_or(&line) {
+        "" => "invalid arguments".to_string(),
+        line => line.to_string(),
+    }
 }
 
 /// The flags in a flags file: whitespace-separated words, `#` to the end of the line is a
@@ -511,13 +563,14 @@ fn parse_metrics_addr(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, C
 mod tests {
     use super::*;
 
+    fn run_args(words: &[&str]) -> RunArgs {
+        parse_words(words).unwrap().0
+    }
+
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut argv = vec!["oomguard", "run", "--root", "/proc/self"];
-        argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!("not run")
-        };
+        let mut words = vec!["--root", "/proc/self"];
+        words.extend_from_slice(args);
+        let run = run_args(&words);
         // /proc/self has no memory.limit_in_bytes: validation of everything before the
         // root check is what these tests pin down.
         run.validate("host")
@@ -525,10 +578,7 @@ mod tests {
 
     #[test]
     fn defaults_are_upstream() {
-        let cli = Cli::try_parse_from(["oomguard", "run"]).unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!("not run")
-        };
+        let run = run_args(&[]);
         assert_eq!(run.root, None, "resolved from mountinfo at validation");
         assert_eq!(run.policy, Policy::Container);
         assert_eq!(run.margin_ratio, 0.02);
@@ -547,11 +597,7 @@ mod tests {
 
     #[test]
     fn upstream_bare_numbers_are_mib() {
-        let cli =
-            Cli::try_parse_from(["oomguard", "run", "--min-margin=1", "--max-margin=30"]).unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!("not run")
-        };
+        let run = run_args(&["--min-margin=1", "--max-margin=30"]);
         assert_eq!(run.max_margin, Size(30 << 20));
     }
 
@@ -676,6 +722,53 @@ mod tests {
 
     #[test]
     fn unknown_policy_is_a_parse_error() {
-        assert!(Cli::try_parse_from(["oomguard", "run", "--policy", "reboot"]).is_err());
+        let e = parse_words(["--policy", "reboot"]).unwrap_err();
+        assert!(e.contains("reboot") && !e.starts_with("error:"), "{e}");
+        assert!(
+            e.contains("[possible values: container, process, noop]"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn every_flag_can_come_from_the_flags_file() {
+        let command = RunArgs::augment_args(clap::Command::new("run"));
+        let ids: Vec<&str> = command
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .collect();
+        for id in &ids {
+            assert!(RUN_FLAGS.contains(id), "{id} is missing from run_flags!");
+        }
+        assert_eq!(ids.len(), RUN_FLAGS.len());
+    }
+
+    #[test]
+    fn the_flags_file_changes_only_what_it_writes() {
+        let dir = std::env::temp_dir().join(format!("oomguard-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("flags");
+        std::fs::write(&file, "--cooldown-ms 7\n").unwrap();
+        let mut words = vec![
+            "--policy",
+            "process",
+            "--no-inotify",
+            "--node-name",
+            "from-the-command-line",
+            "--flags-file",
+        ];
+        words.push(file.to_str().unwrap());
+        let cmdline = run_args(&words);
+        let run = cmdline.with_flags_file().unwrap();
+        assert_eq!(run.cooldown_ms, 7);
+        assert_eq!(run.policy, Policy::Process, "file defaults do not win");
+        assert!(run.no_inotify, "an unset switch in the file is not false");
+        assert_eq!(run.node_name.as_deref(), Some("from-the-command-line"));
+        assert_eq!(
+            cmdline.cooldown_ms, 1000,
+            "the command line is kept for reloads"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

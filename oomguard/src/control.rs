@@ -28,8 +28,6 @@ use thiserror::Error;
 use crate::cgroup::MemCgroup;
 use crate::state::{AgentState, CgroupState, LastAction};
 
-/// Default `--state-dir`.
-pub const DEFAULT_STATE_DIR: &str = "/run/oomguard";
 /// The socket's file name inside the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
 /// Clients served at once; more are refused with an error line.

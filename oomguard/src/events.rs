@@ -29,7 +29,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::Notify;
 
-use crate::report::Decision;
 use crate::runtime::PodRef;
 
 /// Unless `RUST_LOG` says otherwise about kube's client, silences its HTTP layer, which
@@ -146,28 +145,6 @@ pub struct EventRequest {
     /// killed, stats, policy), as the decision record serialises.
     pub message: String,
     pub at: jiff::Timestamp,
-}
-
-impl EventRequest {
-    /// An event for `decision`, about `pod` when one is known, else about node `node`.
-    pub fn from_decision(
-        decision: &Decision,
-        reason: Reason,
-        pod: Option<&PodRef>,
-        node: &str,
-    ) -> Self {
-        EventRequest {
-            reason,
-            object: pod.map(Involved::from_pod).unwrap_or(Involved::Node {
-                name: node.to_string(),
-            }),
-            message: serde_json::to_string(decision).unwrap_or_default(),
-            at: decision
-                .timestamp
-                .parse()
-                .unwrap_or_else(|_| jiff::Timestamp::now()),
-        }
-    }
 }
 
 /// Settings of the sink.

@@ -21,7 +21,8 @@
 //! - [`bpf`]: loading and attaching the eBPF programs.
 //! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.
 //! - [`control`]: the control socket that serves [`state`], and its client.
-//! - [`cli`]: the debug subcommands (`doctor`, `bpf`, `cgroups`, `events`).
+//! - [`cli`]: the command line (one clap tree, [`cli::args`]) and the debug subcommands
+//!   (`doctor`, `bpf`, `cgroups`, `events`) with their one table renderer.
 //! - [`telemetry`]: log setup; colour only on a terminal.
 
 /// `error` and its sources (`#[source]` chain) as one line: "a: b: c".

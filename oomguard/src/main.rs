@@ -2,9 +2,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
 use oomguard::bpf::{self, EbpfGuard};
-use oomguard::config::{Cli, Command, Config, Mode, RunArgs};
+use oomguard::cli::args::{Cli, Command};
+use oomguard::config::{Config, Mode, RunArgs};
 use oomguard::discovery::Discovery;
 use oomguard::events::{EventSink, EventsOptions};
 use oomguard::metrics::Metrics;
@@ -12,20 +12,9 @@ use oomguard::runtime::{RuntimeClient, RuntimeConfig};
 use oomguard::{cgroup, guard, reclaim, report, sys};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_or_exit_code() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            // One clear line for bad input, not clap's usage block.
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("oomguard: {line} (see --help)");
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::Run(args) => run(*args),
@@ -37,18 +26,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `run`'s own arguments (what follows `run`), kept for re-reading the flags file.
-fn run_args() -> Vec<std::ffi::OsString> {
-    std::env::args_os().skip(2).collect()
-}
-
-/// The command line plus the flags file, validated.
-fn load_config() -> Result<Config, oomguard::config::ConfigError> {
-    RunArgs::load(&run_args())?.validate(&sys::hostname())
-}
-
-fn run(_parsed: RunArgs) -> ExitCode {
-    let config = match load_config() {
+/// `args` is the command line, parsed once; it is kept so that SIGHUP can lay the flags
+/// file over it again.
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.config(&sys::hostname()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("oomguard: {e}");
@@ -56,7 +37,7 @@ fn run(_parsed: RunArgs) -> ExitCode {
         }
     };
     oomguard::telemetry::init(config.log_format);
-    match agent(config) {
+    match agent(config, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -65,7 +46,7 @@ fn run(_parsed: RunArgs) -> ExitCode {
     }
 }
 
-fn agent(config: Config) -> anyhow::Result<()> {
+fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
     let layout = cgroup::Layout::read().context("reading mountinfo")?;
     let node = cgroup::layout::node_summary(&layout);
     let (memory_mount, version) = layout.hierarchy_of(&config.root.path).with_context(|| {
@@ -251,7 +232,7 @@ fn agent(config: Config) -> anyhow::Result<()> {
                     break Ok(());
                 }
                 _ = &mut guard_died => break Err(anyhow::anyhow!("the guard thread stopped; exiting so that it is restarted")),
-                _ = hup.recv() => reload(&mut current, &guard, &reload_tx),
+                _ = hup.recv() => reload(&mut current, cmdline, &guard, &reload_tx),
             }
         };
         let _ = stop_tx.send(true);
@@ -289,10 +270,11 @@ fn agent(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: re-reads the command line and the flags file and hands the new flags to the
+/// SIGHUP: lays the flags file over the command line again and hands the new flags to the
 /// guard and discovery, or changes nothing (with one line saying why).
 fn reload(
     current: &mut Arc<Config>,
+    cmdline: &RunArgs,
     guard: &guard::GuardHandle,
     discovery: &tokio::sync::mpsc::UnboundedSender<Arc<Config>>,
 ) {
@@ -300,7 +282,7 @@ fn reload(
         tracing::info!("SIGHUP ignored: no --flags-file to reload");
         return;
     }
-    let new = match load_config() {
+    let new = match cmdline.config(&sys::hostname()) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "SIGHUP: nothing reloaded; the running flags stay");

@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use crate::cgroup::MemStat;
 use crate::config::Policy;
-use crate::events::{EventRequest, EventSink, Reason};
+use crate::events::{EventRequest, EventSink, Involved, Reason};
 use crate::kill::Outcome;
 use crate::runtime::{PodRef, RuntimeClient};
 use crate::victim::Candidate;
@@ -221,6 +221,29 @@ pub fn event_reason(d: &Decision) -> Option<Reason> {
         Action::Kill => Some(Reason::KillProcess),
         Action::KernelOom => Some(Reason::CgroupOom),
         _ => None,
+    }
+}
+
+// Here rather than in `events`: the sink posts requests and knows nothing of decisions.
+impl EventRequest {
+    /// An event for `decision` (its upstream JSON is the message), about `pod` when one is known, else about node `node`.
+    pub fn from_decision(
+        decision: &Decision,
+        reason: Reason,
+        pod: Option<&PodRef>,
+        node: &str,
+    ) -> Self {
+        EventRequest {
+            reason,
+            object: pod.map(Involved::from_pod).unwrap_or(Involved::Node {
+                name: node.to_string(),
+            }),
+            message: serde_json::to_string(decision).unwrap_or_default(),
+            at: decision
+                .timestamp
+                .parse()
+                .unwrap_or_else(|_| jiff::Timestamp::now()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! What the running agent knows, kept for the debug views (`oomguard cgroups`,
-//! `oomguard events`) that [`crate::control`] serves.
+//! `oomguard events`) that the control socket serves (`control` reads this module, never the
+//! other way round).
 //!
 //! The guard thread updates it; the control socket's threads read it. Every update takes one
 //! mutex for a few pointer moves (no I/O, no serialisation, no allocation beyond the record

@@ -1,14 +1,19 @@
-//! Bad input: one clear line on stderr and exit status 2, nothing started.
+//! Bad input: one clear line on stderr and exit status 2, nothing started; with `--json`, the
+//! line is `{"error": ...}` on stdout.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_oomguard"))
+fn output(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_oomguard"))
         .args(args)
         .output()
-        .expect("run oomguard");
+        .expect("run oomguard")
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = output(args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -49,6 +54,31 @@ fn bad_flags_exit_2_with_one_line() {
             "{args:?}: {err:?} does not name {needle:?}"
         );
     }
+}
+
+#[test]
+fn bad_input_with_json_is_json_on_stdout() {
+    for (args, needle) in [
+        (&["bpf", "map", "dump", "--json"][..], "<NAME>"),
+        (&["cgroups", "--json", "--no-such-flag"], "--no-such-flag"),
+        (&["events", "--json", "--state-dir"], "--state-dir"),
+    ] {
+        let out = output(args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stdout}");
+        assert!(out.stderr.is_empty(), "{args:?}: {:?}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON: {e}: {stdout}"));
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(needle), "{args:?}: {stdout}");
+    }
+    // `run` has no --json: its bad input stays plain text.
+    let (code, err) = run(&["run", "--json"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("oomguard: ") && err.contains("--json"),
+        "{err}"
+    );
 }
 
 #[test]

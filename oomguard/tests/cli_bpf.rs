@@ -31,6 +31,20 @@ fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
+/// The message of `{"error": "..."}`, the one JSON object a failed `--json` command prints.
+fn json_error(out: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON: {e}: {out:?}"));
+    let object = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {out}"));
+    assert_eq!(object.len(), 1, "{out}");
+    object["error"]
+        .as_str()
+        .expect("error is a string")
+        .to_string()
+}
+
 fn pin_dir(name: &str) -> PathBuf {
     PathBuf::from(format!(
         "/sys/fs/bpf/oomguard-test-cli-{name}-{}",
@@ -189,7 +203,7 @@ fn pins_decode_into_the_cgroup_and_task_the_test_made() {
         );
     }
 
-    // Human output: aligned tables within 100 columns.
+    // Human output to a pipe: aligned tables, nothing cut.
     for args in [
         &["bpf", "prog", "show"][..],
         &["bpf", "map", "show"],
@@ -200,12 +214,26 @@ fn pins_decode_into_the_cgroup_and_task_the_test_made() {
         args.extend(["--bpf-pin-dir", pins_s.as_str()]);
         let (code, out, err) = oomguard(&args);
         assert_eq!(code, 0, "{args:?}: {err}");
-        assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+        assert!(out.lines().count() >= 2 && !out.contains('…'), "{out}");
     }
-    // The ring buffer has nothing to dump: one line, non-zero.
+    // The ring buffer has nothing to dump: one line, non-zero; with --json, that line is
+    // JSON on stdout (as bpftool answers).
     let (code, _, err) = oomguard(&["bpf", "map", "dump", "EVENTS", "--bpf-pin-dir", &pins_s]);
     assert_ne!(code, 0);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let (json_code, out, err) = oomguard(&[
+        "bpf",
+        "map",
+        "dump",
+        "EVENTS",
+        "--json",
+        "--bpf-pin-dir",
+        &pins_s,
+    ]);
+    assert_eq!(json_code, code, "--json keeps the exit status");
+    assert!(err.is_empty(), "{err}");
+    let error = json_error(&out);
+    assert!(error.contains("EVENTS is a ring buffer"), "{error}");
 
     let _ = memhog.kill();
     let _ = memhog.wait();
@@ -216,7 +244,7 @@ fn a_missing_pin_dir_is_one_clear_line() {
     let missing = "/sys/fs/bpf/oomguard-test-cli-none";
     for args in [
         &["bpf", "prog", "show"][..],
-        &["bpf", "map", "show", "--json"],
+        &["bpf", "map", "show"],
         &["bpf", "map", "dump", "TASKS"],
     ] {
         let mut args = args.to_vec();
@@ -226,5 +254,23 @@ fn a_missing_pin_dir_is_one_clear_line() {
         assert!(out.is_empty(), "{args:?}: {out}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(missing), "{err}");
+    }
+}
+
+#[test]
+fn json_answers_json_when_it_fails() {
+    let missing = "/sys/fs/bpf/oomguard-test-cli-none";
+    for args in [
+        &["bpf", "prog", "show", "--json"][..],
+        &["bpf", "map", "show", "--json"],
+        &["bpf", "map", "dump", "TASKS", "--json"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--bpf-pin-dir", missing]);
+        let (code, out, err) = oomguard(&args);
+        assert_eq!(code, 1, "{args:?}: {out} {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+        let error = json_error(&out);
+        assert!(error.contains(missing), "{args:?}: {error}");
     }
 }

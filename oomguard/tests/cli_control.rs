@@ -52,16 +52,21 @@ impl Drop for StateDir {
     }
 }
 
-/// `oomguard events --follow --json`, its lines on a channel; killed on drop.
+/// `oomguard events --follow` (with `--json` when asked), its lines on a channel; killed
+/// on drop.
 struct Follower {
     child: Child,
-    lines: Receiver<serde_json::Value>,
+    lines: Receiver<String>,
 }
 
 impl Follower {
-    fn start(state_dir: &str) -> Follower {
+    fn start(state_dir: &str, json: bool) -> Follower {
+        let mut args = vec!["events", "--follow", "--state-dir", state_dir];
+        if json {
+            args.push("--json");
+        }
         let mut child = Command::new(common::agent_exe())
-            .args(["events", "--follow", "--json", "--state-dir", state_dir])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -70,9 +75,7 @@ impl Follower {
         let (tx, lines) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("events --json line {line:?}: {e}"));
-                if tx.send(v).is_err() {
+                if tx.send(line).is_err() {
                     return;
                 }
             }
@@ -80,20 +83,31 @@ impl Follower {
         Follower { child, lines }
     }
 
+    /// The first line `pred` accepts within `timeout`.
+    fn wait_for_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The first JSON event `pred` accepts within `timeout`; every line must be JSON.
     fn wait_for(
         &self,
         timeout: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return Some(v),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
+        let parse = |line: &str| -> serde_json::Value {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("events --json line {line:?}: {e}"))
+        };
+        self.wait_for_line(timeout, |line| pred(&parse(line)))
+            .map(|line| parse(&line))
     }
 }
 
@@ -201,7 +215,7 @@ fn views_follow_a_kill(mode: &str) {
     assert!(ours["last_action"].is_null());
 
     // events --follow shows the kill of the hog this test starts.
-    let follower = Follower::start(&state_arg);
+    let follower = Follower::start(&state_arg, true);
     std::thread::sleep(Duration::from_millis(300));
     let mut memhog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let pid = memhog.id();
@@ -237,13 +251,31 @@ fn views_follow_a_kill(mode: &str) {
         "{out}"
     );
 
-    // Human output: aligned tables within 100 columns.
+    // Human output to a pipe: aligned tables, nothing cut; the kill's time and the event
+    // `kill` whole at the start of its row, in the table and in the stream.
+    let kill_row = |l: &str| {
+        let mut words = l.split_whitespace();
+        words
+            .next()
+            .is_some_and(|t| t.len() == 8 && t.as_bytes()[2] == b':')
+            && words.next() == Some("kill")
+            && l.contains(&format!(" {pid} "))
+    };
     for cmd in ["cgroups", "events"] {
         let (code, out, err) = oomguard(&[cmd, "--state-dir", &state_arg]);
         assert_eq!(code, 0, "{err}");
         assert!(out.lines().count() >= 2, "{out}");
-        assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+        assert!(!out.contains('…'), "{out}");
+        if cmd == "events" {
+            assert!(out.lines().any(kill_row), "{out}");
+        }
     }
+    let follower = Follower::start(&state_arg, false);
+    let row = follower.wait_for_line(Duration::from_secs(10), kill_row);
+    assert!(
+        row.is_some_and(|l| !l.contains('…')),
+        "no whole kill row in events --follow"
+    );
 }
 
 #[test]
@@ -263,17 +295,25 @@ fn no_agent_is_one_clear_line_and_exit_1() {
         &["cgroups"][..],
         &["cgroups", "--json"],
         &["events"],
+        &["events", "--json"],
         &["events", "--follow", "--json"],
     ] {
         let mut args = args.to_vec();
         args.extend(["--state-dir", dir]);
         let (code, out, err) = oomguard(&args);
         assert_eq!(code, 1, "{args:?}");
-        assert!(out.is_empty(), "{args:?}: {out}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        // With --json the one line is {"error": ...} on stdout.
+        let (line, other) = if args.contains(&"--json") {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            (v["error"].as_str().unwrap().to_string(), err)
+        } else {
+            (err, out)
+        };
+        assert!(other.is_empty(), "{args:?}: {other}");
+        assert_eq!(line.trim_end().lines().count(), 1, "{args:?}: {line}");
         assert!(
-            err.contains("no agent at /nonexistent/oomguard-state/control.sock"),
-            "{err}"
+            line.contains("no agent at /nonexistent/oomguard-state/control.sock"),
+            "{line}"
         );
     }
 }

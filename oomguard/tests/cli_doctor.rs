@@ -91,12 +91,15 @@ fn json_report_agrees_with_the_kernel() {
 }
 
 #[test]
-fn human_report_fits_100_columns_and_names_the_mode() {
+fn human_report_to_a_pipe_is_whole_and_names_the_mode() {
     if !common::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.lines().all(|l| l.chars().count() <= 100), "{out}");
+    assert!(
+        !out.contains('…'),
+        "nothing is cut when stdout is no terminal: {out}"
+    );
     assert!(out.contains("--mode auto would use "), "{out}");
 }

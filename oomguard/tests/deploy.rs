@@ -20,7 +20,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use oomguard::config::{Cli, Command, Policy};
+use oomguard::cli::args::{Cli, Command};
+use oomguard::config::Policy;
 use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
 use serde_json::Value;
 

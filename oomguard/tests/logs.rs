@@ -1,6 +1,6 @@
 //! Colour only on a terminal: the agent's text log and the CLI's tables carry ANSI escapes
 //! on a pseudo-terminal and none in a pipe (a file, a container log, journald); JSON logs
-//! carry none even on a terminal.
+//! carry none even on a terminal. The CLI's tables fit a terminal's width, cut at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -259,4 +259,37 @@ fn cli_tables_are_coloured_on_a_terminal_only() {
     let tty = pty.finish();
     assert!(tty.contains("GROUP"), "{tty:?}");
     assert!(!tty.contains(ESC), "NO_COLOR is set: {tty:?}");
+}
+
+#[test]
+fn cli_tables_fit_a_terminal_and_cut_at_the_end() {
+    if !kernel_ready() {
+        return;
+    }
+    let pty = Pty::open();
+    let mut doctor = Running(
+        Command::new(agent_exe())
+            .arg("doctor")
+            .env("COLUMNS", "72")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(pty.stdio())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let st = wait_exit(&mut doctor.0, Duration::from_secs(30));
+    assert!(st.is_some(), "doctor did not finish within 30 s");
+    let out = pty.finish();
+    assert!(out.lines().all(|l| l.chars().count() <= 72), "{out}");
+    // Some detail is longer than the columns left to it: its beginning stays, its end goes;
+    // the check's name and status stay whole.
+    let cut: Vec<&str> = out.lines().filter(|l| l.contains('…')).collect();
+    assert!(!cut.is_empty(), "{out}");
+    assert!(cut.iter().all(|l| l.ends_with('…')), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cgroup ") && l.contains(" cgroup.event_control ")),
+        "{out}"
+    );
 }

@@ -1,29 +1,16 @@
 //! `oomguard cgroups [--json]`: every cgroup the running agent guards, from its control
 //! socket.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Args;
-
+use super::args::CgroupsArgs;
 use super::{Align, Paint, Table, bytes, or_dash, short_cgroup};
 use crate::control::{CgroupView, Client};
-
-#[derive(Debug, Clone, Args)]
-pub struct CgroupsArgs {
-    /// The agent's --state-dir (where control.sock is).
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// A JSON list of objects: path, limit, usage, margin, threshold, reclaim_threshold,
-    /// cache (bytes), state, since, last_action.
-    #[arg(long)]
-    pub json: bool,
-}
 
 pub fn main(args: CgroupsArgs) -> ExitCode {
     let cgroups = match Client::new(&args.state_dir).cgroups() {
         Ok(c) => c,
-        Err(e) => return super::fail(&e),
+        Err(e) => return super::fail(&e, args.json),
     };
     if args.json {
         return super::print_json(&cgroups);
@@ -47,7 +34,6 @@ fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
         ("STATE", Align::Left),
         ("LAST ACTION", Align::Left),
     ])
-    .elastic(0)
     .paint(6, |state| match state {
         "acting" => Some(Paint::Red),
         "reclaiming" | "cooling down" => Some(Paint::Yellow),
@@ -78,7 +64,7 @@ mod tests {
     use crate::state::{CgroupState, LastAction};
 
     #[test]
-    fn renders_one_row_per_cgroup_within_100_columns() {
+    fn renders_one_row_per_cgroup_cut_only_to_a_width() {
         let view = CgroupView {
             path: format!(
                 "/sys/fs/cgroup/memory/kubepods/burstable/pod{}",
@@ -99,14 +85,15 @@ mod tests {
                 comm: Some("oomguard-memhog".into()),
             }),
         };
-        let lines = table(&[view], Some(std::path::Path::new("/sys/fs/cgroup/memory"))).lines();
+        let t = table(&[view], Some(std::path::Path::new("/sys/fs/cgroup/memory")));
+        let lines = t.lines(Some(100));
         assert_eq!(lines.len(), 2);
-        assert!(
-            lines
-                .iter()
-                .all(|l| l.chars().count() <= super::super::WIDTH)
-        );
+        assert!(lines.iter().all(|l| l.chars().count() <= 100), "{lines:#?}");
+        assert!(lines[1].starts_with("/kubepods/burstable/"), "{lines:#?}");
+        assert!(lines[1].contains('…'), "cut at the end: {lines:#?}");
+        let uncut = t.lines(None);
+        assert!(uncut[1].starts_with(&format!("/kubepods/burstable/pod{}  ", "a".repeat(60))));
         assert!(lines[1].contains("980.0M") && lines[1].contains("cooling down"));
-        assert!(lines[1].ends_with("kill 4242 oomguard-memhog"));
+        assert!(uncut[1].ends_with("kill 4242 oomguard-memhog"));
     }
 }

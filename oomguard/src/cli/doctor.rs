@@ -3,33 +3,14 @@
 //! before exit), and the mode `--mode auto` would pick. Exit 0 when the agent can run.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
-
+use super::args::DoctorArgs;
 use super::{Align, Paint, Table, error_line};
 use crate::cgroup::{MemCgroup, cgroup_of_pid};
 use crate::threshold::{Notifier, arm};
-
-#[derive(Debug, Clone, Args)]
-pub struct DoctorArgs {
-    /// containerd socket of the docker runtime.
-    #[arg(long, default_value = "/run/docker/containerd/docker-containerd.sock")]
-    pub docker_containerd_sock: PathBuf,
-    /// containerd socket of the containerd runtime.
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    pub containerd_sock: PathBuf,
-    /// The kubeconfig the agent would be given (default: in-cluster, else $KUBECONFIG,
-    /// else ~/.kube/config).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
-    /// One JSON object: kernel, checks (group, name, status, required, detail), can_run,
-    /// auto_mode, auto_reason.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -109,7 +90,7 @@ pub fn main(args: DoctorArgs) -> ExitCode {
     if args.json {
         super::print_json(&report);
     } else {
-        for line in render(&report, super::colour_stdout()) {
+        for line in render(&report, super::stdout_width(), super::colour_stdout()) {
             println!("{line}");
         }
     }
@@ -120,14 +101,18 @@ pub fn main(args: DoctorArgs) -> ExitCode {
     }
 }
 
-fn render(report: &Report, colour: bool) -> Vec<String> {
+/// The report for humans, within `width` columns (`None`: no line is cut or wrapped).
+fn render(report: &Report, width: Option<usize>, colour: bool) -> Vec<String> {
     let mut t = Table::new(&[
         ("GROUP", Align::Left),
         ("CHECK", Align::Left),
         ("STATUS", Align::Left),
         ("DETAIL", Align::Left),
     ])
-    .elastic(3)
+    // What was checked and how it came out stay readable; the detail gives way.
+    .whole(0)
+    .whole(1)
+    .whole(2)
     .paint(2, |s| match s {
         "ok" => Some(Paint::Green),
         "MISSING" => Some(Paint::Red),
@@ -148,9 +133,9 @@ fn render(report: &Report, colour: bool) -> Vec<String> {
     }
     let mut lines = wrap(
         &format!("kernel {}, cgroup layout {}", report.kernel, report.layout),
-        super::WIDTH,
+        width,
     );
-    lines.extend(t.render(colour));
+    lines.extend(t.render(width, colour));
     lines.push(String::new());
     lines.push(if report.can_run {
         "the agent can run on this node".to_string()
@@ -161,12 +146,16 @@ fn render(report: &Report, colour: bool) -> Vec<String> {
         "--mode auto would use {}: {}",
         report.auto_mode, report.auto_reason
     );
-    lines.extend(wrap(&mode, super::WIDTH));
+    lines.extend(wrap(&mode, width));
     lines
 }
 
-/// Splits `text` at spaces into lines of at most `width` characters (longer words stay whole).
-fn wrap(text: &str, width: usize) -> Vec<String> {
+/// Splits `text` at spaces into lines of at most `width` characters (longer words stay
+/// whole); one line without a width.
+fn wrap(text: &str, width: Option<usize>) -> Vec<String> {
+    let Some(width) = width else {
+        return vec![text.to_string()];
+    };
     let mut lines = Vec::new();
     let mut line = String::new();
     for word in text.split(' ') {
@@ -620,16 +609,35 @@ mod tests {
         );
         assert!(!r.can_run);
         assert_eq!(r.auto_mode, "ebpf");
-        let lines = render(&r, false);
+        let lines = render(&r, Some(100), false);
         assert!(lines.iter().any(|l| l.contains("MISSING")));
         assert_eq!(lines[0], "kernel 3.10, cgroup layout v1");
-        assert!(lines.iter().all(|l| l.chars().count() <= crate::cli::WIDTH));
+        assert!(lines.iter().all(|l| l.chars().count() <= 100));
+    }
+
+    #[test]
+    fn long_details_are_cut_at_their_end_and_only_on_a_terminal() {
+        let mut check = c("memory cgroup", Status::Ok, true);
+        check.detail = format!("{} a throw-away child of our memory cgroup", "x".repeat(70));
+        let r = Report::from_checks("6.18".into(), "v2".into(), vec![check], None);
+        let lines = render(&r, Some(80), false);
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
+        let row = lines.iter().find(|l| l.starts_with("g ")).unwrap();
+        assert!(row.contains("  xxxxxxxx") && row.ends_with('…'), "{row}");
+        let lines = render(&r, None, false);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("a throw-away child of our memory cgroup")),
+            "{lines:#?}"
+        );
+        assert!(lines.iter().all(|l| !l.contains('…')), "{lines:#?}");
     }
 
     #[test]
     fn long_reasons_wrap() {
         let text = "word ".repeat(50);
-        let lines = wrap(text.trim(), 20);
+        let lines = wrap(text.trim(), Some(20));
         assert!(lines.iter().all(|l| l.len() <= 20));
         assert_eq!(lines.join(" "), text.trim());
     }

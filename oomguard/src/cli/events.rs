@@ -3,27 +3,11 @@
 //! new ones until interrupted.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Args;
-
+use super::args::EventsArgs;
 use super::{Align, Paint, Table, bytes, short_cgroup};
 use crate::control::Client;
-
-#[derive(Debug, Clone, Args)]
-pub struct EventsArgs {
-    /// The agent's --state-dir (where control.sock is).
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// After the recent events, print new ones as they happen.
-    #[arg(long, short)]
-    pub follow: bool,
-    /// One JSON object per line: seq, timestamp, cgroup, kind ("decision" or "signal") and
-    /// the decision record or the signal.
-    #[arg(long)]
-    pub json: bool,
-}
 
 const HEADERS: [(&str, Align); 7] = [
     ("TIME", Align::Left),
@@ -35,39 +19,33 @@ const HEADERS: [(&str, Align); 7] = [
     ("VICTIM", Align::Left),
 ];
 
-/// The VICTIM column (victim, else the decision's detail) is cut to this many characters.
-const VICTIM_WIDTH: usize = 36;
+/// Followed (row-at-a-time) output: columns this wide, so that rows line up while their
+/// cells fit.
+const FOLLOW_WIDTHS: [usize; 7] = [8, 12, 30, 8, 9, 7, 0];
 
-/// `text` cut at the end to `width` characters, marked with `…`.
-fn shorten_end(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_string();
-    }
-    let kept: String = text.chars().take(width - 1).collect();
-    format!("{kept}…")
+/// TIME and EVENT are what a reader scans: never cut.
+fn template() -> Table {
+    Table::new(&HEADERS).whole(0).whole(1).paint(1, event_paint)
 }
-
-/// Width of the CGROUP column in followed (row-at-a-time) output.
-const FOLLOW_CGROUP: usize = 30;
 
 pub fn main(args: EventsArgs) -> ExitCode {
     let mount = super::memory_mount();
     let client = Client::new(&args.state_dir);
-    let mut table = Table::new(&HEADERS).elastic(2).paint(1, event_paint);
+    let mut table = template();
+    let follow = template().min_widths(&FOLLOW_WIDTHS);
+    let (width, colour) = (super::stdout_width(), super::colour_stdout());
     let mut stdout = std::io::stdout().lock();
     if args.follow && !args.json {
-        let _ = writeln!(
-            stdout,
-            "{}",
-            follow_line(&HEADERS.map(|(h, _)| h.to_string()))
-        );
+        for line in follow.render(width, colour) {
+            let _ = writeln!(stdout, "{line}");
+        }
     }
     let result = client.events(args.follow, |v| {
         let written = if args.json {
             writeln!(stdout, "{v}")
         } else if let Some(row) = row(&v, mount.as_deref()) {
             if args.follow {
-                writeln!(stdout, "{}", follow_line(&row))
+                writeln!(stdout, "{}", follow_line(&follow, row, width, colour))
             } else {
                 table.row(row.to_vec());
                 Ok(())
@@ -79,13 +57,13 @@ pub fn main(args: EventsArgs) -> ExitCode {
         written.and_then(|()| stdout.flush()).is_ok()
     });
     if let Err(e) = result {
-        return super::fail(&e);
+        return super::fail(&e, args.json);
     }
     if !args.json && !args.follow {
         if table.is_empty() {
             let _ = writeln!(stdout, "no events yet");
         } else {
-            for line in table.render(super::colour_stdout()) {
+            for line in table.render(width, colour) {
                 let _ = writeln!(stdout, "{line}");
             }
         }
@@ -103,24 +81,11 @@ fn event_paint(event: &str) -> Option<Paint> {
     }
 }
 
-/// One row streamed on its own: fixed widths, since later rows are not known yet.
-fn follow_line(row: &[String; 7]) -> String {
-    let widths = [8, 12, FOLLOW_CGROUP, 8, 9, 7, 0];
-    let mut line = String::new();
-    for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-        let cell = if w > 0 {
-            super::shorten(cell, w)
-        } else {
-            cell.clone()
-        };
-        let cell = match HEADERS[i].1 {
-            Align::Left => format!("{cell:<w$}"),
-            Align::Right => format!("{cell:>w$}"),
-        };
-        line.push_str(&cell);
-        line.push_str("  ");
-    }
-    super::shorten(line.trim_end(), super::WIDTH)
+/// One row streamed on its own, in the columns of `follow` (later rows are not known yet).
+fn follow_line(follow: &Table, row: [String; 7], width: Option<usize>, colour: bool) -> String {
+    let mut t = follow.clone();
+    t.row(row.to_vec());
+    t.render(width, colour).pop().unwrap_or_default()
 }
 
 /// The table cells of one JSON event; `None` for lines that are not events.
@@ -156,7 +121,6 @@ fn row(v: &serde_json::Value, mount: Option<&std::path::Path>) -> Option<[String
                 (Some("kill" | "would-kill" | "kill-failed"), Some(p)) => format!("{victim} ({p})"),
                 _ => victim,
             };
-            let victim = shorten_end(&victim, VICTIM_WIDTH);
             Some([
                 time,
                 d["action"].as_str().unwrap_or("?").to_string(),
@@ -218,7 +182,17 @@ mod tests {
                 "42 memhog (process)"
             ]
         );
-        assert!(follow_line(&row).chars().count() <= crate::cli::WIDTH);
+        let follow = template().min_widths(&FOLLOW_WIDTHS);
+        let line = follow_line(&follow, row.clone(), None, false);
+        assert_eq!(
+            line,
+            "12:34:56  kill          /a/b                                1.0G    1000.0M  ebpf     42 memhog (process)"
+        );
+        // On a narrow terminal the time and the event stay whole; the victim is cut at its end.
+        let line = follow_line(&follow, row, Some(90), false);
+        assert!(line.starts_with("12:34:56  kill  "), "{line}");
+        assert!(line.ends_with("  42 memhog (proce…"), "{line}");
+        assert_eq!(line.chars().count(), 90, "{line}");
         assert!(super::row(&serde_json::json!({"end": true}), None).is_none());
     }
 }

@@ -1,28 +1,34 @@
-//! The debug subcommands of the `oomguard` binary, one module each, and what they share:
-//! aligned tables that fit [`WIDTH`] columns (coloured only on a terminal), sizes for
-//! humans, JSON output, and one clear line plus a non-zero exit status when something is
-//! missing.
+//! The `oomguard` command line ([`args`], one clap tree) and the debug subcommands, one
+//! module each, and what they share: aligned tables cut to the terminal's width (coloured
+//! only on a terminal; never cut when stdout is not one), sizes for humans, JSON output, and
+//! one clear line plus a non-zero exit status when something is missing (with `--json`, that
+//! line is `{"error": "..."}` on stdout).
 //!
 //! `--json` output is stable: fields are only ever added. README.md, "Debug CLI", documents it.
 
+pub mod args;
 pub mod bpf;
 pub mod cgroups;
 pub mod doctor;
 pub mod events;
 
 use std::fmt::Display;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
-
-/// Human output fits this many columns.
-pub const WIDTH: usize = 100;
 
 /// `error` and its sources on one line.
 pub use crate::error_line;
 
-/// Prints `error` and its sources as one line on stderr; exit status 1.
-pub fn fail(error: &dyn std::error::Error) -> ExitCode {
-    eprintln!("oomguard: {}", error_line(error));
+/// Reports `error` and its sources as one line; exit status 1. With `json`, the line is
+/// `{"error": "..."}` on stdout (as bpftool does), else plain text on stderr.
+pub fn fail(error: &dyn std::error::Error, json: bool) -> ExitCode {
+    let line = error_line(error);
+    if json {
+        println!("{}", serde_json::json!({ "error": line }));
+    } else {
+        eprintln!("oomguard: {line}");
+    }
     ExitCode::FAILURE
 }
 
@@ -33,8 +39,28 @@ pub fn print_json(value: &impl serde::Serialize) -> ExitCode {
             println!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&e, true),
     }
+}
+
+/// How many columns human output may take: on a terminal, `COLUMNS` when it is set, else
+/// the terminal's width; `None` (never cut) when stdout is a file or a pipe, so nothing a
+/// script or a pager reads is lost.
+pub fn stdout_width() -> Option<usize> {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        return None;
+    }
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok());
+    let queried = || {
+        rustix::termios::tcgetwinsize(&stdout)
+            .ok()
+            .map(|w| usize::from(w.ws_col))
+    };
+    // A terminal that does not know its size (a serial console says 0) gets the classic 80.
+    Some(columns.or_else(queried).filter(|&c| c > 0).unwrap_or(80))
 }
 
 /// Column alignment.
@@ -79,14 +105,20 @@ pub fn colour_stdout() -> bool {
 /// Chooses a column's paint from the cell's text (`None`: plain).
 pub type Painter = fn(&str) -> Option<Paint>;
 
-/// A table of text cells, rendered with aligned columns within [`WIDTH`]. The one column
-/// marked elastic (a path, a detail) is shortened from the left when the table is too wide.
-/// Coloured, the header is bold and painted columns take their cell's paint; widths and
-/// cuts are those of the plain text, so both renderings line up the same.
+/// Columns between two cells.
+const GAP: usize = 2;
+
+/// A table of text cells with aligned columns: the one renderer of every debug view.
+/// Given a width, the widest columns give way first, cut at the end (`abc…`), never below
+/// their header's width; columns marked [`Table::whole`] are never cut. Coloured, the header
+/// is bold and painted columns take their cell's paint; widths and cuts are those of the
+/// plain text, so both renderings line up the same.
+#[derive(Clone)]
 pub struct Table {
     headers: Vec<(&'static str, Align)>,
     rows: Vec<Vec<String>>,
-    elastic: Option<usize>,
+    whole: Vec<usize>,
+    min_widths: Vec<usize>,
     painters: Vec<(usize, Painter)>,
 }
 
@@ -95,7 +127,8 @@ impl Table {
         Table {
             headers: headers.to_vec(),
             rows: Vec::new(),
-            elastic: None,
+            whole: Vec::new(),
+            min_widths: headers.iter().map(|(h, _)| h.chars().count()).collect(),
             painters: Vec::new(),
         }
     }
@@ -106,9 +139,18 @@ impl Table {
         self
     }
 
-    /// Column `index` gives way when the table is wider than [`WIDTH`].
-    pub fn elastic(mut self, index: usize) -> Table {
-        self.elastic = Some(index);
+    /// Column `index` is never cut (a time, an event name).
+    pub fn whole(mut self, index: usize) -> Table {
+        self.whole.push(index);
+        self
+    }
+
+    /// Columns at least this wide, whatever the rows hold: rows rendered one at a time (a
+    /// stream) then line up while their cells fit.
+    pub fn min_widths(mut self, widths: &[usize]) -> Table {
+        for (min, &w) in self.min_widths.iter_mut().zip(widths) {
+            *min = (*min).max(w);
+        }
         self
     }
 
@@ -120,31 +162,29 @@ impl Table {
         self.rows.is_empty()
     }
 
-    /// The rendered lines, header first; no trailing spaces; no colour.
-    pub fn lines(&self) -> Vec<String> {
-        self.render(false)
+    /// The rendered lines, header first, within `width` columns (`None`: uncut); no trailing
+    /// spaces; no colour.
+    pub fn lines(&self, width: Option<usize>) -> Vec<String> {
+        self.render(width, false)
     }
 
     /// The rendered lines, with ANSI colour when `colour`.
-    pub fn render(&self, colour: bool) -> Vec<String> {
+    pub fn render(&self, width: Option<usize>, colour: bool) -> Vec<String> {
         let n = self.headers.len();
-        let mut widths: Vec<usize> = self.headers.iter().map(|(h, _)| h.len()).collect();
+        let mut natural = self.min_widths.clone();
         for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
+            for (w, cell) in natural.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());
             }
         }
-        let total = widths.iter().sum::<usize>() + 2 * n.saturating_sub(1);
-        if let Some(e) = self.elastic
-            && total > WIDTH
-            && e < n
-        {
-            let others = total - widths[e];
-            widths[e] = WIDTH
-                .saturating_sub(others)
-                .max(self.headers[e].0.len())
-                .max(8);
-        }
+        let widths = match width {
+            Some(max) => {
+                let floors: Vec<usize> = self.headers.iter().map(|(h, _)| h.len()).collect();
+                let whole: Vec<bool> = (0..n).map(|i| self.whole.contains(&i)).collect();
+                fit(&natural, &floors, &whole, max)
+            }
+            None => natural,
+        };
         let header: Vec<String> = self.headers.iter().map(|(h, _)| h.to_string()).collect();
         std::iter::once(&header)
             .chain(&self.rows)
@@ -152,10 +192,10 @@ impl Table {
             .map(|(r, row)| {
                 let mut plain = Vec::with_capacity(n);
                 let mut painted = Vec::with_capacity(n);
-                for (i, &width) in widths.iter().enumerate() {
+                for (i, &w) in widths.iter().enumerate() {
                     let text = row.get(i).map_or("", String::as_str);
-                    let cell = shorten(text, width);
-                    let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
+                    let cell = cut_end(text, w);
+                    let pad = " ".repeat(w.saturating_sub(cell.chars().count()));
                     let paint = if r == 0 {
                         Some(Paint::Bold)
                     } else {
@@ -179,38 +219,58 @@ impl Table {
                         }
                     }
                 }
-                let line = plain.join("  ");
+                let gap = " ".repeat(GAP);
+                let line = plain.join(&gap);
                 let line = line.trim_end();
-                // Still too wide (only non-elastic columns are long): cut the end, visibly
-                // (and plainly: a cut could fall inside an escape sequence).
-                if line.chars().count() > WIDTH {
-                    let kept: String = line.chars().take(WIDTH - 1).collect();
-                    format!("{kept}…")
-                } else if colour {
-                    painted.join("  ").trim_end().to_string()
-                } else {
-                    line.to_string()
+                match width {
+                    // Whole columns alone are too wide for this terminal: cut the line's
+                    // end, plainly (a cut could fall inside an escape sequence).
+                    Some(max) if line.chars().count() > max => cut_end(line, max),
+                    _ if colour => painted.join(&gap).trim_end().to_string(),
+                    _ => line.to_string(),
                 }
             })
             .collect()
     }
 
-    /// Prints the table on stdout, coloured only when stdout is a terminal.
+    /// Prints the table on stdout: cut to the terminal's width and coloured only when stdout
+    /// is a terminal.
     pub fn print(&self) {
-        for line in self.render(colour_stdout()) {
+        for line in self.render(stdout_width(), colour_stdout()) {
             println!("{line}");
         }
     }
 }
 
-/// `text` cut from the left to `width` characters, marked with `…`.
-pub fn shorten(text: &str, width: usize) -> String {
-    let len = text.chars().count();
-    if len <= width {
+/// Column widths within `max` columns (with [`GAP`] between columns): `natural` when they
+/// fit; else the widest column that may be cut (not `whole`, above its `floor`; the last
+/// of equals) gives one column at a time until the line fits or no column can give.
+pub fn fit(natural: &[usize], floors: &[usize], whole: &[bool], max: usize) -> Vec<usize> {
+    let mut widths = natural.to_vec();
+    let gaps = GAP * widths.len().saturating_sub(1);
+    let mut total = widths.iter().sum::<usize>() + gaps;
+    while total > max {
+        let widest = (0..widths.len())
+            .filter(|&i| !whole.get(i).copied().unwrap_or(false))
+            .filter(|&i| widths[i] > floors.get(i).copied().unwrap_or(0))
+            .max_by_key(|&i| (widths[i], i));
+        let Some(i) = widest else { break };
+        widths[i] -= 1;
+        total -= 1;
+    }
+    widths
+}
+
+/// `text` cut at the end to `width` characters, the cut marked with `…`.
+pub fn cut_end(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
         return text.to_string();
     }
-    let keep: String = text.chars().skip(len - width + 1).collect();
-    format!("…{keep}")
+    if width == 0 {
+        return String::new();
+    }
+    let kept: String = text.chars().take(width - 1).collect();
+    format!("{kept}…")
 }
 
 /// Bytes for humans: `512B`, `4.0K`, `980.0M`, `1.5G` (powers of 1024).
@@ -254,26 +314,107 @@ pub use crate::cgroup::memory_mounts;
 mod tests {
     use super::*;
 
+    fn events_table() -> Table {
+        let mut t = Table::new(&[
+            ("TIME", Align::Left),
+            ("EVENT", Align::Left),
+            ("CGROUP", Align::Left),
+            ("USAGE", Align::Right),
+            ("DETAIL", Align::Left),
+        ])
+        .whole(0)
+        .whole(1);
+        t.row(vec![
+            "12:34:56".into(),
+            "kill".into(),
+            format!("/kubepods/burstable/pod{}", "a".repeat(40)),
+            "1.0G".into(),
+            format!("42 memhog (process) {}", "detail ".repeat(20)),
+        ]);
+        t.row(vec![
+            "12:34:57".into(),
+            "kernel-oom".into(),
+            "/short".into(),
+            "-".into(),
+            "-".into(),
+        ]);
+        t
+    }
+
     #[test]
-    fn tables_align_and_fit() {
-        let mut t = Table::new(&[("PATH", Align::Left), ("LIMIT", Align::Right)]).elastic(0);
-        t.row(vec!["/a".into(), "1.0G".into()]);
-        t.row(vec!["x".repeat(150), "256.0M".into()]);
-        let lines = t.lines();
-        assert!(lines[0].starts_with("PATH ") && lines[0].ends_with(" LIMIT"));
+    fn cells_are_cut_at_the_end_to_fit_the_width() {
+        let lines = events_table().lines(Some(80));
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
         assert!(
-            lines.iter().all(|l| l.chars().count() <= WIDTH),
+            lines[0].starts_with("TIME      EVENT       CGROUP"),
             "{lines:#?}"
         );
-        assert!(lines[2].starts_with('…'));
-        assert!(lines[1].ends_with("  1.0G"));
-        assert_eq!(lines[1].chars().count(), lines[2].chars().count());
+        // TIME and EVENT stay whole; the long cells keep their beginnings.
+        assert!(lines[1].starts_with("12:34:56  kill        /kubepods/burstable/pod"));
+        assert!(lines[1].ends_with('…'), "{lines:#?}");
+        assert!(lines[1].contains("  1.0G  42 memhog"), "{lines:#?}");
+        assert!(lines[2].starts_with("12:34:57  kernel-oom  /short "));
+        // Columns still line up: USAGE ends at the same place on every row.
+        let end = |l: &str, cell: &str| l.find(cell).map(|i| l[..i].chars().count() + cell.len());
+        assert_eq!(end(&lines[0], "USAGE"), end(&lines[1], "1.0G"));
+    }
 
-        let mut t = Table::new(&[("A", Align::Left), ("B", Align::Left)]);
-        t.row(vec!["a".into(), "b".repeat(200)]);
-        let lines = t.lines();
-        assert_eq!(lines[1].chars().count(), WIDTH);
-        assert!(lines[1].ends_with('…'));
+    #[test]
+    fn without_a_width_nothing_is_cut() {
+        let t = events_table();
+        let lines = t.lines(None);
+        assert!(lines.iter().all(|l| !l.contains('…')), "{lines:#?}");
+        assert!(lines[1].ends_with(&"detail ".repeat(20).trim_end().to_string()));
+        assert!(lines[1].chars().count() > 150);
+    }
+
+    #[test]
+    fn whole_columns_survive_a_narrow_terminal() {
+        let lines = events_table().lines(Some(30));
+        assert!(lines.iter().all(|l| l.chars().count() <= 30), "{lines:#?}");
+        assert!(lines[1].starts_with("12:34:56  kill "), "{lines:#?}");
+        assert!(lines[2].starts_with("12:34:57  kernel-oom "), "{lines:#?}");
+        // No column goes below its header.
+        assert!(
+            lines[0].starts_with("TIME      EVENT       CGROUP"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn fit_takes_from_the_widest_first() {
+        // 10 + 40 + 30 + 2 gaps = 84 > 60: the 40 gives until it meets the 30, then both.
+        assert_eq!(
+            fit(&[10, 40, 30], &[4, 4, 4], &[false; 3], 60),
+            [10, 23, 23]
+        );
+        assert_eq!(
+            fit(&[10, 40, 30], &[4, 4, 4], &[false; 3], 84),
+            [10, 40, 30]
+        );
+        assert_eq!(
+            fit(&[10, 40], &[4, 4], &[false, true], 30),
+            [4, 40],
+            "whole"
+        );
+        assert_eq!(cut_end("abcdef", 4), "abc…");
+        assert_eq!(cut_end("abc", 4), "abc");
+        assert_eq!(cut_end("abc", 0), "");
+    }
+
+    #[test]
+    fn rows_streamed_one_at_a_time_line_up() {
+        let template = Table::new(&[("TIME", Align::Left), ("EVENT", Align::Left)])
+            .whole(0)
+            .min_widths(&[8, 12]);
+        let line = |cells: [&str; 2]| {
+            let mut t = template.clone();
+            t.row(cells.iter().map(|c| c.to_string()).collect());
+            t.lines(Some(80)).remove(1)
+        };
+        assert_eq!(template.lines(Some(80))[0], "TIME      EVENT");
+        assert_eq!(line(["12:00:00", "kill"]), "12:00:00  kill");
+        assert_eq!(line(["12:00:01", "no-candidate"]), "12:00:01  no-candidate");
     }
 
     #[test]
@@ -282,9 +423,9 @@ mod tests {
             .paint(0, |s| (s == "acting").then_some(Paint::Red));
         t.row(vec!["acting".into(), "1".into()]);
         t.row(vec!["armed".into(), "22".into()]);
-        let plain = t.lines();
+        let plain = t.lines(None);
         assert!(plain.iter().all(|l| !l.contains('\x1b')), "{plain:?}");
-        let coloured = t.render(true);
+        let coloured = t.render(None, true);
         assert_eq!(coloured[0], "\x1b[1mSTATE\x1b[0m    \x1b[1mN\x1b[0m");
         assert_eq!(coloured[1], "\x1b[31macting\x1b[0m   1");
         assert_eq!(coloured[2], plain[2], "unpainted cells stay plain");

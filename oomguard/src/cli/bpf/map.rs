@@ -165,8 +165,7 @@ pub fn dump(pin_dir: &Path, name: &str, json: bool) -> Result<ExitCode, BpfCliEr
                 ("RECLAIM", Align::Right),
                 ("KILL", Align::Right),
                 ("ABOVE", Align::Left),
-            ])
-            .elastic(1);
+            ]);
             for e in &entries {
                 let above = match (e.above_kill, e.above_reclaim) {
                     (true, _) => "kill",

@@ -9,51 +9,9 @@ pub mod prog;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
 use thiserror::Error;
 
-#[derive(Debug, Clone, Args)]
-pub struct BpfArgs {
-    /// Where the agent pins its maps (the agent's --bpf-pin-dir).
-    #[arg(long, global = true, default_value = crate::bpf::DEFAULT_PIN_DIR)]
-    pub bpf_pin_dir: PathBuf,
-    /// JSON output (a list of objects).
-    #[arg(long, global = true)]
-    pub json: bool,
-    #[command(subcommand)]
-    pub command: BpfCommand,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum BpfCommand {
-    /// The agent's eBPF programs.
-    Prog {
-        #[command(subcommand)]
-        command: ProgCommand,
-    },
-    /// The agent's pinned eBPF maps.
-    Map {
-        #[command(subcommand)]
-        command: MapCommand,
-    },
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum ProgCommand {
-    /// id, type, name, attach point, and run count/time when BPF stats are on.
-    Show,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum MapCommand {
-    /// id, type, name, key/value sizes, capacity and entries of each pinned map.
-    Show,
-    /// Every entry of a pinned map (THRESHOLDS, TASKS), decoded.
-    Dump {
-        /// The pin's file name.
-        name: String,
-    },
-}
+use crate::cli::args::{BpfArgs, BpfCommand, MapCommand, ProgCommand};
 
 #[derive(Debug, Error)]
 pub enum BpfCliError {
@@ -95,7 +53,7 @@ pub fn main(args: BpfArgs) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => super::fail(&e),
+        Err(e) => super::fail(&e, args.json),
     }
 }
 

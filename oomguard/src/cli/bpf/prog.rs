@@ -47,8 +47,7 @@ pub fn show(pin_dir: &Path, json: bool) -> Result<ExitCode, BpfCliError> {
         ("RUNS", Align::Right),
         ("AVG NS", Align::Right),
         ("MAPS", Align::Left),
-    ])
-    .elastic(3);
+    ]);
     for p in &progs {
         let avg = match (p.run_count, p.run_time_ns) {
             (Some(n), Some(t)) if n > 0 => Some(t / n),

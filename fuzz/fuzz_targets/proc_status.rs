@@ -16,9 +16,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(st.has_mm, has_rss);
 
     // Written back the kernel's way (kB), it parses to the same.
-    if [st.rss_bytes, st.swap_bytes, st.pgtables_bytes]
+    if [st.rss_bytes, st.anon_bytes, st.swap_bytes, st.pgtables_bytes]
         .iter()
         .all(|b| b % 1024 == 0)
+        && st.anon_bytes <= st.rss_bytes
     {
         let mut rendered = format!(
             "Name:\t{}\nState:\t{} (x)\nVmPTE:\t{} kB\nVmSwap:\t{} kB\n",
@@ -28,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
             st.swap_bytes / 1024
         );
         if st.has_mm {
-            rendered.push_str(&format!("RssAnon:\t{} kB\n", st.rss_bytes / 1024));
+            rendered.push_str(&format!(
+                "RssAnon:\t{} kB\nRssFile:\t{} kB\n",
+                st.anon_bytes / 1024,
+                (st.rss_bytes - st.anon_bytes) / 1024
+            ));
         }
         assert_eq!(parse_status(&rendered), st, "{rendered:?}");
     }
@@ -45,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
             comm: st.name.clone(),
             cgroup: PathBuf::new(),
             rss_bytes: st.rss_bytes,
+            anon_bytes: st.anon_bytes,
             swap_bytes: st.swap_bytes,
             pgtables_bytes: st.pgtables_bytes,
             oom_score_adj: adj,

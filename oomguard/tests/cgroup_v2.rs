@@ -282,7 +282,7 @@ fn v2_cgroup_kill_fallback() {
         skipped("no cgroup.kill (kernel before 5.14)");
         return;
     }
-    let mount = oomguard::sandbox::memory_root();
+    let mount = oomguard_dev::sandbox::memory_root();
     let mut a = hog(&ctr, &["--total", "8M"]);
     let mut b = hog(&ctr, &["--total", "8M"]);
     wait_rss(&a, 8 * M, LONG);

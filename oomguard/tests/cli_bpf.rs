@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{M, hog, sandbox, wait_rss};
-use oomguard::sandbox::Agent;
 use oomguard::threshold::Margins;
+use oomguard_dev::sandbox::Agent;
 
 fn oomguard(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(common::agent_exe())

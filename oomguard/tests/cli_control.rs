@@ -16,8 +16,8 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use common::{M, hog, killed_by_sigkill, sandbox, wait_exit};
-use oomguard::sandbox::Agent;
 use oomguard::threshold::Margins;
+use oomguard_dev::sandbox::Agent;
 
 fn oomguard(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(common::agent_exe())

@@ -25,7 +25,7 @@ use std::time::Duration;
 use common::M;
 use oomguard::cgroup::MemCgroup;
 use oomguard::runtime::labels;
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::sandbox::{Agent, Sandbox};
 use serde_json::Value;
 use support::apiserver::FakeApiServer;
 use support::containerd::{Containerd, container_id};
@@ -210,7 +210,8 @@ impl World {
     /// The pod's sandbox (a process named `pause`) and a sibling; returns their ids.
     fn sandbox_and_sibling(&self, flavor: Flavor) -> (String, String) {
         let (sandbox, side) = (container_id(), container_id());
-        self.ctrd().install(&sandbox, common::memhog_exe(), "pause");
+        self.ctrd()
+            .install(&sandbox, &common::memhog_exe(), "pause");
         self.container(
             flavor,
             &sandbox,
@@ -236,7 +237,7 @@ impl World {
     fn app(&self, flavor: Flavor, cmd: &[&str]) -> String {
         let id = container_id();
         self.ctrd()
-            .install(&id, common::memhog_exe(), "oomguard-memhog");
+            .install(&id, &common::memhog_exe(), "oomguard-memhog");
         self.container(flavor, &id, Kind::Container, "app", cmd);
         id
     }

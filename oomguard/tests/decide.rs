@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use oomguard::sandbox::in_cgroup;
+use oomguard_dev::sandbox::in_cgroup;
 
 /// A private tmpfs, unmounted (and its directory removed) however the test ends.
 struct Tmpfs(PathBuf);
@@ -295,7 +295,7 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
         "json",
     ]);
     in_cgroup(&mut cmd, &own).unwrap();
-    let agent = oomguard::sandbox::Agent::spawn(cmd, None).expect("start the agent");
+    let agent = oomguard_dev::sandbox::Agent::spawn(cmd, None).expect("start the agent");
     assert!(
         agent
             .wait_armed(&sb.cg.path, Duration::from_secs(10))
@@ -395,7 +395,7 @@ fn a_cgroup_with_oom_kill_disabled_is_left_alone() {
     let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
     // Said while arming, so before the "armed" record start_agent waited for: look at every
     // record, not only those after it.
-    let said = |a: &oomguard::sandbox::Agent| {
+    let said = |a: &oomguard_dev::sandbox::Agent| {
         a.records().iter().any(|v| {
             v["message"]
                 .as_str()

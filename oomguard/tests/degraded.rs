@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use oomguard::sandbox::Agent;
+use oomguard_dev::sandbox::Agent;
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 

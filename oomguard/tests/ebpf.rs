@@ -916,7 +916,7 @@ fn reports_crossings_on_cgroup_v2() {
     let mut cmd = std::process::Command::new(common::memhog_exe());
     cmd.args(["--rate", "200M", "--total", "128M"])
         .stdout(std::process::Stdio::null());
-    let mut child = oomguard::sandbox::in_cgroup(&mut cmd, &memcg)
+    let mut child = oomguard_dev::sandbox::in_cgroup(&mut cmd, &memcg)
         .unwrap()
         .spawn()
         .unwrap();

@@ -27,7 +27,7 @@ use common::*;
 use oomguard::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup};
 use oomguard::kill::{Outcome, kill_task};
 use oomguard::reclaim::{ReclaimResult, Request};
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::sandbox::{Agent, Sandbox};
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 const CAP_DAC_OVERRIDE: i32 = 1;

@@ -28,7 +28,7 @@ use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
 use oomguard::runtime::{
     Backoff, Endpoint, RuntimeClient, RuntimeConfig, RuntimeError, RuntimeHint,
 };
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::sandbox::{Agent, Sandbox};
 use serde_json::Value;
 use support::apiserver::{FakeApiServer, Fault};
 use support::containerd::container_id;

@@ -639,7 +639,7 @@ fn a_hog_that_calls_itself_pause_is_still_killed() {
     let mut cmd = std::process::Command::new(&link);
     cmd.args(["--rate", "100M", "--total", "1G"])
         .stdout(std::process::Stdio::null());
-    let mut h = oomguard::sandbox::in_cgroup(&mut cmd, &sb.cg)
+    let mut h = oomguard_dev::sandbox::in_cgroup(&mut cmd, &sb.cg)
         .unwrap()
         .spawn()
         .unwrap();

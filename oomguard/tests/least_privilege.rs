@@ -27,7 +27,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 use common::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use oomguard::cgroup::MemCgroup;
-use oomguard::sandbox::{Agent, in_cgroup};
+use oomguard_dev::sandbox::{Agent, in_cgroup};
 
 /// The uid the memory hog runs as: not the agent's, so killing it takes CAP_KILL.
 const NOBODY: u32 = 65534;

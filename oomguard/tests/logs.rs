@@ -109,7 +109,7 @@ impl Drop for Running {
 
 /// `oomguard run --log-format FORMAT` on a sandbox, its stderr on `stderr`; the environment
 /// would allow colour on a terminal.
-fn agent(sb: &oomguard::sandbox::Sandbox, format: &str, stderr: Stdio) -> Running {
+fn agent(sb: &oomguard_dev::sandbox::Sandbox, format: &str, stderr: Stdio) -> Running {
     let pins = format!("/sys/fs/bpf/oomguard-test-{}-logs", std::process::id());
     let child = Command::new(agent_exe())
         .args(["run", "--mode", "eventfd", "--log-format", format])

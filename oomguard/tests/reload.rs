@@ -39,7 +39,7 @@ impl Drop for FlagsFile {
     }
 }
 
-fn hup(agent: &oomguard::sandbox::Agent) {
+fn hup(agent: &oomguard_dev::sandbox::Agent) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -47,7 +47,7 @@ fn hup(agent: &oomguard::sandbox::Agent) {
     .unwrap();
 }
 
-fn count(agent: &oomguard::sandbox::Agent, message: &str) -> usize {
+fn count(agent: &oomguard_dev::sandbox::Agent, message: &str) -> usize {
     agent
         .records()
         .iter()

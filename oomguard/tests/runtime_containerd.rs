@@ -17,7 +17,7 @@ use oomguard::runtime::{
     ContainerKind, Endpoint, KillAck, RuntimeClient, RuntimeConfig, RuntimeError, RuntimeHint,
     fallback_kill_cgroup_tasks, labels,
 };
-use oomguard::sandbox::Sandbox;
+use oomguard_dev::sandbox::Sandbox;
 use support::TempDir;
 use support::containerd::{Containerd, container_id, probe};
 

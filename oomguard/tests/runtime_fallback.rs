@@ -14,7 +14,7 @@ use oomguard::cgroup::MemCgroup;
 use oomguard::runtime::{
     Endpoint, RuntimeClient, RuntimeConfig, RuntimeError, fallback_kill_cgroup_tasks,
 };
-use oomguard::sandbox::{Sandbox, in_cgroup};
+use oomguard_dev::sandbox::{Sandbox, in_cgroup};
 use support::TempDir;
 
 const M: u64 = 1 << 20;

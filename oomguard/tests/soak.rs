@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use oomguard::soak::{self, Footprint, Plan};
+use oomguard_dev::soak::{self, Footprint, Plan};
 
 /// RSS the agent may gain over 100 kills and 100 cycles after its warm-up.
 const RSS_GROWTH_KIB: u64 = 2048;
@@ -48,7 +48,7 @@ fn soak(mode: &str) {
     let out = soak::run(
         &agent,
         &sb.cg,
-        common::memhog_exe(),
+        &common::memhog_exe(),
         &plan,
         Duration::from_secs(120),
         &mut |line| eprintln!("soak ({mode}): {line}"),

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use oomguard::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup, cgroup_of_pid};
-use oomguard::sandbox::{Agent, Sandbox, in_cgroup, patience};
+use oomguard_dev::sandbox::{Agent, Sandbox, in_cgroup, patience};
 
 pub const M: u64 = 1 << 20;
 
@@ -53,7 +53,7 @@ pub fn kernel_ready() -> bool {
 /// file `OOMGUARD_SKIP_LOG` names (`<test name>\t<reason>` per line), so the matrix counts it
 /// as skipped, not passed.
 pub fn skipped(why: &str) {
-    oomguard::sandbox::record_skip(why);
+    oomguard_dev::sandbox::record_skip(why);
 }
 
 /// For a test of a cgroup layout or kernel this machine does not have (a v2 test on a v1
@@ -94,7 +94,7 @@ pub fn v2_ready() -> bool {
     let why = if rustix::process::geteuid().as_raw() != 0 {
         Some("not root: these tests make cgroups and kill processes".to_string())
     } else {
-        match oomguard::sandbox::own_cgroup() {
+        match oomguard_dev::sandbox::own_cgroup() {
             Err(e) => Some(format!("no memory cgroup of our own: {e}")),
             Ok(own) => match std::fs::read_to_string(own.file("cgroup.subtree_control")) {
                 Ok(c) if c.split_whitespace().any(|c| c == "memory") => None,
@@ -142,8 +142,8 @@ pub fn agent_exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_oomguard"))
 }
 
-pub fn memhog_exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_oomguard-memhog"))
+pub fn memhog_exe() -> std::path::PathBuf {
+    oomguard_dev::sandbox::memhog()
 }
 
 /// Starts the agent on `root` with `extra` flags and waits until it has armed `root` and

@@ -1,4 +1,4 @@
-//! The library's private containerd ([`oomguard::sandbox::containerd`]) with failures as
+//! The library's private containerd ([`oomguard_dev::sandbox::containerd`]) with failures as
 //! test panics.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
@@ -6,8 +6,8 @@ use std::ops::Deref;
 use std::path::Path;
 use std::process::Output;
 
-use oomguard::sandbox::containerd as lib;
-pub use oomguard::sandbox::containerd::{container_id, probe};
+use oomguard_dev::sandbox::containerd as lib;
+pub use oomguard_dev::sandbox::containerd::{container_id, probe};
 
 pub struct Containerd(lib::Containerd);
 

@@ -17,7 +17,7 @@ pub fn feature_missing(why: &str) -> bool {
         panic!("required feature missing ({REQUIRE_ENV} is set): {why}");
     }
     // In the kernel matrix's guests the runner counts this test as skipped, not passed.
-    oomguard::sandbox::record_skip(why);
+    oomguard_dev::sandbox::record_skip(why);
     true
 }
 
@@ -50,7 +50,7 @@ impl Drop for TempDir {
 
 /// Polls `f` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + oomguard::sandbox::patience(timeout);
+    let deadline = Instant::now() + oomguard_dev::sandbox::patience(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);

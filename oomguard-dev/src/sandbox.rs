@@ -222,6 +222,14 @@ impl Agent {
         self.all.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
+    /// How many records so far (consumed or not) match `pred`.
+    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.all
+            .lock()
+            .map(|a| a.iter().filter(|v| pred(v)).count())
+            .unwrap_or(0)
+    }
+
     /// Decision records so far with this action.
     pub fn decisions(&self, action: &str) -> Vec<serde_json::Value> {
         self.records()

@@ -8,13 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
 use oomguard::cgroup::MemCgroup;
+use oomguard_dev::fixture::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -234,7 +232,7 @@ fn v2_memory_reclaim() {
     let _serial = serial();
     let sb = sandbox("v2-reclaim", 256 * M);
     if !sb.cg.file("memory.reclaim").exists() {
-        skipped("no memory.reclaim (kernel before 5.19)");
+        record_skip("no memory.reclaim (kernel before 5.19)");
         return;
     }
     let mut anon = hog(&sb.cg, &["--total", "32M"]);
@@ -279,7 +277,7 @@ fn v2_cgroup_kill_fallback() {
     let sb = sandbox("v2-kill", 256 * M);
     let ctr = sb.child("ctr").unwrap();
     if !ctr.file("cgroup.kill").exists() {
-        skipped("no cgroup.kill (kernel before 5.14)");
+        record_skip("no cgroup.kill (kernel before 5.14)");
         return;
     }
     let mount = oomguard_dev::sandbox::memory_root();

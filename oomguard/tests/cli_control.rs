@@ -7,20 +7,19 @@
 //! `--state-dir` and to feed `state::AgentState` from the guard (see README, "Debug CLI").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use common::{M, hog, killed_by_sigkill, sandbox, wait_exit};
+use fixture::{M, hog, killed_by_sigkill, sandbox, wait_exit};
 use oomguard::threshold::Margins;
 use oomguard_dev::sandbox::Agent;
 
 fn oomguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::agent_exe())
+    let out = Command::new(fixture::agent_exe())
         .args(args)
         .output()
         .expect("run oomguard");
@@ -60,7 +59,7 @@ struct Follower {
 
 impl Follower {
     fn start(state_dir: &str) -> Follower {
-        let mut child = Command::new(common::agent_exe())
+        let mut child = Command::new(fixture::agent_exe())
             .args(["events", "--follow", "--json", "--state-dir", state_dir])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -129,8 +128,8 @@ fn cgroups(state_dir: &str) -> Vec<serde_json::Value> {
 }
 
 fn views_follow_a_kill(mode: &str) {
-    let _serial = common::serial();
-    if !common::kernel_ready() || (mode == "ebpf" && !common::ebpf_ready()) {
+    let _serial = fixture::serial();
+    if !fixture::kernel_ready() || (mode == "ebpf" && !fixture::ebpf_ready()) {
         return;
     }
     let limit = 256 * M;
@@ -142,11 +141,8 @@ fn views_follow_a_kill(mode: &str) {
         std::process::id()
     );
     let root = sb.path().display().to_string();
-    let agent = Agent::start(
-        common::agent_exe(),
-        &[
-            "--root",
-            &root,
+    let agent = fixture::launch(sb.path())
+        .args(&[
             "--mode",
             mode,
             "--policy",
@@ -159,17 +155,8 @@ fn views_follow_a_kill(mode: &str) {
             &state_arg,
             "--bpf-pin-dir",
             &pins,
-        ],
-        None,
-    )
-    .unwrap();
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some(),
-        "{:#?}",
-        agent.records()
-    );
+        ])
+        .start();
     wait_socket(&state.0, &agent);
     let mode_bits = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(state.0.join("control.sock"))

@@ -2,12 +2,11 @@
 //! its exit status says whether the agent can run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::process::Command;
 
 fn doctor(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::agent_exe())
+    let out = Command::new(fixture::agent_exe())
         .arg("doctor")
         .args(args)
         .output()
@@ -20,7 +19,7 @@ fn doctor(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn json_report_agrees_with_the_kernel() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&["--json"]);
@@ -92,7 +91,7 @@ fn json_report_agrees_with_the_kernel() {
 
 #[test]
 fn human_report_fits_100_columns_and_names_the_mode() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&[]);

@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use oomguard_dev::fixture::*;
 use oomguard_dev::sandbox::in_cgroup;
 
 /// A private tmpfs, unmounted (and its directory removed) however the test ends.
@@ -279,30 +277,10 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
     let work = sb.child("work").unwrap();
     // The agent runs inside the guarded subtree, in its own cgroup, as a DaemonSet's
     // container would; a big helper shares that cgroup.
-    let root = sb.cg.path.display().to_string();
-    let mut cmd = Command::new(agent_exe());
-    cmd.args([
-        "run",
-        "--root",
-        root.as_str(),
-        "--mode",
-        "eventfd",
-        "--policy",
-        "process",
-        "--margin-ratio",
-        "0.1",
-        "--log-format",
-        "json",
-    ]);
-    in_cgroup(&mut cmd, &own).unwrap();
-    let agent = oomguard_dev::sandbox::Agent::spawn(cmd, None).expect("start the agent");
-    assert!(
-        agent
-            .wait_armed(&sb.cg.path, Duration::from_secs(10))
-            .is_some(),
-        "not armed: {:#?}",
-        agent.records()
-    );
+    let agent = launch(&sb.cg.path)
+        .args(&["--policy", "process", "--margin-ratio", "0.1"])
+        .in_cgroup(&own)
+        .start();
     let helper = Reap(hog(&own, &["--total", "150M", "--rate", "0"]));
     wait_rss(&helper.0, 140 * M, Duration::from_secs(20));
     let mut grow = hog(&work, &["--rate", "50M", "--total", "1G"]);

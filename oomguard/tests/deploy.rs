@@ -9,8 +9,7 @@
 //! kustomize`, pass the same checks plus their own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,7 +63,7 @@ fn kustomize(dir: &Path) -> Vec<Value> {
 /// An operator's own overlay, in a directory of its own: `body` is its kustomization.yaml
 /// with `DEPLOY` standing for the path of deploy/ (kustomize takes only relative paths).
 fn overlay(body: &str) -> Vec<Value> {
-    let dir = support::TempDir::new("kustomize");
+    let dir = fixture::TempDir::new("kustomize");
     let up = dir.path().canonicalize().unwrap().components().count() - 1;
     let rel = Path::new(&"../".repeat(up)).join(deploy_dir().strip_prefix("/").unwrap());
     std::fs::write(
@@ -103,8 +102,8 @@ fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
 
 /// The verbs the events code needs, from the requests it made to the API stand-in.
 fn verbs_used_by_the_events_code() -> BTreeSet<String> {
-    let server = support::apiserver::FakeApiServer::start();
-    let dir = support::TempDir::new("deploy");
+    let server = fixture::apiserver::FakeApiServer::start();
+    let dir = fixture::TempDir::new("deploy");
     let kc = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kc);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -116,14 +115,14 @@ fn verbs_used_by_the_events_code() -> BTreeSet<String> {
     opts.kubeconfig = Some(kc);
     let sink = EventSink::spawn(rt.handle(), opts);
     let ev = EventRequest::from_decision(
-        &support::decision("/x"),
+        &fixture::decision("/x"),
         Reason::KillProcess,
         None,
         "node-1",
     );
     sink.submit(ev.clone());
     sink.submit(ev);
-    let done = support::wait_for(Duration::from_secs(10), || {
+    let done = fixture::wait_for(Duration::from_secs(10), || {
         (server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
     });
     assert!(done.is_some(), "{:#?}", server.requests());

@@ -5,16 +5,15 @@
 //! API server is down and delivers once it is back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fixture::apiserver::FakeApiServer;
+use fixture::{TempDir, decision, wait_for};
 use oomguard::events::{EventRequest, EventSink, EventsOptions, Involved, Reason};
 use oomguard::runtime::PodRef;
 use serde_json::Value;
-use support::apiserver::FakeApiServer;
-use support::{TempDir, decision, wait_for};
 
 struct Setup {
     server: FakeApiServer,

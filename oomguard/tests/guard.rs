@@ -5,19 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use oomguard::cgroup::DEFAULT_MEMORY_ROOT;
 use oomguard::config::RunArgs;
 use oomguard::guard::{Armed, Cmd, Deps};
 use oomguard::report::Action;
+use oomguard_dev::fixture::*;
 
 /// Whether crossings come from the memcg charge path itself (`count_memcg_events`), not from
 /// the rss counters.
@@ -133,21 +131,9 @@ fn noop_leaves_the_job_to_the_kernel() {
 /// In eBPF mode the `mark_victim` record names the kernel's victim in the report.
 #[test]
 fn noop_leaves_the_job_to_the_kernel_ebpf_mode_names_the_victim() {
-    if !ebpf_ready() {
-        return;
-    }
     // The victim's name comes from the mark_victim program (per-program checks: its
     // prototype differs on some kernels).
-    if let Some(why) = oomguard::bpf::capabilities()
-        .programs
-        .iter()
-        .find(|p| p.program == "mark_victim")
-        .and_then(|p| p.missing_line())
-    {
-        if std::env::var_os(REQUIRE_ENV).is_some() {
-            panic!("required feature missing ({REQUIRE_ENV} is set): {why}");
-        }
-        skipped(&why);
+    if !programs_ready(&["mark_victim"]) {
         return;
     }
     let kernel = noop(&["--mode", "ebpf"]);
@@ -159,7 +145,7 @@ fn noop_leaves_the_job_to_the_kernel_ebpf_mode_names_the_victim() {
         // Known open bug: in the 6.1 TCG guest the report sometimes (1 run in 3) names no
         // victim although mark_victim loads. Counted and shown as a skip by the matrix, not
         // hidden as a pass; on this host the assertion below holds.
-        skipped(&format!(
+        record_skip(&format!(
             "known issue: the kernel-OOM report named no victim in this guest: {kernel}"
         ));
         return;
@@ -633,7 +619,7 @@ fn a_hog_that_calls_itself_pause_is_still_killed() {
     }
     let _rm = Rm(dir.clone());
     let link = dir.join("pause");
-    std::os::unix::fs::symlink(memhog_exe(), &link).unwrap();
+    std::os::unix::fs::symlink(memhog(), &link).unwrap();
     let sb = sandbox("fake-pause", 256 * M);
     let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
     let mut cmd = std::process::Command::new(&link);

@@ -13,8 +13,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -24,9 +22,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use caps::{CapSet, Capability, CapsHashSet};
-use common::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use oomguard::cgroup::MemCgroup;
+use oomguard_dev::fixture::*;
 use oomguard_dev::sandbox::{Agent, in_cgroup};
 
 /// The uid the memory hog runs as: not the agent's, so killing it takes CAP_KILL.
@@ -211,13 +209,11 @@ fn start_confined(
     tag: &str,
     args: &[&str],
 ) -> Agent {
-    let mut cmd = Command::new(agent_exe());
-    cmd.arg("run")
-        .args(["--log-format", "json", "--root"])
-        .arg(&root.path)
-        .args(["--bpf-pin-dir", &pin_dir(tag), "--state-dir"])
-        .arg(&state.0)
-        .args(args);
+    let state_dir = state.0.display().to_string();
+    let mut cmd = launch(&root.path)
+        .args(&["--bpf-pin-dir", &pin_dir(tag), "--state-dir", &state_dir])
+        .args(args)
+        .command();
     confine(&mut cmd, conf, &state.0);
     Agent::spawn(cmd, None).expect("start the confined agent")
 }
@@ -239,7 +235,7 @@ fn hog_as_nobody(cg: &MemCgroup, args: &[&str]) -> Child {
     let dir = StateDir::new("hog");
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.0.join("oomguard-memhog");
-    std::fs::copy(memhog_exe(), &exe).unwrap();
+    std::fs::copy(memhog(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(&exe);
     cmd.args(args).stdout(Stdio::null());

@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use oomguard_dev::fixture::*;
 
 const ESC: char = '\x1b';
 
@@ -110,12 +108,10 @@ impl Drop for Running {
 /// `oomguard run --log-format FORMAT` on a sandbox, its stderr on `stderr`; the environment
 /// would allow colour on a terminal.
 fn agent(sb: &oomguard_dev::sandbox::Sandbox, format: &str, stderr: Stdio) -> Running {
-    let pins = format!("/sys/fs/bpf/oomguard-test-{}-logs", std::process::id());
-    let child = Command::new(agent_exe())
-        .args(["run", "--mode", "eventfd", "--log-format", format])
-        .arg("--root")
-        .arg(&sb.cg.path)
-        .args(["--bpf-pin-dir", &pins])
+    let child = launch(&sb.cg.path)
+        .pins("logs")
+        .args(&["--mode", "eventfd", "--log-format", format])
+        .command()
         .env("RUST_LOG", "info")
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")

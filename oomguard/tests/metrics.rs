@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::*;
+use oomguard_dev::fixture::*;
 
 /// Polls `f` every 50 ms for up to `timeout`.
 fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use oomguard_dev::fixture;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -17,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{
+use fixture::{
     M, free_port, hog, kernel_ready, killed_by_sigkill, sandbox, serial, start_agent, wait_exit,
 };
+use fixture::{TempDir, wait_for};
 use serde_json::Value;
-use support::{TempDir, wait_for};
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -2,13 +2,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
 use oomguard::threshold::Margins;
+use oomguard_dev::fixture::*;
 
 /// A flags file removed with its directory when the test ends, even on failure.
 struct FlagsFile(PathBuf);
@@ -45,14 +43,6 @@ fn hup(agent: &oomguard_dev::sandbox::Agent) {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-}
-
-fn count(agent: &oomguard_dev::sandbox::Agent, message: &str) -> usize {
-    agent
-        .records()
-        .iter()
-        .filter(|r| r["message"] == message)
-        .count()
 }
 
 fn kill_threshold(ratio: f64) -> u64 {
@@ -107,7 +97,7 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
         })
         .unwrap_or_else(|| panic!("no refusal; log: {:#?}", agent.records()));
     assert_eq!(refused["flags"], "--state-dir", "{refused}");
-    assert_eq!(count(&agent, "SIGHUP: flags reloaded"), 0);
+    assert_eq!(agent.count(message("SIGHUP: flags reloaded")), 0);
 
     // Valid: the policy and the margins change; the cgroup is re-armed at the new threshold.
     flags.write("--policy=process\n--margin-ratio=0.2\n");

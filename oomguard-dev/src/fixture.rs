@@ -157,6 +157,24 @@ pub fn agent_exe() -> PathBuf {
     })
 }
 
+/// Runs `oomguard <args>` to its end (a CLI subcommand, or bad input): the exit code (-1
+/// for a signal), stdout and stderr.
+pub fn oomguard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_exe())
+        .args(args)
+        .output()
+        .expect("run oomguard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Flags under which a correct agent wins every race against the kernel's OOM killer: the
+/// process policy with a margin of 10% of the limit.
+pub const WINNABLE: &[&str] = &["--policy", "process", "--margin-ratio", "0.1"];
+
 /// The one way the tests start an agent: `oomguard run --root <root>` with, unless the
 /// arguments name them, `--log-format json`, `--mode eventfd` and eBPF pins in a directory
 /// of this test's own (removed by the agent on its clean exit). [`Launch::start`] waits until the agent
@@ -339,6 +357,27 @@ pub fn killed(decision: &serde_json::Value) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// Waits (bounded) for the agent's decision record with this `action` (`kill`,
+/// `kernel-oom`, …); fails the test with the agent's log when none comes.
+pub fn expect_decision(agent: &Agent, action: &str, timeout: Duration) -> serde_json::Value {
+    agent
+        .wait_for(timeout, |v| {
+            v["message"] == "decision" && v["action"] == action
+        })
+        .unwrap_or_else(|| panic!("no {action} decision; log: {:#?}", agent.records()))
+}
+
+/// The agent won the race: the kernel's OOM killer never acted in `cg`, and the workload
+/// ended by SIGKILL (`st`, its exit status).
+pub fn assert_agent_won(cg: &MemCgroup, st: Option<ExitStatus>, decision: &serde_json::Value) {
+    assert_eq!(
+        cg.subtree_oom_kills(),
+        0,
+        "the kernel OOM killer had to act; decision: {decision:#}"
+    );
+    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+}
+
 /// Waits until `hog`'s resident memory reaches `bytes` (it has allocated its share).
 pub fn wait_rss(child: &Child, bytes: u64, timeout: Duration) {
     let deadline = Instant::now() + patience(timeout);
@@ -355,6 +394,34 @@ pub fn wait_rss(child: &Child, bytes: u64, timeout: Duration) {
             child.id()
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What most root tests start with: `ready` (a probe such as [`kernel_ready`] or
+/// [`v2_ready`]) passed, this binary's tests serialised ([`serial`]) and a sandbox with
+/// `limit`. None when the probe skipped the test.
+pub fn setup(ready: fn() -> bool, name: &str, limit: u64) -> Option<Setup> {
+    if !ready() {
+        return None;
+    }
+    let serial = serial();
+    Some(Setup {
+        sb: sandbox(name, limit),
+        _serial: serial,
+    })
+}
+
+/// A [`setup`]: the sandbox (what it dereferences to), then the serial lock; the sandbox is
+/// removed before the next test may start.
+pub struct Setup {
+    pub sb: Sandbox,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sb
     }
 }
 
@@ -438,6 +505,38 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An event sink posting to a loopback API server through a kubeconfig of its own, on a
+/// runtime of its own (fields drop in order: server, directory, runtime, sink).
+pub struct SinkRig {
+    pub server: apiserver::FakeApiServer,
+    pub dir: TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub sink: oomguard::events::EventSink,
+}
+
+/// A [`SinkRig`] for node `node-1`; `adjust` changes the options before the sink starts.
+pub fn sink_rig(tag: &str, adjust: impl FnOnce(&mut oomguard::events::EventsOptions)) -> SinkRig {
+    let server = apiserver::FakeApiServer::start();
+    let dir = TempDir::new(tag);
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut opts = oomguard::events::EventsOptions::new("node-1");
+    opts.kubeconfig = Some(kubeconfig);
+    adjust(&mut opts);
+    let sink = oomguard::events::EventSink::spawn(rt.handle(), opts);
+    SinkRig {
+        server,
+        dir,
+        rt,
+        sink,
     }
 }
 

@@ -2,17 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_oomguard"))
-        .args(args)
-        .output()
-        .expect("run oomguard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = oomguard_dev::fixture::oomguard(args);
+    (code, err)
 }
 
 #[test]

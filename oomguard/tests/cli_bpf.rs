@@ -5,23 +5,10 @@
 
 use oomguard_dev::fixture;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use fixture::{M, hog, sandbox, wait_rss};
+use fixture::{M, hog, oomguard, sandbox, wait_rss};
 use oomguard::threshold::Margins;
-
-fn oomguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(fixture::agent_exe())
-        .args(args)
-        .output()
-        .expect("run oomguard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = oomguard(args);

@@ -14,21 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use fixture::{M, hog, killed_by_sigkill, sandbox, wait_exit};
+use fixture::{M, hog, killed_by_sigkill, oomguard, sandbox, wait_exit};
 use oomguard::threshold::Margins;
 use oomguard_dev::sandbox::Agent;
-
-fn oomguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(fixture::agent_exe())
-        .args(args)
-        .output()
-        .expect("run oomguard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A temporary state directory, removed on drop.
 struct StateDir(PathBuf);

@@ -3,18 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use oomguard_dev::fixture;
-use std::process::Command;
 
 fn doctor(args: &[&str]) -> (i32, String) {
-    let out = Command::new(fixture::agent_exe())
-        .arg("doctor")
-        .args(args)
-        .output()
-        .expect("run oomguard doctor");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (code, out, _) = fixture::oomguard(&[&["doctor"], args].concat());
+    (code, out)
 }
 
 #[test]

@@ -623,11 +623,7 @@ fn noop_a_kernel_oom_in_a_pod_is_reported_as_cgroup_oom() {
     );
     assert!(w.oom_kills() >= 1, "the kernel did not count a kill");
 
-    let d = agent
-        .wait_for(Duration::from_secs(10), |v| {
-            v["message"] == "decision" && v["action"] == "kernel-oom"
-        })
-        .unwrap_or_else(|| panic!("no kernel-oom decision; log: {:#?}", agent.records()));
+    let d = fixture::expect_decision(&agent, "kernel-oom", Duration::from_secs(10));
     assert_eq!(d["oomcgroup"], w.pod.display().to_string());
     assert_eq!(d["policy"], "noop");
 

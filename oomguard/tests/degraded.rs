@@ -77,11 +77,9 @@ fn pins(tag: &str) -> String {
 
 #[test]
 fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-eperm", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-eperm", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
@@ -129,11 +127,9 @@ fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
 
 #[test]
 fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-refuse", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-refuse", 64 * M);
+    };
     let root = sb.path().display().to_string();
     let mut agent = agent_denied(
         &root,
@@ -161,11 +157,9 @@ fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
 /// eventfds and kills with plain kill(2), still before the kernel.
 #[test]
 fn kernel_3_10_surface_still_guards_with_kill() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-310", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-310", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
@@ -213,11 +207,9 @@ fn kernel_3_10_surface_still_guards_with_kill() {
 /// kill(2) as on 3.10, instead of failing.
 #[test]
 fn pidfd_denied_by_seccomp_falls_back_to_kill() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-pidfd-eperm", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-pidfd-eperm", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use oomguard::config::{Cli, Command, Policy};
-use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
+use oomguard::events::{EventRequest, Reason};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -102,31 +102,20 @@ fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
 
 /// The verbs the events code needs, from the requests it made to the API stand-in.
 fn verbs_used_by_the_events_code() -> BTreeSet<String> {
-    let server = fixture::apiserver::FakeApiServer::start();
-    let dir = fixture::TempDir::new("deploy");
-    let kc = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kc);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut opts = EventsOptions::new("node-1");
-    opts.kubeconfig = Some(kc);
-    let sink = EventSink::spawn(rt.handle(), opts);
+    let rig = fixture::sink_rig("deploy", |_| {});
     let ev = EventRequest::from_decision(
         &fixture::decision("/x"),
         Reason::KillProcess,
         None,
         "node-1",
     );
-    sink.submit(ev.clone());
-    sink.submit(ev);
+    rig.sink.submit(ev.clone());
+    rig.sink.submit(ev);
     let done = fixture::wait_for(Duration::from_secs(10), || {
-        (server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
+        (rig.server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
     });
-    assert!(done.is_some(), "{:#?}", server.requests());
-    server
+    assert!(done.is_some(), "{:#?}", rig.server.requests());
+    rig.server
         .requests()
         .iter()
         .map(|r| {

@@ -279,11 +279,9 @@ fn agent_kills_a_hog_in(agent: &Agent, cg: &MemCgroup) {
 /// cgroup removed before the kill: `kill_task` refuses and the task lives on.
 #[test]
 fn a_victim_whose_cgroup_was_removed_before_the_kill_is_not_killed() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-removed-lib", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-removed-lib", 256 * M);
+    };
     let guarded = sb.child("guarded").unwrap();
     let sibling = sb.child("sibling").unwrap();
     let mut victim = hog(&guarded, &["--total", "8M"]);
@@ -418,11 +416,9 @@ fn removing_a_cgroup_above_its_threshold_disarms_it_once_and_siblings_stay_guard
 /// wait for this test's answer: EBUSY, a stray EINTR, the real write, no answer at all.
 #[test]
 fn force_empty_refused_interrupted_or_hung_is_bounded_and_the_worker_serves_on() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-reclaim", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-reclaim", 256 * M);
+    };
     let timeout = Duration::from_millis(300);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -542,11 +538,9 @@ fn force_empty_refused_interrupted_or_hung_is_bounded_and_the_worker_serves_on()
 /// kill threshold still kills.
 #[test]
 fn a_refused_force_empty_is_reported_once_per_interval_and_kills_go_on() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-ebusy", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-ebusy", 128 * M);
+    };
     let prog = write_filter(libc::SECCOMP_RET_ERRNO | libc::EBUSY as u32, Some(1));
     let mut agent = agent_with(
         sb.path(),
@@ -1336,11 +1330,9 @@ fn a_low_soft_fd_limit_is_raised_to_the_hard_one_at_start() {
 /// killably: the kill takes effect as for any other task.
 #[test]
 fn a_killable_d_state_victim_dies() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-dstate", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-dstate", 64 * M);
+    };
     let procs = CString::new(sb.cg.file("cgroup.procs").as_os_str().as_bytes()).unwrap();
     // SAFETY: after fork the child only makes system calls (open, write, close, clone,
     // pause, _exit) on data prepared before the fork.

@@ -25,7 +25,7 @@ use fixture::apiserver::{FakeApiServer, Fault};
 use fixture::containerd::container_id;
 use fixture::{TempDir, message, wait_for};
 use oomguard::cgroup::MemCgroup;
-use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
+use oomguard::events::{EventRequest, Reason};
 use oomguard::runtime::{
     Backoff, Endpoint, RuntimeClient, RuntimeConfig, RuntimeError, RuntimeHint,
 };
@@ -660,36 +660,13 @@ fn api_server_slow_kills_do_not_wait_and_the_events_arrive_once() {
 // ---------------------------------------------------------------------------------------
 // The API server's faults: the sink on its own
 
-struct SinkSetup {
-    server: FakeApiServer,
-    _dir: TempDir,
-    _rt: tokio::runtime::Runtime,
-    sink: EventSink,
-}
-
-fn sink(capacity: usize, request_timeout: Duration) -> SinkSetup {
-    let server = FakeApiServer::start();
-    let dir = TempDir::new("fo-sink");
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut opts = EventsOptions::new("node-1");
-    opts.kubeconfig = Some(kubeconfig);
-    opts.capacity = capacity;
-    opts.initial_backoff = Duration::from_millis(50);
-    opts.max_backoff = Duration::from_millis(400);
-    opts.request_timeout = request_timeout;
-    let sink = EventSink::spawn(rt.handle(), opts);
-    SinkSetup {
-        server,
-        _dir: dir,
-        _rt: rt,
-        sink,
-    }
+fn sink(capacity: usize, request_timeout: Duration) -> fixture::SinkRig {
+    fixture::sink_rig("fo-sink", |opts| {
+        opts.capacity = capacity;
+        opts.initial_backoff = Duration::from_millis(50);
+        opts.max_backoff = Duration::from_millis(400);
+        opts.request_timeout = request_timeout;
+    })
 }
 
 fn node_event(n: u32) -> EventRequest {
@@ -703,7 +680,7 @@ fn node_event(n: u32) -> EventRequest {
     ev
 }
 
-fn posts(s: &SinkSetup) -> Vec<u16> {
+fn posts(s: &fixture::SinkRig) -> Vec<u16> {
     s.server
         .requests()
         .into_iter()

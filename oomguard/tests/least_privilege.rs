@@ -401,17 +401,8 @@ fn works_with_exactly_the_manifests_capabilities(mode: &str) {
     // A hog of another user: killed by the agent, not by the kernel.
     let mut hog = hog_as_nobody(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
-    let decision = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
-    assert_eq!(
-        sb.cg.subtree_oom_kills(),
-        0,
-        "the kernel OOM killer had to act; decision: {decision:#}"
-    );
-    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let decision = expect_decision(&agent, "kill", Duration::from_secs(5));
+    assert_agent_won(&sb.cg, st, &decision);
     let k = killed(&decision);
     assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
     assert_eq!(k[0]["outcome"], "exited", "{decision:#}");
@@ -553,11 +544,7 @@ fn kill_is_needed_to_kill_another_users_task() {
     let mut hog = hog_as_nobody(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    let failed = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill-failed"
-        })
-        .unwrap_or_else(|| panic!("no kill-failed decision; log: {:#?}", agent.records()));
+    let failed = expect_decision(&agent, "kill-failed", Duration::from_secs(5));
     let k = killed(&failed);
     assert_eq!(k[0]["outcome"], "failed", "{failed:#}");
     assert_eq!(k[0]["errno"].as_i64(), Some(i64::from(libc::EPERM)));

@@ -151,11 +151,9 @@ fn strip_ansi(text: &str) -> String {
 
 #[test]
 fn the_text_log_is_coloured_on_a_terminal_only() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "logs-tty", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("logs-tty", 64 * M);
+    };
 
     let mut pty = Pty::open();
     let mut on_tty = agent(&sb, "text", pty.stdio());
@@ -185,11 +183,9 @@ fn the_text_log_is_coloured_on_a_terminal_only() {
 
 #[test]
 fn the_json_log_has_no_colour_even_on_a_terminal() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "logs-json", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("logs-json", 64 * M);
+    };
     let mut pty = Pty::open();
     let mut on_tty = agent(&sb, "json", pty.stdio());
     pty.close_slave();

@@ -58,11 +58,9 @@ fn kill_threshold(ratio: f64) -> u64 {
 
 #[test]
 fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "reload", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("reload", 256 * M);
+    };
     let flags = FlagsFile::new(
         "reload",
         "# node policy\n--policy=noop --margin-ratio=0.1\n",
@@ -123,11 +121,7 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
     let mut h = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut h, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    let d = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    let d = expect_decision(&agent, "kill", Duration::from_secs(5));
     assert_eq!(d["policy"], "process", "{d}");
     assert_eq!(d["threshold"].as_u64(), Some(t), "{d}");
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
@@ -139,12 +133,10 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
 
 #[test]
 fn without_a_flags_file_sighup_is_ignored() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "reload-none", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("reload-none", 256 * M);
-    let mut agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    };
+    let mut agent = start_agent(&sb.cg, WINNABLE);
     hup(&agent);
     agent
         .wait_for(Duration::from_secs(5), |r| {

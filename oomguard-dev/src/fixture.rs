@@ -227,6 +227,12 @@ impl Launch {
         self
     }
 
+    /// Posts events to the API server `kubeconfig` names, as node `node`.
+    pub fn kube(self, kubeconfig: &Path, node: &str) -> Self {
+        let kubeconfig = kubeconfig.display().to_string();
+        self.args(&["--kubeconfig", kubeconfig.as_str(), "--node-name", node])
+    }
+
     /// The agent runs in `cg` from its first instruction (as a DaemonSet's container would).
     pub fn in_cgroup(mut self, cg: &MemCgroup) -> Self {
         self.cgroup = Some(cg.clone());

@@ -123,18 +123,9 @@ impl World {
     /// Starts the agent on the `kubepods` directory (discovery finds the pod) and waits
     /// until it has armed the pod's cgroup.
     fn start_agent(&self, extra: &[&str]) -> Agent {
-        let kubeconfig = self.kubeconfig().display().to_string();
         fixture::launch(&self.kubepods)
-            .args(&[
-                "--mode",
-                "eventfd",
-                "--margin-ratio",
-                "0.1",
-                "--kubeconfig",
-                kubeconfig.as_str(),
-                "--node-name",
-                NODE,
-            ])
+            .args(&["--margin-ratio", "0.1"])
+            .kube(&self.kubeconfig(), NODE)
             .args(extra)
             .armed(&[&self.pod])
             .start()

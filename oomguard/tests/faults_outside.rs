@@ -150,22 +150,15 @@ impl Pods {
     /// Starts the agent (container policy, 10% margin) on `kubepods` and waits until both
     /// pods are armed.
     fn start_agent(&self, docker_sock: &Path, containerd_sock: &Path) -> Agent {
-        let kubeconfig = self.dir.path().join("kubeconfig").display().to_string();
         let (d, c) = (
             docker_sock.display().to_string(),
             containerd_sock.display().to_string(),
         );
         let args = [
-            "--mode",
-            "eventfd",
             "--policy",
             "container",
             "--margin-ratio",
             "0.1",
-            "--kubeconfig",
-            kubeconfig.as_str(),
-            "--node-name",
-            NODE,
             "--docker-containerd-sock",
             d.as_str(),
             "--containerd-sock",
@@ -174,6 +167,7 @@ impl Pods {
         let [a, b] = &self.pods;
         fixture::launch(&self.kubepods)
             .args(&args)
+            .kube(&self.dir.path().join("kubeconfig"), NODE)
             .armed(&[a, b])
             .start()
     }
@@ -396,25 +390,17 @@ impl Guarded {
     }
 
     fn start_agent(&self) -> Agent {
-        let kubeconfig = self.dir.path().join("kubeconfig").display().to_string();
         let missing = self.dir.path().join("none.sock").display().to_string();
-        fixture::start_agent(
-            &self.sb.cg,
-            &[
-                "--policy",
-                "process",
-                "--margin-ratio",
-                "0.1",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                NODE,
+        fixture::launch(&self.sb.cg.path)
+            .args(fixture::WINNABLE)
+            .kube(&self.dir.path().join("kubeconfig"), NODE)
+            .args(&[
                 "--docker-containerd-sock",
                 &missing,
                 "--containerd-sock",
                 &missing,
-            ],
-        )
+            ])
+            .start()
     }
 
     /// Runs a hog through the threshold at `rate` and returns the agent's kill decision.

@@ -1,8 +1,10 @@
 //! oomguard: kill a memory cgroup's offender from user space, just before the kernel's
 //! memcg OOM killer would have to.
 //!
-//! The crate is the agent's library; `main.rs` only parses the command line and wires these
-//! modules together. Rooms, by domain:
+//! The crate is the agent's library and holds only what ships; `main.rs` only parses the
+//! command line and wires these modules together. What does not ship (the benchmark, the
+//! soak, sandboxes, memhog, the demo, the test fixtures) lives in the dev-only crate
+//! `oomguard-dev`. Rooms, by domain:
 //! - [`config`]: flags, validation and defaults (the upstream names).
 //! - [`size`]: size strings (`30`, `512K`, `1Gi`).
 //! - [`cgroup`]: memory cgroup files, v1 and v2 behind one interface; the node's layout.
@@ -16,8 +18,6 @@
 //! - [`kill`]: pidfd, `process_mrelease`, confirmation, fallback to `kill(2)`.
 //! - [`report`]: decision records and their rendering.
 //! - [`sys`]: process-wide setup (real-time priority, `mlockall`, `oom_score_adj`).
-//! - [`sandbox`]: throw-away cgroups beneath our own, for the demo, tests and benchmarks.
-//! - [`soak`]: the "no growth" soak (kills and cgroup cycles against a running agent).
 //! - [`bpf`]: loading and attaching the eBPF programs.
 //! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.
 //! - [`control`]: the control socket that serves [`state`], and its client.
@@ -43,7 +43,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod decide;
-pub mod demo;
 pub mod discovery;
 pub mod events;
 pub mod guard;
@@ -54,9 +53,7 @@ pub mod policy;
 pub mod reclaim;
 pub mod report;
 pub mod runtime;
-pub mod sandbox;
 pub mod size;
-pub mod soak;
 pub mod state;
 pub mod sys;
 pub mod telemetry;

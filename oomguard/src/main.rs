@@ -18,7 +18,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Demo(args) => oomguard::demo::main(args),
         Command::Doctor(args) => oomguard::cli::doctor::main(args),
         Command::Bpf(args) => oomguard::cli::bpf::main(args),
         Command::Cgroups(args) => oomguard::cli::cgroups::main(args),

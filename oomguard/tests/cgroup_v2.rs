@@ -8,39 +8,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
 use oomguard::cgroup::MemCgroup;
+use oomguard_dev::fixture::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
 /// Allocates past the limit at `rate` with eBPF off: the fallback watcher's signal, not
 /// the kernel, ends it.
 fn fallback_kills_before_the_kernel(rate: &str) {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-race", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-race", 256 * M);
+    };
     assert!(sb.cg.is_v2());
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     let mut hog = hog(&sb.cg, &["--rate", rate, "--total", "1G"]);
     let st = wait_exit(&mut hog, LONG);
-    let decision = agent
-        .wait_for(Duration::from_secs(30), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
-    assert_eq!(
-        sb.cg.subtree_oom_kills(),
-        0,
-        "the kernel OOM killer had to act; decision: {decision:#}"
-    );
-    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let decision = expect_decision(&agent, "kill", Duration::from_secs(30));
+    assert_agent_won(&sb.cg, st, &decision);
     assert_eq!(
         killed(&decision)[0]["pid"].as_u64(),
         Some(u64::from(hog.id())),
@@ -73,11 +60,9 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
 /// from `memory.events` `oom_kill`.
 #[test]
 fn v2_noop_reports_the_kernel_oom_kill() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-noop", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-noop", 128 * M);
+    };
     let agent = start_agent(&sb.cg, &["--policy", "noop", "--margin-ratio", "0.1"]);
     let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, LONG);
@@ -99,12 +84,10 @@ fn v2_noop_reports_the_kernel_oom_kill() {
 /// the grower, never the protected one.
 #[test]
 fn v2_protected_task_is_spared() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-protect", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-protect", 128 * M);
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    };
+    let agent = start_agent(&sb.cg, WINNABLE);
     let mut big = hog(&sb.cg, &["--total", "60M", "--adj", "-1000"]);
     let mut favoured = hog(&sb.cg, &["--total", "10M", "--adj", "1000"]);
     wait_rss(&big, 60 * M, LONG);
@@ -166,7 +149,7 @@ fn v2_page_cache_is_left_to_the_kernel() {
     };
     let _serial = serial();
     let sb = sandbox("v2-cache", 128 * M);
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     let file = dir.join(format!("oomguard-v2-cache-{}", std::process::id()));
     let mut writer = hog(
         &sb.cg,
@@ -198,11 +181,9 @@ fn v2_page_cache_is_left_to_the_kernel() {
 /// is guarded; its removal disarms it.
 #[test]
 fn v2_limit_change_new_cgroup_and_removal() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-discovery", 512 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-discovery", 512 * M);
+    };
     let agent = start_agent(&sb.cg, &["--policy", "noop"]);
     let child = sb.child("late").unwrap();
     child.set_limit(128 * M).unwrap();
@@ -228,13 +209,11 @@ fn v2_limit_change_new_cgroup_and_removal() {
 /// run, not a failure; with page cache it frees some.
 #[test]
 fn v2_memory_reclaim() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-reclaim", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-reclaim", 256 * M);
+    };
     if !sb.cg.file("memory.reclaim").exists() {
-        skipped("no memory.reclaim (kernel before 5.19)");
+        record_skip("no memory.reclaim (kernel before 5.19)");
         return;
     }
     let mut anon = hog(&sb.cg, &["--total", "32M"]);
@@ -272,17 +251,15 @@ fn v2_memory_reclaim() {
 /// may be spared, and goes task by task (sparing -1000) when something may.
 #[test]
 fn v2_cgroup_kill_fallback() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-kill", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-kill", 256 * M);
+    };
     let ctr = sb.child("ctr").unwrap();
     if !ctr.file("cgroup.kill").exists() {
-        skipped("no cgroup.kill (kernel before 5.14)");
+        record_skip("no cgroup.kill (kernel before 5.14)");
         return;
     }
-    let mount = oomguard::sandbox::memory_root();
+    let mount = oomguard_dev::sandbox::memory_root();
     let mut a = hog(&ctr, &["--total", "8M"]);
     let mut b = hog(&ctr, &["--total", "8M"]);
     wait_rss(&a, 8 * M, LONG);
@@ -346,23 +323,15 @@ fn v2_layout_and_default_root() {
 /// killed by the agent, and the old memory.high comes back when the agent stops.
 #[test]
 fn v2_throttle_sets_and_restores_memory_high() {
-    if !v2_ready() {
+    let Some(sb) = setup(v2_ready, "v2-throttle", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("v2-throttle", 128 * M);
+    };
     let high = |cg: &MemCgroup| oomguard::cgroup::v2::high(&cg.path).unwrap();
     assert_eq!(high(&sb.cg), oomguard::cgroup::UNLIMITED);
-    let mut agent = start_agent(
-        &sb.cg,
-        &[
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--v2-throttle",
-        ],
-    );
+    let mut agent = launch(&sb.cg.path)
+        .args(WINNABLE)
+        .args(&["--v2-throttle"])
+        .start();
     let t = oomguard::threshold::Margins {
         ratio: 0.1,
         min: M,

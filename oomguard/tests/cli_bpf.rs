@@ -3,27 +3,12 @@
 //! it started); without pins, one clear line and a non-zero exit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{M, hog, sandbox, wait_rss};
-use oomguard::sandbox::Agent;
+use fixture::{M, hog, oomguard, sandbox, wait_rss};
 use oomguard::threshold::Margins;
-
-fn oomguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::agent_exe())
-        .args(args)
-        .output()
-        .expect("run oomguard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = oomguard(args);
@@ -54,8 +39,8 @@ fn pin_dir(name: &str) -> PathBuf {
 
 #[test]
 fn pins_decode_into_the_cgroup_and_task_the_test_made() {
-    let _serial = common::serial();
-    if !common::kernel_ready() || !common::ebpf_ready() {
+    let _serial = fixture::serial();
+    if !fixture::kernel_ready() || !fixture::ebpf_ready() {
         return;
     }
     let limit = 256 * M;
@@ -63,11 +48,8 @@ fn pins_decode_into_the_cgroup_and_task_the_test_made() {
     let pins = pin_dir("dump");
     let pins_s = pins.display().to_string();
     let root = sb.path().display().to_string();
-    let agent = Agent::start(
-        common::agent_exe(),
-        &[
-            "--root",
-            &root,
+    let _agent = fixture::launch(sb.path())
+        .args(&[
             "--mode",
             "ebpf",
             "--policy",
@@ -76,17 +58,8 @@ fn pins_decode_into_the_cgroup_and_task_the_test_made() {
             "0.1",
             "--bpf-pin-dir",
             &pins_s,
-        ],
-        None,
-    )
-    .unwrap();
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some(),
-        "{:#?}",
-        agent.records()
-    );
+        ])
+        .start();
     let mut memhog = hog(&sb.cg, &["--total", "32M"]);
     wait_rss(&memhog, 30 * M, Duration::from_secs(10));
 

@@ -7,29 +7,16 @@
 //! `--state-dir` and to feed `state::AgentState` from the guard (see README, "Debug CLI").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use common::{M, hog, killed_by_sigkill, sandbox, wait_exit};
-use oomguard::sandbox::Agent;
+use fixture::{M, hog, killed_by_sigkill, oomguard, sandbox, wait_exit};
 use oomguard::threshold::Margins;
-
-fn oomguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::agent_exe())
-        .args(args)
-        .output()
-        .expect("run oomguard");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use oomguard_dev::sandbox::Agent;
 
 /// A temporary state directory, removed on drop.
 struct StateDir(PathBuf);
@@ -65,7 +52,7 @@ impl Follower {
         if json {
             args.push("--json");
         }
-        let mut child = Command::new(common::agent_exe())
+        let mut child = Command::new(fixture::agent_exe())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -143,8 +130,8 @@ fn cgroups(state_dir: &str) -> Vec<serde_json::Value> {
 }
 
 fn views_follow_a_kill(mode: &str) {
-    let _serial = common::serial();
-    if !common::kernel_ready() || (mode == "ebpf" && !common::ebpf_ready()) {
+    let _serial = fixture::serial();
+    if !fixture::kernel_ready() || (mode == "ebpf" && !fixture::ebpf_ready()) {
         return;
     }
     let limit = 256 * M;
@@ -156,11 +143,8 @@ fn views_follow_a_kill(mode: &str) {
         std::process::id()
     );
     let root = sb.path().display().to_string();
-    let agent = Agent::start(
-        common::agent_exe(),
-        &[
-            "--root",
-            &root,
+    let agent = fixture::launch(sb.path())
+        .args(&[
             "--mode",
             mode,
             "--policy",
@@ -173,17 +157,8 @@ fn views_follow_a_kill(mode: &str) {
             &state_arg,
             "--bpf-pin-dir",
             &pins,
-        ],
-        None,
-    )
-    .unwrap();
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some(),
-        "{:#?}",
-        agent.records()
-    );
+        ])
+        .start();
     wait_socket(&state.0, &agent);
     let mode_bits = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(state.0.join("control.sock"))

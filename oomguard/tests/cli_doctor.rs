@@ -2,25 +2,16 @@
 //! its exit status says whether the agent can run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::process::Command;
+use oomguard_dev::fixture;
 
 fn doctor(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::agent_exe())
-        .arg("doctor")
-        .args(args)
-        .output()
-        .expect("run oomguard doctor");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (code, out, _) = fixture::oomguard(&[&["doctor"], args].concat());
+    (code, out)
 }
 
 #[test]
 fn json_report_agrees_with_the_kernel() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&["--json"]);
@@ -92,7 +83,7 @@ fn json_report_agrees_with_the_kernel() {
 
 #[test]
 fn human_report_to_a_pipe_is_whole_and_names_the_mode() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     let (code, out) = doctor(&[]);

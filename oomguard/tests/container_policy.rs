@@ -15,21 +15,19 @@
 //! - `--policy noop`: the kernel kills, and the agent reports it (`kernel-oom`, `CgroupOOM`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use oomguard_dev::fixture;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::M;
+use fixture::M;
+use fixture::apiserver::FakeApiServer;
+use fixture::containerd::{Containerd, container_id};
+use fixture::{TempDir, wait_for};
 use oomguard::cgroup::MemCgroup;
 use oomguard::runtime::labels;
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::sandbox::{Agent, Sandbox};
 use serde_json::Value;
-use support::apiserver::FakeApiServer;
-use support::containerd::{Containerd, container_id};
-use support::{TempDir, wait_for};
 
 const UID: &str = "6b0f3c2e-9d4a-4f1b-8e7c-2a5d1c9e0b37";
 const POD_NS: &str = "shop";
@@ -41,17 +39,17 @@ const DECISION_WAIT: Duration = Duration::from_secs(30);
 
 /// Root, cgroup v1 memory with thresholds, containerd + runc + busybox, kubectl.
 fn ready(need_containerd: bool) -> bool {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return false;
     }
-    if need_containerd && let Some(why) = support::containerd::probe() {
-        return !support::feature_missing(&why);
+    if need_containerd && !fixture::require(fixture::containerd::probe()) {
+        return false;
     }
     let kubectl = Command::new("kubectl")
         .args(["version", "--client"])
         .output()
         .is_ok_and(|o| o.status.success());
-    kubectl || !support::feature_missing("kubectl is not installed")
+    fixture::require((!kubectl).then(|| "kubectl is not installed".into()))
 }
 
 /// How the pod's containers are labelled and which containerd namespace runs them.
@@ -125,31 +123,12 @@ impl World {
     /// Starts the agent on the `kubepods` directory (discovery finds the pod) and waits
     /// until it has armed the pod's cgroup.
     fn start_agent(&self, extra: &[&str]) -> Agent {
-        let root = self.kubepods.display().to_string();
-        let kubeconfig = self.kubeconfig().display().to_string();
-        let mut args = vec![
-            "--root",
-            root.as_str(),
-            "--mode",
-            "eventfd",
-            "--margin-ratio",
-            "0.1",
-            "--kubeconfig",
-            kubeconfig.as_str(),
-            "--node-name",
-            NODE,
-        ];
-        args.extend_from_slice(extra);
-        let agent = Agent::start(common::agent_exe(), &args, None).expect("start the agent");
-        assert!(
-            agent
-                .wait_armed(&self.pod, Duration::from_secs(10))
-                .is_some(),
-            "the agent did not arm the pod {} within 10 s; its log: {:#?}",
-            self.pod.display(),
-            agent.records()
-        );
-        agent
+        fixture::launch(&self.kubepods)
+            .args(&["--margin-ratio", "0.1"])
+            .kube(&self.kubeconfig(), NODE)
+            .args(extra)
+            .armed(&[&self.pod])
+            .start()
     }
 
     /// Runs a container of the pod in `pod/<id>` (no limit of its own: the pod's limit is
@@ -210,7 +189,7 @@ impl World {
     /// The pod's sandbox (a process named `pause`) and a sibling; returns their ids.
     fn sandbox_and_sibling(&self, flavor: Flavor) -> (String, String) {
         let (sandbox, side) = (container_id(), container_id());
-        self.ctrd().install(&sandbox, common::memhog_exe(), "pause");
+        self.ctrd().install(&sandbox, &fixture::memhog(), "pause");
         self.container(
             flavor,
             &sandbox,
@@ -236,7 +215,7 @@ impl World {
     fn app(&self, flavor: Flavor, cmd: &[&str]) -> String {
         let id = container_id();
         self.ctrd()
-            .install(&id, common::memhog_exe(), "oomguard-memhog");
+            .install(&id, &fixture::memhog(), "oomguard-memhog");
         self.container(flavor, &id, Kind::Container, "app", cmd);
         id
     }
@@ -353,7 +332,7 @@ fn assert_pod_event(ev: &Value, container: &str) {
 
 #[test]
 fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !ready(true) {
         return;
     }
@@ -363,7 +342,7 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
     let (sandbox, side) = w.sandbox_and_sibling(flavor);
     let missing = w.dir.path().join("no-docker.sock").display().to_string();
     let sock = w.ctrd().socket.display().to_string();
-    let metrics = common::free_port();
+    let metrics = fixture::free_port();
     let metrics_flag = metrics.to_string();
     let mut agent = w.start_agent(&[
         "--policy",
@@ -468,9 +447,9 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
 
     // Both apps were prefetched at mkdir: no kill waited for a lookup; the endpoint is
     // healthy and no call failed.
-    let (status, text) = common::get(metrics, "/metrics");
+    let (status, text) = fixture::get(metrics, "/metrics");
     assert_eq!(status, 200);
-    let v = |series: &str| common::value(&text, series);
+    let v = |series: &str| fixture::value(&text, series);
     assert_eq!(
         v("oomguard_runtime_uncached_lookups_total"),
         Some(0.0),
@@ -493,7 +472,7 @@ fn cri_pod_the_app_is_killed_through_containerd_before_the_kernel_and_reported()
 
 #[test]
 fn a_hung_runtime_the_fallback_kills_the_app_before_the_kernel() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !ready(true) {
         return;
     }
@@ -501,7 +480,7 @@ fn a_hung_runtime_the_fallback_kills_the_app_before_the_kernel() {
     let flavor = Flavor::Cri;
     let ns = flavor.namespace();
     let (sandbox, side) = w.sandbox_and_sibling(flavor);
-    let hung = support::hung_socket(&w.dir.path().join("hung.sock"));
+    let hung = fixture::hung_socket(&w.dir.path().join("hung.sock"));
     let hung_path = hung.path.display().to_string();
     let missing = w.dir.path().join("no-docker.sock").display().to_string();
     let agent = w.start_agent(&[
@@ -557,7 +536,7 @@ fn a_hung_runtime_the_fallback_kills_the_app_before_the_kernel() {
 
 #[test]
 fn docker_pod_the_app_is_killed_through_docker_containerd_and_the_sandbox_lives() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !ready(true) {
         return;
     }
@@ -615,7 +594,7 @@ fn docker_pod_the_app_is_killed_through_docker_containerd_and_the_sandbox_lives(
 
 #[test]
 fn noop_a_kernel_oom_in_a_pod_is_reported_as_cgroup_oom() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !ready(false) {
         return;
     }
@@ -623,23 +602,19 @@ fn noop_a_kernel_oom_in_a_pod_is_reported_as_cgroup_oom() {
     let id = container_id();
     std::fs::create_dir(w.pod.join(&id)).unwrap();
     let agent = w.start_agent(&["--policy", "noop"]);
-    let mut hog = common::hog(&w.cg(&id), &["--rate", "0", "--total", "512M"]);
-    let st = common::wait_exit(&mut hog, Duration::from_secs(20));
+    let mut hog = fixture::hog(&w.cg(&id), &["--rate", "0", "--total", "512M"]);
+    let st = fixture::wait_exit(&mut hog, Duration::from_secs(20));
     if st.is_none() {
         let _ = hog.kill();
         let _ = hog.wait();
     }
     assert!(
-        common::killed_by_sigkill(st),
+        fixture::killed_by_sigkill(st),
         "the hog was not OOM-killed: {st:?}"
     );
     assert!(w.oom_kills() >= 1, "the kernel did not count a kill");
 
-    let d = agent
-        .wait_for(Duration::from_secs(10), |v| {
-            v["message"] == "decision" && v["action"] == "kernel-oom"
-        })
-        .unwrap_or_else(|| panic!("no kernel-oom decision; log: {:#?}", agent.records()));
+    let d = fixture::expect_decision(&agent, "kernel-oom", Duration::from_secs(10));
     assert_eq!(d["oomcgroup"], w.pod.display().to_string());
     assert_eq!(d["policy"], "noop");
 

@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
-use oomguard::sandbox::in_cgroup;
+use oomguard_dev::fixture::*;
+use oomguard_dev::sandbox::in_cgroup;
 
 /// A private tmpfs, unmounted (and its directory removed) however the test ends.
 struct Tmpfs(PathBuf);
@@ -64,11 +62,9 @@ fn idle_task(cg: &oomguard::cgroup::MemCgroup) -> Reap {
 /// kills nobody; the agent (default margins) must not kill either.
 #[test]
 fn anonymous_memory_with_file_io_at_the_limit_is_not_killed() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-cache", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-cache", 256 * M);
+    };
     let agent = start_agent(&sb.cg, &["--policy", "process"]);
     let anon = Reap(hog(&sb.cg, &["--total", "230M", "--rate", "0"]));
     wait_rss(&anon.0, 225 * M, Duration::from_secs(20));
@@ -128,11 +124,9 @@ fn anonymous_memory_with_file_io_at_the_limit_is_not_killed() {
 /// none of them; the agent must not either: killing one frees nothing the overshoot needs.
 #[test]
 fn idle_tasks_in_a_cgroup_held_up_by_tmpfs_are_not_killed() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-tmpfs", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-tmpfs", 128 * M);
+    };
     let fs = Tmpfs::new("decide-tmpfs");
     // Kill threshold 115.2 MiB (10% margin); the file takes the cgroup to ~117 MiB.
     let mut writer = hog(
@@ -154,7 +148,7 @@ fn idle_tasks_in_a_cgroup_held_up_by_tmpfs_are_not_killed() {
         usage >= kill && usage < 128 * M,
         "usage {usage} is not between the kill threshold {kill} and the limit"
     );
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(idle_task(&sb.cg));
@@ -191,11 +185,9 @@ fn idle_tasks_in_a_cgroup_held_up_by_tmpfs_are_not_killed() {
 /// the one the tmpfs pages make look big.
 #[test]
 fn with_tmpfs_held_the_growing_task_is_killed_once() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-grow", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-grow", 256 * M);
+    };
     let fs = Tmpfs::new("decide-grow");
     let mut writer = hog(
         &sb.cg,
@@ -209,7 +201,7 @@ fn with_tmpfs_held_the_growing_task_is_killed_once() {
         ],
     );
     assert!(wait_exit(&mut writer, Duration::from_secs(30)).is_some_and(|s| s.success()));
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     let idle = idle_task(&sb.cg);
     let mut grow = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut grow, Duration::from_secs(30));
@@ -232,14 +224,12 @@ fn with_tmpfs_held_the_growing_task_is_killed_once() {
 /// container (the innermost guarded cgroup); the pod does not kill a second task.
 #[test]
 fn nested_limits_make_one_kill_from_the_innermost_cgroup() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-nested", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-nested", 256 * M);
+    };
     let inner = sb.child("ctr").unwrap();
     inner.set_limit(240 * M).unwrap();
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     assert!(
         agent
             .wait_armed(&inner.path, Duration::from_secs(10))
@@ -270,39 +260,14 @@ fn nested_limits_make_one_kill_from_the_innermost_cgroup() {
 /// The process policy never picks a task in the agent's own cgroup, even the biggest.
 #[test]
 fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-self", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-self", 256 * M);
+    };
     let own = sb.child("agent").unwrap();
     let work = sb.child("work").unwrap();
     // The agent runs inside the guarded subtree, in its own cgroup, as a DaemonSet's
     // container would; a big helper shares that cgroup.
-    let root = sb.cg.path.display().to_string();
-    let mut cmd = Command::new(agent_exe());
-    cmd.args([
-        "run",
-        "--root",
-        root.as_str(),
-        "--mode",
-        "eventfd",
-        "--policy",
-        "process",
-        "--margin-ratio",
-        "0.1",
-        "--log-format",
-        "json",
-    ]);
-    in_cgroup(&mut cmd, &own).unwrap();
-    let agent = oomguard::sandbox::Agent::spawn(cmd, None).expect("start the agent");
-    assert!(
-        agent
-            .wait_armed(&sb.cg.path, Duration::from_secs(10))
-            .is_some(),
-        "not armed: {:#?}",
-        agent.records()
-    );
+    let agent = launch(&sb.cg.path).args(WINNABLE).in_cgroup(&own).start();
     let helper = Reap(hog(&own, &["--total", "150M", "--rate", "0"]));
     wait_rss(&helper.0, 140 * M, Duration::from_secs(20));
     let mut grow = hog(&work, &["--rate", "50M", "--total", "1G"]);
@@ -316,11 +281,7 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
     );
     // The decision record is written once the victim's exit is confirmed, which can come
     // just after the test saw the exit itself.
-    let kill = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision: {:#?}", agent.records()));
+    let kill = expect_decision(&agent, "kill", Duration::from_secs(5));
     assert_eq!(killed(&kill)[0]["pid"].as_u64(), Some(u64::from(grow.id())));
 }
 
@@ -329,25 +290,15 @@ fn tasks_of_the_agents_own_cgroup_are_never_chosen() {
 /// nothing but the rescan can tell).
 #[test]
 fn a_cgroup_made_again_with_the_same_limit_is_re_armed() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-recreate", 512 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-recreate", 512 * M);
+    };
     let child = sb.child("c").unwrap();
     child.set_limit(128 * M).unwrap();
-    let agent = start_agent(
-        &sb.cg,
-        &[
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--no-inotify",
-            "--walk-interval",
-            "1",
-        ],
-    );
+    let agent = launch(&sb.cg.path)
+        .args(WINNABLE)
+        .args(&["--no-inotify", "--walk-interval", "1"])
+        .start();
     assert!(
         agent
             .wait_armed(&child.path, Duration::from_secs(10))
@@ -386,16 +337,14 @@ fn a_cgroup_made_again_with_the_same_limit_is_re_armed() {
 /// so.
 #[test]
 fn a_cgroup_with_oom_kill_disabled_is_left_alone() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "decide-oomoff", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("decide-oomoff", 128 * M);
+    };
     std::fs::write(sb.cg.file("memory.oom_control"), "1").unwrap();
-    let agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    let agent = start_agent(&sb.cg, WINNABLE);
     // Said while arming, so before the "armed" record start_agent waited for: look at every
     // record, not only those after it.
-    let said = |a: &oomguard::sandbox::Agent| {
+    let said = |a: &oomguard_dev::sandbox::Agent| {
         a.records().iter().any(|v| {
             v["message"]
                 .as_str()

@@ -4,14 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use oomguard::sandbox::Agent;
+use oomguard_dev::fixture::*;
+use oomguard_dev::sandbox::Agent;
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 
@@ -50,20 +46,12 @@ fn filter(deny: &[(i64, i32)]) -> Vec<libc::sock_filter> {
 /// `oomguard run <args>` with `deny` answered by the kernel's seccomp filter.
 fn agent_denied(root: &str, pins: &str, args: &[&str], deny: &[(i64, i32)]) -> Agent {
     let prog = filter(deny);
-    let mut cmd = Command::new(agent_exe());
-    cmd.arg("run")
-        .args([
-            "--log-format",
-            "json",
-            "--root",
-            root,
-            "--bpf-pin-dir",
-            pins,
-        ])
+    let launch = launch(std::path::Path::new(root))
+        .args(&["--bpf-pin-dir", pins])
         .args(args);
     // SAFETY: prctl with a filter built before the fork; no allocation after it.
-    unsafe {
-        cmd.pre_exec(move || {
+    let launch = unsafe {
+        launch.pre_exec(move || {
             let fprog = libc::sock_fprog {
                 len: prog.len() as u16,
                 filter: prog.as_ptr() as *mut libc::sock_filter,
@@ -78,9 +66,9 @@ fn agent_denied(root: &str, pins: &str, args: &[&str], deny: &[(i64, i32)]) -> A
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
-        });
-    }
-    Agent::spawn(cmd, None).expect("start the agent")
+        })
+    };
+    launch.spawn()
 }
 
 fn pins(tag: &str) -> String {
@@ -89,11 +77,9 @@ fn pins(tag: &str) -> String {
 
 #[test]
 fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-eperm", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-eperm", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
@@ -141,11 +127,9 @@ fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
 
 #[test]
 fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-refuse", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-refuse", 64 * M);
+    };
     let root = sb.path().display().to_string();
     let mut agent = agent_denied(
         &root,
@@ -173,11 +157,9 @@ fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
 /// eventfds and kills with plain kill(2), still before the kernel.
 #[test]
 fn kernel_3_10_surface_still_guards_with_kill() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-310", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-310", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
@@ -225,11 +207,9 @@ fn kernel_3_10_surface_still_guards_with_kill() {
 /// kill(2) as on 3.10, instead of failing.
 #[test]
 fn pidfd_denied_by_seccomp_falls_back_to_kill() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "degraded-pidfd-eperm", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("degraded-pidfd-eperm", 256 * M);
+    };
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
@@ -337,10 +317,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
     }
     let _serial = serial();
     let Some(freezer) = Frozen::new() else {
-        if std::env::var_os(REQUIRE_ENV).is_some() {
-            panic!("required feature missing: no cgroup v1 freezer");
-        }
-        skipped("no cgroup v1 freezer hierarchy");
+        require(Some("no cgroup v1 freezer hierarchy".into()));
         return;
     };
     let sb = sandbox("degraded-stuck", 128 * M);

@@ -9,8 +9,7 @@
 //! kustomize`, pass the same checks plus their own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use oomguard::cli::args::{Cli, Command};
 use oomguard::config::Policy;
-use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
+use oomguard::events::{EventRequest, Reason};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -65,7 +64,7 @@ fn kustomize(dir: &Path) -> Vec<Value> {
 /// An operator's own overlay, in a directory of its own: `body` is its kustomization.yaml
 /// with `DEPLOY` standing for the path of deploy/ (kustomize takes only relative paths).
 fn overlay(body: &str) -> Vec<Value> {
-    let dir = support::TempDir::new("kustomize");
+    let dir = fixture::TempDir::new("kustomize");
     let up = dir.path().canonicalize().unwrap().components().count() - 1;
     let rel = Path::new(&"../".repeat(up)).join(deploy_dir().strip_prefix("/").unwrap());
     std::fs::write(
@@ -104,31 +103,20 @@ fn one<T: serde::de::DeserializeOwned>(docs: &[Value], kind: &str) -> T {
 
 /// The verbs the events code needs, from the requests it made to the API stand-in.
 fn verbs_used_by_the_events_code() -> BTreeSet<String> {
-    let server = support::apiserver::FakeApiServer::start();
-    let dir = support::TempDir::new("deploy");
-    let kc = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kc);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut opts = EventsOptions::new("node-1");
-    opts.kubeconfig = Some(kc);
-    let sink = EventSink::spawn(rt.handle(), opts);
+    let rig = fixture::sink_rig("deploy", |_| {});
     let ev = EventRequest::from_decision(
-        &support::decision("/x"),
+        &fixture::decision("/x"),
         Reason::KillProcess,
         None,
         "node-1",
     );
-    sink.submit(ev.clone());
-    sink.submit(ev);
-    let done = support::wait_for(Duration::from_secs(10), || {
-        (server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
+    rig.sink.submit(ev.clone());
+    rig.sink.submit(ev);
+    let done = fixture::wait_for(Duration::from_secs(10), || {
+        (rig.server.events().first().is_some_and(|e| e["count"] == 2)).then_some(())
     });
-    assert!(done.is_some(), "{:#?}", server.requests());
-    server
+    assert!(done.is_some(), "{:#?}", rig.server.requests());
+    rig.server
         .requests()
         .iter()
         .map(|r| {

@@ -11,8 +11,7 @@
 //! set (CI) that is a failure instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::{
     fs,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -22,60 +21,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{M, hog, sandbox, wait_exit, wait_rss};
+use fixture::{M, hog, programs_ready, sandbox, wait_exit, wait_rss};
 use oomguard::{
-    bpf::{self, EbpfGuard, ProgramCheck, Record, Role, TaskScore, Threshold},
+    bpf::{self, EbpfGuard, Record, Role, TaskScore, Threshold},
     cgroup::{DEFAULT_MEMORY_ROOT, cgroup_of_pid},
 };
 
-/// Checks root, the v1 memory hierarchy and everything the eBPF mode needs; false (after
-/// saying why) when the kernel lacks something and CI does not demand it.
-fn ebpf_ready() -> bool {
-    if !common::kernel_ready() {
-        return false;
-    }
-    let Some(reason) = bpf::capabilities().reason() else {
-        return true;
-    };
-    if std::env::var_os(common::REQUIRE_ENV).is_some() {
-        panic!(
-            "required feature missing ({} is set): {reason}",
-            common::REQUIRE_ENV
-        );
-    }
-    common::skipped(&reason);
-    false
-}
-
-/// [`ebpf_ready`], and each of `programs` can run on this kernel (false, after saying which
-/// cannot and why, when one cannot and CI does not demand it).
-fn programs_ready(programs: &[&str]) -> bool {
-    if !ebpf_ready() {
-        return false;
-    }
-    let caps = bpf::capabilities();
-    let missing: Vec<String> = caps
-        .programs
-        .iter()
-        .filter(|p| programs.contains(&p.program))
-        .filter_map(ProgramCheck::missing_line)
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = missing.join("; ");
-    if std::env::var_os(common::REQUIRE_ENV).is_some() {
-        panic!(
-            "required feature missing ({}): {reason}",
-            common::REQUIRE_ENV
-        );
-    }
-    common::skipped(&reason);
-    false
-}
-
 /// Sets [`bpf::HIDE_HOOKS_ENV`] for its lifetime (tests run one at a time, under
-/// `common::serial()`).
+/// `fixture::serial()`).
 struct HiddenHooks;
 
 impl HiddenHooks {
@@ -236,10 +189,10 @@ fn kill(child: &mut Child) {
 
 #[test]
 fn loads_attaches_and_pins_then_unpins() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let mounts = MountGuard::new();
     let dir = pin_dir();
     // A stale pin from an earlier run is replaced.
@@ -261,10 +214,10 @@ fn loads_attaches_and_pins_then_unpins() {
 
 #[test]
 fn reports_each_threshold_crossing_once_and_rearms() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     crossing_rounds("preferred");
 }
 
@@ -275,7 +228,7 @@ fn rss_stat_gives_the_crossings_where_count_memcg_events_is_missing() {
     if !programs_ready(&["rss_pressure"]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let _hidden = HiddenHooks::new("count_memcg_events");
     crossing_rounds("rss_pressure");
 }
@@ -287,7 +240,7 @@ fn count_memcg_events_gives_the_crossings_where_rss_stat_is_missing() {
     if !programs_ready(&["memcg_pressure"]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let _hidden = HiddenHooks::new("rss_stat");
     crossing_rounds("memcg_pressure");
 }
@@ -349,10 +302,10 @@ fn crossing_rounds(program: &str) {
 /// and `doctor` get one line naming the program, why, and what is lost.
 #[test]
 fn a_missing_hook_costs_only_its_own_program() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let _hidden = HiddenHooks::new("mark_victim,cgroup_mkdir");
     let caps = bpf::capabilities();
     // Only the hidden ones: the kernel may lack others of its own (6.1: count_memcg_events).
@@ -385,10 +338,10 @@ fn a_missing_hook_costs_only_its_own_program() {
 /// both crossing programs.
 #[test]
 fn no_crossing_program_is_the_reason_ebpf_mode_cannot_run() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let _hidden = HiddenHooks::new("count_memcg_events,rss_stat");
     let caps = bpf::capabilities();
     let reason = caps
@@ -410,10 +363,10 @@ fn no_crossing_program_is_the_reason_ebpf_mode_cannot_run() {
 /// the cgroup on its eventfd), and a freed slot takes a cgroup again.
 #[test]
 fn a_full_thresholds_map_refuses_with_a_clear_error() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let mut loaded = Loaded::new();
     let guard = loaded.get();
     // Ids no cgroup has (inode numbers this high are not handed out).
@@ -438,7 +391,7 @@ fn reports_a_cgroup_at_its_limit_and_the_kernel_oom_victim() {
     if !programs_ready(&["at_limit", "mark_victim"]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let limit = 64 * M;
     let sb = sandbox("oomguard-ebpf-limit", limit);
     let id = sb.cg.id().unwrap();
@@ -457,7 +410,7 @@ fn reports_a_cgroup_at_its_limit_and_the_kernel_oom_victim() {
     });
     let status = wait_exit(&mut hog_child, Duration::from_secs(60));
     assert!(
-        common::killed_by_sigkill(status),
+        fixture::killed_by_sigkill(status),
         "the kernel did not kill the hog: {status:?}"
     );
 
@@ -552,7 +505,7 @@ fn task_scores_follow_proc() {
     ]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let sb = sandbox("oomguard-ebpf-tasks", 1024 * M);
     // Started before the programs: known only through seeding.
     let mut early = hog(&sb.cg, &["--rate", "0", "--total", "32M", "--adj", "100"]);
@@ -618,7 +571,7 @@ fn reports_cgroups_made_and_removed() {
     if !programs_ready(&["cgroup_mkdir", "cgroup_rmdir"]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let sb = sandbox("oomguard-ebpf-dirs", 64 * M);
     let mut loaded = Loaded::new();
     let guard = loaded.get();
@@ -662,7 +615,7 @@ fn reports_cgroups_made_and_removed() {
 
 #[test]
 fn this_kernel_has_every_capability() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     let caps = bpf::capabilities();
@@ -672,13 +625,7 @@ fn this_kernel_has_every_capability() {
         .into_iter()
         .chain(caps.missing_programs())
         .collect::<Vec<_>>();
-    if !reason.is_empty() {
-        let reason = reason.join("; ");
-        if std::env::var_os(common::REQUIRE_ENV).is_some() {
-            panic!("required feature missing: {reason}");
-        }
-        common::skipped(&reason);
-    }
+    fixture::require((!reason.is_empty()).then(|| reason.join("; ")));
 }
 
 /// The process policy ranks from the eBPF score map exactly as from /proc: over randomized
@@ -693,7 +640,7 @@ fn map_and_proc_pick_the_same_victim() {
     ]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let mut loaded = Loaded::new();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -786,10 +733,10 @@ impl log::Log for Capture {
 
 #[test]
 fn a_record_dropped_on_a_full_ring_is_logged_through_aya_log() {
-    if !ebpf_ready() {
+    if !programs_ready(&[]) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let _ = log::set_logger(&Capture);
     log::set_max_level(log::LevelFilter::Trace);
     let sb = sandbox("oomguard-ebpf-full", 512 * M);
@@ -886,23 +833,19 @@ fn reports_crossings_on_cgroup_v2() {
         Ok(dir) => dir,
         Err(why) => {
             // Not a missing feature: the host's layout is another one.
-            common::not_applicable(&why.to_string());
+            fixture::not_applicable(&why.to_string());
             return;
         }
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        common::skipped("needs root");
+        fixture::record_skip("needs root");
         return;
     }
-    if let Some(reason) = bpf::capabilities().reason() {
-        if std::env::var_os(common::REQUIRE_ENV).is_some() {
-            panic!("required feature missing: {reason}");
-        }
-        common::skipped(&reason);
+    if !fixture::require(bpf::capabilities().reason()) {
         return;
     }
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     let cg = V2Cgroup(parent.join(format!("oomguard-ebpf-v2-{}", std::process::id())));
     fs::create_dir(&cg.0).unwrap();
     fs::write(cg.0.join("memory.max"), (512 * M).to_string()).unwrap();
@@ -913,10 +856,10 @@ fn reports_crossings_on_cgroup_v2() {
     let (reclaim, kill_at) = (64 * M, 96 * M);
     guard.set_thresholds(id, reclaim, kill_at).unwrap();
     let memcg = oomguard::cgroup::MemCgroup::new(&cg.0);
-    let mut cmd = std::process::Command::new(common::memhog_exe());
+    let mut cmd = std::process::Command::new(fixture::memhog());
     cmd.args(["--rate", "200M", "--total", "128M"])
         .stdout(std::process::Stdio::null());
-    let mut child = oomguard::sandbox::in_cgroup(&mut cmd, &memcg)
+    let mut child = oomguard_dev::sandbox::in_cgroup(&mut cmd, &memcg)
         .unwrap()
         .spawn()
         .unwrap();

@@ -5,46 +5,22 @@
 //! API server is down and delivers once it is back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fixture::apiserver::FakeApiServer;
+use fixture::{SinkRig, TempDir, decision, sink_rig, wait_for};
 use oomguard::events::{EventRequest, EventSink, EventsOptions, Involved, Reason};
 use oomguard::runtime::PodRef;
 use serde_json::Value;
-use support::apiserver::FakeApiServer;
-use support::{TempDir, decision, wait_for};
 
-struct Setup {
-    server: FakeApiServer,
-    dir: TempDir,
-    rt: tokio::runtime::Runtime,
-    sink: EventSink,
-}
-
-fn setup(capacity: usize) -> Setup {
-    let server = FakeApiServer::start();
-    let dir = TempDir::new("events");
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut opts = EventsOptions::new("node-1");
-    opts.kubeconfig = Some(kubeconfig);
-    opts.capacity = capacity;
-    opts.initial_backoff = Duration::from_millis(50);
-    opts.max_backoff = Duration::from_millis(400);
-    let sink = EventSink::spawn(rt.handle(), opts);
-    Setup {
-        server,
-        dir,
-        rt,
-        sink,
-    }
+fn setup(capacity: usize) -> SinkRig {
+    sink_rig("events", |opts| {
+        opts.capacity = capacity;
+        opts.initial_backoff = Duration::from_millis(50);
+        opts.max_backoff = Duration::from_millis(400);
+    })
 }
 
 fn pod() -> PodRef {

@@ -11,23 +11,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use oomguard::cgroup::{DEFAULT_MEMORY_ROOT, MemCgroup};
 use oomguard::kill::{Outcome, kill_task};
 use oomguard::reclaim::{ReclaimResult, Request};
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::fixture::*;
+use oomguard_dev::sandbox::{Agent, Sandbox};
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 const CAP_DAC_OVERRIDE: i32 = 1;
@@ -170,19 +166,8 @@ fn agent_with(
     args: &[&str],
     hook: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
 ) -> Agent {
-    let mut cmd = Command::new(agent_exe());
-    cmd.arg("run")
-        .args(["--log-format", "json", "--root"])
-        .arg(root)
-        .arg("--bpf-pin-dir")
-        .arg(format!(
-            "/sys/fs/bpf/oomguard-test-{}-{tag}",
-            std::process::id()
-        ))
-        .args(args);
     // SAFETY: every hook below only makes system calls on data prepared before the fork.
-    unsafe { cmd.pre_exec(hook) };
-    Agent::spawn(cmd, None).expect("start the agent")
+    unsafe { launch(root).pins(tag).args(args).pre_exec(hook) }.spawn()
 }
 
 /// Drops capabilities from the bounding set: root gets at exec only what is left in it.
@@ -194,10 +179,6 @@ fn drop_caps(caps: &[i32]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn count(agent: &Agent, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
-    agent.records().iter().filter(|v| pred(v)).count()
 }
 
 /// WARN and ERROR lines from record `from` on, decision records left out.
@@ -298,11 +279,9 @@ fn agent_kills_a_hog_in(agent: &Agent, cg: &MemCgroup) {
 /// cgroup removed before the kill: `kill_task` refuses and the task lives on.
 #[test]
 fn a_victim_whose_cgroup_was_removed_before_the_kill_is_not_killed() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-removed-lib", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-removed-lib", 256 * M);
+    };
     let guarded = sb.child("guarded").unwrap();
     let sibling = sb.child("sibling").unwrap();
     let mut victim = hog(&guarded, &["--total", "8M"]);
@@ -437,11 +416,9 @@ fn removing_a_cgroup_above_its_threshold_disarms_it_once_and_siblings_stay_guard
 /// wait for this test's answer: EBUSY, a stray EINTR, the real write, no answer at all.
 #[test]
 fn force_empty_refused_interrupted_or_hung_is_bounded_and_the_worker_serves_on() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-reclaim", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-reclaim", 256 * M);
+    };
     let timeout = Duration::from_millis(300);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -561,11 +538,9 @@ fn force_empty_refused_interrupted_or_hung_is_bounded_and_the_worker_serves_on()
 /// kill threshold still kills.
 #[test]
 fn a_refused_force_empty_is_reported_once_per_interval_and_kills_go_on() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-ebusy", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-ebusy", 128 * M);
+    };
     let prog = write_filter(libc::SECCOMP_RET_ERRNO | libc::EBUSY as u32, Some(1));
     let mut agent = agent_with(
         sb.path(),
@@ -703,16 +678,16 @@ fn a_refused_registration_is_logged_once_and_the_sibling_stays_guarded() {
     // Three rescans (--walk-interval 1) retry it and fail the same way.
     std::thread::sleep(Duration::from_millis(3500));
     agent_kills_a_hog_in(&agent, &sibling);
-    let failures = count(&agent, |v| is(v, "cannot guard cgroup", &refused.path));
+    let failures = agent.count(|v| is(v, "cannot guard cgroup", &refused.path));
     assert_eq!(failures, 1, "{:#?}", agent.records());
-    assert_eq!(count(&agent, |v| is(v, "armed", &refused.path)), 0);
+    assert_eq!(agent.count(|v| is(v, "armed", &refused.path)), 0);
 
     drop(mode);
     agent
         .wait_armed(&refused.path, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("not armed after the fix; log: {:#?}", agent.records()));
     assert_eq!(
-        count(&agent, |v| is(v, "cannot guard cgroup", &refused.path)),
+        agent.count(|v| is(v, "cannot guard cgroup", &refused.path)),
         1
     );
     eprintln!("refused registration, logged once: {error}");
@@ -775,7 +750,7 @@ fn a_refused_oom_notifier_is_logged_and_the_cgroup_is_still_guarded() {
     // Rescans (--walk-interval 1) do not re-arm an unchanged cgroup, nor say it again.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
-        count(&agent, |v| v["message"]
+        agent.count(|v| v["message"]
             .as_str()
             .is_some_and(|m| m.starts_with("cannot arm the OOM notifier"))),
         1,
@@ -947,7 +922,7 @@ fn a_directory_the_walk_cannot_list_does_not_disarm_the_cgroups_beneath_it() {
     // Two rescans (--walk-interval 1).
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
-        count(&agent, |v| is(v, "cgroup removed; disarmed", &leaf.path)),
+        agent.count(|v| is(v, "cgroup removed; disarmed", &leaf.path)),
         0,
         "{:#?}",
         agent.records()
@@ -1208,11 +1183,11 @@ fn at_the_fd_limit_the_agent_guards_what_it_armed_and_arms_the_rest_later() {
     let state = |agent: &Agent| {
         let armed: Vec<&MemCgroup> = cgs
             .iter()
-            .filter(|c| count(agent, |v| is(v, "armed", &c.path)) > 0)
+            .filter(|c| agent.count(|v| is(v, "armed", &c.path)) > 0)
             .collect();
         let failed: Vec<&MemCgroup> = cgs
             .iter()
-            .filter(|c| count(agent, |v| is(v, "cannot guard cgroup", &c.path)) > 0)
+            .filter(|c| agent.count(|v| is(v, "cannot guard cgroup", &c.path)) > 0)
             .collect();
         (armed, failed)
     };
@@ -1236,7 +1211,7 @@ fn at_the_fd_limit_the_agent_guards_what_it_armed_and_arms_the_rest_later() {
     let armed: Vec<MemCgroup> = armed.into_iter().cloned().collect();
     let failed: Vec<MemCgroup> = failed.into_iter().cloned().collect();
     for c in &failed {
-        let lines = count(&agent, |v| is(v, "cannot guard cgroup", &c.path));
+        let lines = agent.count(|v| is(v, "cannot guard cgroup", &c.path));
         assert_eq!(lines, 1, "{} reported {lines} times", c.path.display());
     }
     let sample = agent
@@ -1312,7 +1287,7 @@ fn a_low_soft_fd_limit_is_raised_to_the_hard_one_at_start() {
     );
     let all_armed = |agent: &Agent| {
         cgs.iter()
-            .all(|c| count(agent, |v| is(v, "armed", &c.path)) > 0)
+            .all(|c| agent.count(|v| is(v, "armed", &c.path)) > 0)
     };
     assert!(
         wait_until(Duration::from_secs(10), || all_armed(&agent)),
@@ -1330,7 +1305,7 @@ fn a_low_soft_fd_limit_is_raised_to_the_hard_one_at_start() {
         (Some(FD_LIMIT), Some(4096))
     );
     assert_eq!(
-        count(&agent, |v| v["message"] == "cannot guard cgroup"),
+        agent.count(|v| v["message"] == "cannot guard cgroup"),
         0,
         "{:#?}",
         agent.records()
@@ -1355,11 +1330,9 @@ fn a_low_soft_fd_limit_is_raised_to_the_hard_one_at_start() {
 /// killably: the kill takes effect as for any other task.
 #[test]
 fn a_killable_d_state_victim_dies() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "faults-dstate", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("faults-dstate", 64 * M);
+    };
     let procs = CString::new(sb.cg.file("cgroup.procs").as_os_str().as_bytes()).unwrap();
     // SAFETY: after fork the child only makes system calls (open, write, close, clone,
     // pause, _exit) on data prepared before the fork.

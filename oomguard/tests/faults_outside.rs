@@ -15,24 +15,22 @@
 //!   the queue stays bounded with every request accounted for.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use oomguard_dev::fixture;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::M;
+use fixture::M;
+use fixture::apiserver::{FakeApiServer, Fault};
+use fixture::containerd::container_id;
+use fixture::{TempDir, message, wait_for};
 use oomguard::cgroup::MemCgroup;
-use oomguard::events::{EventRequest, EventSink, EventsOptions, Reason};
+use oomguard::events::{EventRequest, Reason};
 use oomguard::runtime::{
     Backoff, Endpoint, RuntimeClient, RuntimeConfig, RuntimeError, RuntimeHint,
 };
-use oomguard::sandbox::{Agent, Sandbox};
+use oomguard_dev::sandbox::{Agent, Sandbox};
 use serde_json::Value;
-use support::apiserver::{FakeApiServer, Fault};
-use support::containerd::container_id;
-use support::{TempDir, wait_for};
 
 const NODE: &str = "fault-node";
 const POD_LIMIT: u64 = 256 * M;
@@ -48,9 +46,9 @@ const API_FORBIDDEN: &str = "the API server forbids posting events: the ClusterR
 const API_BACK: &str = "the API server takes events again";
 
 /// Waits until the agent has logged `message` (consumed or not by `wait_for`).
-fn logged(agent: &Agent, message: &str) -> bool {
+fn logged(agent: &Agent, m: &str) -> bool {
     wait_for(Duration::from_secs(10), || {
-        (count(agent, message) > 0).then_some(())
+        (agent.count(message(m)) > 0).then_some(())
     })
     .is_some()
 }
@@ -63,14 +61,6 @@ fn assert_no_errors(agent: &Agent) {
         .filter(|v| v["level"] == "ERROR")
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
-}
-
-fn count(agent: &Agent, message: &str) -> usize {
-    agent
-        .records()
-        .iter()
-        .filter(|v| v["message"] == message)
-        .count()
 }
 
 /// The `container` object of a decision record (logged as a JSON string).
@@ -98,7 +88,7 @@ fn wait_kill(agent: &Agent) -> Value {
 }
 
 fn reap(child: &mut Child) -> Option<std::process::ExitStatus> {
-    let st = common::wait_exit(child, Duration::from_secs(5));
+    let st = fixture::wait_exit(child, Duration::from_secs(5));
     if st.is_none() {
         let _ = child.kill();
         let _ = child.wait();
@@ -160,46 +150,32 @@ impl Pods {
     /// Starts the agent (container policy, 10% margin) on `kubepods` and waits until both
     /// pods are armed.
     fn start_agent(&self, docker_sock: &Path, containerd_sock: &Path) -> Agent {
-        let root = self.kubepods.display().to_string();
-        let kubeconfig = self.dir.path().join("kubeconfig").display().to_string();
         let (d, c) = (
             docker_sock.display().to_string(),
             containerd_sock.display().to_string(),
         );
         let args = [
-            "--root",
-            root.as_str(),
-            "--mode",
-            "eventfd",
             "--policy",
             "container",
             "--margin-ratio",
             "0.1",
-            "--kubeconfig",
-            kubeconfig.as_str(),
-            "--node-name",
-            NODE,
             "--docker-containerd-sock",
             d.as_str(),
             "--containerd-sock",
             c.as_str(),
         ];
-        let agent = Agent::start(common::agent_exe(), &args, None).expect("start the agent");
-        for pod in &self.pods {
-            assert!(
-                agent.wait_armed(pod, Duration::from_secs(10)).is_some(),
-                "the agent did not arm {} within 10 s; its log: {:#?}",
-                pod.display(),
-                agent.records()
-            );
-        }
-        agent
+        let [a, b] = &self.pods;
+        fixture::launch(&self.kubepods)
+            .args(&args)
+            .kube(&self.dir.path().join("kubeconfig"), NODE)
+            .armed(&[a, b])
+            .start()
     }
 }
 
 fn runtime_fault(fault: RuntimeFault) {
-    let _g = common::serial();
-    if !common::kernel_ready() {
+    let _g = fixture::serial();
+    if !fixture::kernel_ready() {
         return;
     }
     let name = format!("fo-{fault:?}").to_lowercase();
@@ -209,31 +185,31 @@ fn runtime_fault(fault: RuntimeFault) {
     let hung = match fault {
         RuntimeFault::Absent => None,
         RuntimeFault::Refusing => {
-            support::stale_socket(&sock);
+            fixture::stale_socket(&sock);
             None
         }
-        RuntimeFault::Hung => Some(support::hung_socket(&sock)),
+        RuntimeFault::Hung => Some(fixture::hung_socket(&sock)),
     };
 
     // Pod A's app already sits above its kill threshold (230.4 MiB) when the agent starts:
     // the kill happens as the pod is armed, while nothing is known about the runtime yet.
-    let mut first = common::hog(
+    let mut first = fixture::hog(
         &w.apps[0],
         &["--rate", "0", "--total", "240M", "--hold", "3600"],
     );
-    common::wait_rss(&first, 240 * M, Duration::from_secs(10));
+    fixture::wait_rss(&first, 240 * M, Duration::from_secs(10));
     let started = Instant::now();
     let agent = w.start_agent(&docker, &sock);
     let d1 = wait_kill(&agent);
-    assert!(common::killed_by_sigkill(reap(&mut first)));
+    assert!(fixture::killed_by_sigkill(reap(&mut first)));
 
     // Pod B's app grows through its threshold towards its limit at 64 MiB/s.
-    let mut second = common::hog(
+    let mut second = fixture::hog(
         &w.apps[1],
         &["--rate", "64M", "--total", "512M", "--hold", "3600"],
     );
     let d2 = wait_kill(&agent);
-    assert!(common::killed_by_sigkill(reap(&mut second)));
+    assert!(fixture::killed_by_sigkill(reap(&mut second)));
 
     for (d, pod, app) in [(&d1, &w.pods[0], &w.apps[0]), (&d2, &w.pods[1], &w.apps[1])] {
         let c = container_of(d);
@@ -308,7 +284,7 @@ fn runtime_fault(fault: RuntimeFault) {
         assert_eq!(warns[0]["socket"], sock.display().to_string());
         assert_eq!(warns[0]["namespace"], "k8s.io");
     }
-    assert_eq!(count(&agent, other), 0);
+    assert_eq!(agent.count(message(other)), 0);
     eprintln!("logged once: {}", warns[0]);
 
     // Both kills reach the API server as Events (about the node: no labels without the
@@ -344,15 +320,13 @@ fn containerd_hung_only_the_first_kill_waits_and_it_is_said_once() {
 /// real containerd answers on its socket.
 #[test]
 fn an_unhealthy_endpoint_comes_back_when_containerd_answers() {
-    if let Some(why) = support::containerd::probe()
-        && support::feature_missing(&why)
-    {
+    if !fixture::require(fixture::containerd::probe()) {
         return;
     }
-    let ctrd = support::containerd::Containerd::start("fo-probe");
+    let ctrd = fixture::containerd::Containerd::start("fo-probe");
     let dir = TempDir::new("fo-probe");
     let sock = dir.path().join("containerd.sock");
-    support::stale_socket(&sock);
+    fixture::stale_socket(&sock);
     let rt = RuntimeClient::new(RuntimeConfig {
         endpoints: vec![Endpoint::containerd(&sock)],
         docker_root: dir.path().to_path_buf(),
@@ -408,7 +382,7 @@ struct Guarded {
 
 impl Guarded {
     fn new(name: &str) -> Guarded {
-        let sb = common::sandbox(name, POD_LIMIT);
+        let sb = fixture::sandbox(name, POD_LIMIT);
         let dir = TempDir::new(name);
         let api = FakeApiServer::start();
         api.write_kubeconfig(&dir.path().join("kubeconfig"));
@@ -416,38 +390,30 @@ impl Guarded {
     }
 
     fn start_agent(&self) -> Agent {
-        let kubeconfig = self.dir.path().join("kubeconfig").display().to_string();
         let missing = self.dir.path().join("none.sock").display().to_string();
-        common::start_agent(
-            &self.sb.cg,
-            &[
-                "--policy",
-                "process",
-                "--margin-ratio",
-                "0.1",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                NODE,
+        fixture::launch(&self.sb.cg.path)
+            .args(fixture::WINNABLE)
+            .kube(&self.dir.path().join("kubeconfig"), NODE)
+            .args(&[
                 "--docker-containerd-sock",
                 &missing,
                 "--containerd-sock",
                 &missing,
-            ],
-        )
+            ])
+            .start()
     }
 
     /// Runs a hog through the threshold at `rate` and returns the agent's kill decision.
     fn kill_once(&self, agent: &Agent, rate: &str) -> Value {
-        let mut hog = common::hog(&self.sb.cg, &["--rate", rate, "--total", "512M"]);
+        let mut hog = fixture::hog(&self.sb.cg, &["--rate", rate, "--total", "512M"]);
         let d = wait_kill(agent);
-        assert!(common::killed_by_sigkill(reap(&mut hog)), "{d:#}");
+        assert!(fixture::killed_by_sigkill(reap(&mut hog)), "{d:#}");
         assert_eq!(
             self.sb.cg.subtree_oom_kills(),
             0,
             "the kernel OOM killer acted"
         );
-        let k = common::killed(&d);
+        let k = fixture::killed(&d);
         assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())), "{d:#}");
         d
     }
@@ -495,19 +461,19 @@ impl Guarded {
 }
 
 fn api_ready() -> bool {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return false;
     }
     let kubectl = Command::new("kubectl")
         .args(["version", "--client"])
         .output()
         .is_ok_and(|o| o.status.success());
-    kubectl || !support::feature_missing("kubectl is not installed")
+    fixture::require((!kubectl).then(|| "kubectl is not installed".into()))
 }
 
 #[test]
 fn api_server_down_kills_go_on_and_the_events_arrive_when_it_is_back() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !api_ready() {
         return;
     }
@@ -523,7 +489,7 @@ fn api_server_down_kills_go_on_and_the_events_arrive_when_it_is_back() {
     );
     // The sink keeps trying (250 ms, 500 ms, 1 s, ...) for 2 s more: still said once.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(count(&agent, API_FAILING), 1);
+    assert_eq!(agent.count(message(API_FAILING)), 1);
     assert_no_errors(&agent);
     assert!(agent.running());
 
@@ -540,7 +506,7 @@ fn api_server_down_kills_go_on_and_the_events_arrive_when_it_is_back() {
     assert_eq!(evs[0]["involvedObject"]["name"], NODE);
     assert_eq!(g.writes(), [("POST".into(), 201), ("PATCH".into(), 200)]);
     assert!(logged(&agent, API_BACK), "{:#?}", agent.records());
-    assert_eq!(count(&agent, API_BACK), 1);
+    assert_eq!(agent.count(message(API_BACK)), 1);
     let list = g.kubectl_events();
     assert_eq!(list["items"][0]["count"], 2, "{list:#}");
     assert!(agent.running());
@@ -548,7 +514,7 @@ fn api_server_down_kills_go_on_and_the_events_arrive_when_it_is_back() {
 
 #[test]
 fn api_server_500_kills_go_on_and_the_event_arrives_after_it_heals() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !api_ready() {
         return;
     }
@@ -562,7 +528,12 @@ fn api_server_500_kills_go_on_and_the_event_arrives_after_it_heals() {
     });
     assert!(tried.is_some(), "{:#?}", g.api.requests());
     assert!(g.writes().iter().all(|w| *w == ("POST".to_string(), 500)));
-    assert_eq!(count(&agent, API_FAILING), 1, "{:#?}", agent.records());
+    assert_eq!(
+        agent.count(message(API_FAILING)),
+        1,
+        "{:#?}",
+        agent.records()
+    );
     assert_no_errors(&agent);
     assert!(agent.running());
 
@@ -574,13 +545,13 @@ fn api_server_500_kills_go_on_and_the_event_arrives_after_it_heals() {
     let attempts = g.writes().len();
     assert!(logged(&agent, API_BACK));
     eprintln!("API server 500: the Event arrived on attempt {attempts}");
-    assert_eq!(count(&agent, API_FAILING), 1);
+    assert_eq!(agent.count(message(API_FAILING)), 1);
     assert!(agent.running());
 }
 
 #[test]
 fn api_server_403_is_said_once_kills_go_on_and_events_flow_once_allowed() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !api_ready() {
         return;
     }
@@ -618,7 +589,11 @@ fn api_server_403_is_said_once_kills_go_on_and_events_flow_once_allowed() {
         "{w}"
     );
     eprintln!("403 said once: {w}");
-    assert_eq!(count(&agent, API_FAILING), 0, "a 403 is not an outage");
+    assert_eq!(
+        agent.count(message(API_FAILING)),
+        0,
+        "a 403 is not an outage"
+    );
     assert!(agent.running());
 
     // RBAC fixed: the next kill's Event goes through (the refused ones were dropped).
@@ -627,7 +602,7 @@ fn api_server_403_is_said_once_kills_go_on_and_events_flow_once_allowed() {
     let evs = g.wait_events(|e| e.len() == 1);
     assert_eq!(evs[0]["count"], 1);
     assert!(logged(&agent, API_BACK));
-    assert_eq!(count(&agent, API_FORBIDDEN), 1);
+    assert_eq!(agent.count(message(API_FORBIDDEN)), 1);
     assert!(agent.running());
 }
 
@@ -636,7 +611,7 @@ const SLOW: Duration = Duration::from_secs(8);
 
 #[test]
 fn api_server_slow_kills_do_not_wait_and_the_events_arrive_once() {
-    let _g = common::serial();
+    let _g = fixture::serial();
     if !api_ready() {
         return;
     }
@@ -664,48 +639,25 @@ fn api_server_slow_kills_do_not_wait_and_the_events_arrive_once() {
     assert_eq!(g.writes(), [("POST".into(), 201), ("PATCH".into(), 200)]);
     g.api.set_fault(Fault::None);
     assert_eq!(g.kubectl_events()["items"].as_array().unwrap().len(), 1);
-    assert_eq!(count(&agent, API_FAILING), 0);
+    assert_eq!(agent.count(message(API_FAILING)), 0);
     assert!(agent.running());
 }
 
 // ---------------------------------------------------------------------------------------
 // The API server's faults: the sink on its own
 
-struct SinkSetup {
-    server: FakeApiServer,
-    _dir: TempDir,
-    _rt: tokio::runtime::Runtime,
-    sink: EventSink,
-}
-
-fn sink(capacity: usize, request_timeout: Duration) -> SinkSetup {
-    let server = FakeApiServer::start();
-    let dir = TempDir::new("fo-sink");
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut opts = EventsOptions::new("node-1");
-    opts.kubeconfig = Some(kubeconfig);
-    opts.capacity = capacity;
-    opts.initial_backoff = Duration::from_millis(50);
-    opts.max_backoff = Duration::from_millis(400);
-    opts.request_timeout = request_timeout;
-    let sink = EventSink::spawn(rt.handle(), opts);
-    SinkSetup {
-        server,
-        _dir: dir,
-        _rt: rt,
-        sink,
-    }
+fn sink(capacity: usize, request_timeout: Duration) -> fixture::SinkRig {
+    fixture::sink_rig("fo-sink", |opts| {
+        opts.capacity = capacity;
+        opts.initial_backoff = Duration::from_millis(50);
+        opts.max_backoff = Duration::from_millis(400);
+        opts.request_timeout = request_timeout;
+    })
 }
 
 fn node_event(n: u32) -> EventRequest {
     let mut ev = EventRequest::from_decision(
-        &support::decision("/x"),
+        &fixture::decision("/x"),
         Reason::KillProcess,
         None,
         "node-1",
@@ -714,7 +666,7 @@ fn node_event(n: u32) -> EventRequest {
     ev
 }
 
-fn posts(s: &SinkSetup) -> Vec<u16> {
+fn posts(s: &fixture::SinkRig) -> Vec<u16> {
     s.server
         .requests()
         .into_iter()

@@ -13,8 +13,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -24,10 +22,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use caps::{CapSet, Capability, CapsHashSet};
-use common::*;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use oomguard::cgroup::MemCgroup;
-use oomguard::sandbox::{Agent, in_cgroup};
+use oomguard_dev::fixture::*;
+use oomguard_dev::sandbox::{Agent, in_cgroup};
 
 /// The uid the memory hog runs as: not the agent's, so killing it takes CAP_KILL.
 const NOBODY: u32 = 65534;
@@ -211,13 +209,11 @@ fn start_confined(
     tag: &str,
     args: &[&str],
 ) -> Agent {
-    let mut cmd = Command::new(agent_exe());
-    cmd.arg("run")
-        .args(["--log-format", "json", "--root"])
-        .arg(&root.path)
-        .args(["--bpf-pin-dir", &pin_dir(tag), "--state-dir"])
-        .arg(&state.0)
-        .args(args);
+    let state_dir = state.0.display().to_string();
+    let mut cmd = launch(&root.path)
+        .args(&["--bpf-pin-dir", &pin_dir(tag), "--state-dir", &state_dir])
+        .args(args)
+        .command();
     confine(&mut cmd, conf, &state.0);
     Agent::spawn(cmd, None).expect("start the confined agent")
 }
@@ -239,7 +235,7 @@ fn hog_as_nobody(cg: &MemCgroup, args: &[&str]) -> Child {
     let dir = StateDir::new("hog");
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.0.join("oomguard-memhog");
-    std::fs::copy(memhog_exe(), &exe).unwrap();
+    std::fs::copy(memhog(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(&exe);
     cmd.args(args).stdout(Stdio::null());
@@ -405,17 +401,8 @@ fn works_with_exactly_the_manifests_capabilities(mode: &str) {
     // A hog of another user: killed by the agent, not by the kernel.
     let mut hog = hog_as_nobody(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
-    let decision = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
-    assert_eq!(
-        sb.cg.subtree_oom_kills(),
-        0,
-        "the kernel OOM killer had to act; decision: {decision:#}"
-    );
-    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
+    let decision = expect_decision(&agent, "kill", Duration::from_secs(5));
+    assert_agent_won(&sb.cg, st, &decision);
     let k = killed(&decision);
     assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
     assert_eq!(k[0]["outcome"], "exited", "{decision:#}");
@@ -557,11 +544,7 @@ fn kill_is_needed_to_kill_another_users_task() {
     let mut hog = hog_as_nobody(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    let failed = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill-failed"
-        })
-        .unwrap_or_else(|| panic!("no kill-failed decision; log: {:#?}", agent.records()));
+    let failed = expect_decision(&agent, "kill-failed", Duration::from_secs(5));
     let k = killed(&failed);
     assert_eq!(k[0]["outcome"], "failed", "{failed:#}");
     assert_eq!(k[0]["errno"].as_i64(), Some(i64::from(libc::EPERM)));

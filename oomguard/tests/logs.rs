@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use oomguard_dev::fixture::*;
 
 const ESC: char = '\x1b';
 
@@ -109,13 +107,11 @@ impl Drop for Running {
 
 /// `oomguard run --log-format FORMAT` on a sandbox, its stderr on `stderr`; the environment
 /// would allow colour on a terminal.
-fn agent(sb: &oomguard::sandbox::Sandbox, format: &str, stderr: Stdio) -> Running {
-    let pins = format!("/sys/fs/bpf/oomguard-test-{}-logs", std::process::id());
-    let child = Command::new(agent_exe())
-        .args(["run", "--mode", "eventfd", "--log-format", format])
-        .arg("--root")
-        .arg(&sb.cg.path)
-        .args(["--bpf-pin-dir", &pins])
+fn agent(sb: &oomguard_dev::sandbox::Sandbox, format: &str, stderr: Stdio) -> Running {
+    let child = launch(&sb.cg.path)
+        .pins("logs")
+        .args(&["--mode", "eventfd", "--log-format", format])
+        .command()
         .env("RUST_LOG", "info")
         .env("TERM", "xterm-256color")
         .env_remove("NO_COLOR")
@@ -155,11 +151,9 @@ fn strip_ansi(text: &str) -> String {
 
 #[test]
 fn the_text_log_is_coloured_on_a_terminal_only() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "logs-tty", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("logs-tty", 64 * M);
+    };
 
     let mut pty = Pty::open();
     let mut on_tty = agent(&sb, "text", pty.stdio());
@@ -189,11 +183,9 @@ fn the_text_log_is_coloured_on_a_terminal_only() {
 
 #[test]
 fn the_json_log_has_no_colour_even_on_a_terminal() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "logs-json", 64 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("logs-json", 64 * M);
+    };
     let mut pty = Pty::open();
     let mut on_tty = agent(&sb, "json", pty.stdio());
     pty.close_slave();

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::*;
+use oomguard_dev::fixture::*;
 
 /// Polls `f` every 50 ms for up to `timeout`.
 fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -24,24 +22,15 @@ fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn metrics_count_a_real_kill_and_readyz_follows_the_first_walk() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "metrics", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("metrics", 128 * M);
+    };
     let addr = free_port();
     let a = addr.to_string();
-    let agent = start_agent(
-        &sb.cg,
-        &[
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--metrics-addr",
-            &a,
-        ],
-    );
+    let agent = launch(&sb.cg.path)
+        .args(WINNABLE)
+        .args(&["--metrics-addr", &a])
+        .start();
     assert!(
         until(Duration::from_secs(5), || get(addr, "/readyz").0 == 200),
         "/readyz never became ready: {:?}",
@@ -61,11 +50,7 @@ fn metrics_count_a_real_kill_and_readyz_follows_the_first_walk() {
     let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    expect_decision(&agent, "kill", Duration::from_secs(5));
     let kills = r#"oomguard_kills_total{policy="process",outcome="killed"}"#;
     let mut text = String::new();
     assert!(
@@ -114,11 +99,9 @@ impl Drop for Traced {
 
 #[test]
 fn healthz_fails_while_the_guard_loop_is_stopped_and_recovers() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "healthz", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("healthz", 128 * M);
+    };
     let addr = free_port();
     let a = addr.to_string();
     let mut agent = start_agent(&sb.cg, &["--metrics-addr", &a, "--watchdog-ms", "1500"]);
@@ -161,11 +144,9 @@ fn healthz_fails_while_the_guard_loop_is_stopped_and_recovers() {
 
 #[test]
 fn a_taken_metrics_port_stops_the_agent_at_start_with_one_clear_line() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "metrics-taken", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("metrics-taken", 128 * M);
+    };
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let a = taken.local_addr().unwrap().to_string();
     let out = std::process::Command::new(agent_exe())

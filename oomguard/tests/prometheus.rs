@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use oomguard_dev::fixture;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -17,11 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{
-    M, free_port, hog, kernel_ready, killed_by_sigkill, sandbox, serial, start_agent, wait_exit,
+use fixture::{
+    M, TempDir, free_port, hog, kernel_ready, killed_by_sigkill, setup, wait_exit, wait_for,
 };
 use serde_json::Value;
-use support::{TempDir, wait_for};
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -295,24 +292,15 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn a_real_prometheus_scrapes_a_kill_evaluates_the_rules_and_answers_the_dashboard() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "prometheus", 128 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("prometheus", 128 * M);
+    };
     let metrics = free_port();
     let a = metrics.to_string();
-    let agent = start_agent(
-        &sb.cg,
-        &[
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--metrics-addr",
-            &a,
-        ],
-    );
+    let agent = fixture::launch(&sb.cg.path)
+        .args(fixture::WINNABLE)
+        .args(&["--metrics-addr", &a])
+        .start();
     let prom = Prometheus::start(metrics);
     let up = wait_for(Duration::from_secs(30), || {
         (prom.scalar(r#"up{job="oomguard"}"#) == Some(1.0)).then_some(())
@@ -329,11 +317,7 @@ fn a_real_prometheus_scrapes_a_kill_evaluates_the_rules_and_answers_the_dashboar
     let mut hog = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    fixture::expect_decision(&agent, "kill", Duration::from_secs(5));
     let counted = wait_for(Duration::from_secs(30), || {
         (prom.scalar(kills) == Some(1.0)).then_some(())
     });

@@ -2,13 +2,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
 use oomguard::threshold::Margins;
+use oomguard_dev::fixture::*;
 
 /// A flags file removed with its directory when the test ends, even on failure.
 struct FlagsFile(PathBuf);
@@ -39,20 +37,12 @@ impl Drop for FlagsFile {
     }
 }
 
-fn hup(agent: &oomguard::sandbox::Agent) {
+fn hup(agent: &oomguard_dev::sandbox::Agent) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-}
-
-fn count(agent: &oomguard::sandbox::Agent, message: &str) -> usize {
-    agent
-        .records()
-        .iter()
-        .filter(|r| r["message"] == message)
-        .count()
 }
 
 fn kill_threshold(ratio: f64) -> u64 {
@@ -68,11 +58,9 @@ fn kill_threshold(ratio: f64) -> u64 {
 
 #[test]
 fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "reload", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("reload", 256 * M);
+    };
     let flags = FlagsFile::new(
         "reload",
         "# node policy\n--policy=noop --margin-ratio=0.1\n",
@@ -107,7 +95,7 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
         })
         .unwrap_or_else(|| panic!("no refusal; log: {:#?}", agent.records()));
     assert_eq!(refused["flags"], "--state-dir", "{refused}");
-    assert_eq!(count(&agent, "SIGHUP: flags reloaded"), 0);
+    assert_eq!(agent.count(message("SIGHUP: flags reloaded")), 0);
 
     // Valid: the policy and the margins change; the cgroup is re-armed at the new threshold.
     flags.write("--policy=process\n--margin-ratio=0.2\n");
@@ -133,11 +121,7 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
     let mut h = hog(&sb.cg, &["--rate", "100M", "--total", "1G"]);
     let st = wait_exit(&mut h, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    let d = agent
-        .wait_for(Duration::from_secs(5), |v| {
-            v["message"] == "decision" && v["action"] == "kill"
-        })
-        .unwrap_or_else(|| panic!("no kill decision; log: {:#?}", agent.records()));
+    let d = expect_decision(&agent, "kill", Duration::from_secs(5));
     assert_eq!(d["policy"], "process", "{d}");
     assert_eq!(d["threshold"].as_u64(), Some(t), "{d}");
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
@@ -149,12 +133,10 @@ fn sighup_reloads_the_flags_file_and_the_new_flags_guard() {
 
 #[test]
 fn without_a_flags_file_sighup_is_ignored() {
-    if !kernel_ready() {
+    let Some(sb) = setup(kernel_ready, "reload-none", 256 * M) else {
         return;
-    }
-    let _serial = serial();
-    let sb = sandbox("reload-none", 256 * M);
-    let mut agent = start_agent(&sb.cg, &["--policy", "process", "--margin-ratio", "0.1"]);
+    };
+    let mut agent = start_agent(&sb.cg, WINNABLE);
     hup(&agent);
     agent
         .wait_for(Duration::from_secs(5), |r| {

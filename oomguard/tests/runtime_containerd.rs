@@ -6,29 +6,25 @@
 //! `config.v2.json` fixture), and once with the runtime hung (the fallback kills).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use fixture::TempDir;
+use fixture::containerd::{Containerd, container_id, probe};
 use oomguard::cgroup::MemCgroup;
 use oomguard::runtime::{
     ContainerKind, Endpoint, KillAck, RuntimeClient, RuntimeConfig, RuntimeError, RuntimeHint,
     fallback_kill_cgroup_tasks, labels,
 };
-use oomguard::sandbox::Sandbox;
-use support::TempDir;
-use support::containerd::{Containerd, container_id, probe};
+use oomguard_dev::sandbox::Sandbox;
 
 const M: u64 = 1 << 20;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn ready() -> bool {
-    match probe() {
-        None => true,
-        Some(why) => !support::feature_missing(&why),
-    }
+    fixture::require(probe())
 }
 
 /// A pod: `<sandbox>/kubepods/burstable/pod<uid>` with three containers.
@@ -140,7 +136,7 @@ fn start_pod(ctrd: &Containerd, ns: &str, docker_root: Option<&Path>) -> Pod {
         side,
     };
     // Wait until the fillers are done (usage settled).
-    let settled = support::wait_for(Duration::from_secs(10), || {
+    let settled = fixture::wait_for(Duration::from_secs(10), || {
         (p.cg(&p.sandbox).usage().unwrap_or(0) >= 32 * M
             && p.cg(&p.app).usage().unwrap_or(0) >= 16 * M
             && p.cg(&p.app).procs().unwrap_or_default().len() >= 3)
@@ -204,7 +200,7 @@ fn check_kill(ctrd: &Containerd, ns: &str, rt: &RuntimeClient, pod: &Pod, expect
     );
     assert_eq!(report.ack, KillAck::Signalled);
     assert!(pod.cg(&pod.app).procs().unwrap().is_empty());
-    let stopped = support::wait_for(Duration::from_secs(5), || {
+    let stopped = fixture::wait_for(Duration::from_secs(5), || {
         (ctrd.task_status(ns, &pod.app).as_deref() == Some("STOPPED")).then_some(())
     });
     assert!(stopped.is_some(), "containerd does not see the app stopped");
@@ -272,7 +268,7 @@ fn a_hung_runtime_falls_back_to_killing_the_container_cgroup() {
     let docker_root = TempDir::new("docker-root");
     let pod = start_pod(&ctrd, "moby", Some(docker_root.path()));
     // A socket that accepts and never answers stands in for docker's containerd.
-    let hung = support::hung_socket(&docker_root.path().join("hung.sock"));
+    let hung = fixture::hung_socket(&docker_root.path().join("hung.sock"));
     let rt = client(vec![Endpoint::docker(&hung.path)], docker_root.path());
     let t0 = Instant::now();
     let target = rt

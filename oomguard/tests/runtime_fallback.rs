@@ -3,19 +3,18 @@
 //! container cgroup's tasks, quickly, leaving the sandbox alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fixture::TempDir;
 use oomguard::cgroup::MemCgroup;
 use oomguard::runtime::{
     Endpoint, RuntimeClient, RuntimeConfig, RuntimeError, fallback_kill_cgroup_tasks,
 };
-use oomguard::sandbox::{Sandbox, in_cgroup};
-use support::TempDir;
+use oomguard_dev::sandbox::{Sandbox, in_cgroup};
 
 const M: u64 = 1 << 20;
 
@@ -37,14 +36,13 @@ fn spawn_in(cg: &MemCgroup, prog: &Path, args: &[&str]) -> Child {
 
 #[test]
 fn without_a_runtime_the_pause_container_is_spared_and_the_fallback_kills_the_app() {
-    if rustix::process::geteuid().as_raw() != 0
-        && support::feature_missing("not root: the test makes cgroups")
-    {
-        return;
-    }
-    if !Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists()
-        && support::feature_missing("no cgroup v1 memory hierarchy")
-    {
+    if !fixture::require(
+        (rustix::process::geteuid().as_raw() != 0)
+            .then(|| "not root: the test makes cgroups".into()),
+    ) || !fixture::require(
+        (!Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists())
+            .then(|| "no cgroup v1 memory hierarchy".into()),
+    ) {
         return;
     }
     let sb = Sandbox::new("rt-fallback").unwrap();

@@ -5,17 +5,16 @@
 //! calls answer at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use oomguard_dev::fixture;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use fixture::TempDir;
 use oomguard::runtime::{
     ContainerInfo, ContainerKind, Endpoint, K8S_IO, RuntimeClient, RuntimeConfig, RuntimeError,
     RuntimeHint, Target,
 };
-use support::TempDir;
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 /// The bound this test holds the client to. Calls are given a 5 s deadline and the client
@@ -74,7 +73,7 @@ fn missing_sockets_answer_at_once() {
 fn a_refusing_socket_fails_fast() {
     let dir = TempDir::new("sockets");
     let sock = dir.path().join("dead.sock");
-    support::stale_socket(&sock);
+    fixture::stale_socket(&sock);
     let rt = client(vec![Endpoint::containerd(&sock)]);
     let t = Instant::now();
     let err = rt
@@ -104,7 +103,7 @@ fn a_refusing_socket_fails_fast() {
 #[test]
 fn a_hung_socket_times_out_within_the_bound_and_is_then_not_asked() {
     let dir = TempDir::new("sockets");
-    let hung = support::hung_socket(&dir.path().join("hung.sock"));
+    let hung = fixture::hung_socket(&dir.path().join("hung.sock"));
     let rt = client(vec![Endpoint::containerd(&hung.path)]);
     let t = Instant::now();
     let err = rt
@@ -147,7 +146,7 @@ fn a_hung_socket_times_out_within_the_bound_and_is_then_not_asked() {
     assert!(matches!(err, RuntimeError::Timeout { .. }), "{err:?}");
     assert!(took < BOUND, "{took:?}");
     // Recorded on the client's thread, off the caller's.
-    let marked = support::wait_for(Duration::from_secs(1), || {
+    let marked = fixture::wait_for(Duration::from_secs(1), || {
         (!rt.endpoints()[0].healthy).then_some(())
     });
     assert!(marked.is_some());
@@ -156,7 +155,7 @@ fn a_hung_socket_times_out_within_the_bound_and_is_then_not_asked() {
 #[test]
 fn a_shorter_caller_deadline_wins_and_too_short_a_one_does_not_mark_the_endpoint() {
     let dir = TempDir::new("sockets");
-    let hung = support::hung_socket(&dir.path().join("hung.sock"));
+    let hung = fixture::hung_socket(&dir.path().join("hung.sock"));
     let rt = client(vec![Endpoint::containerd(&hung.path)]);
     // 40 ms is below what judges an endpoint (50 ms): twice a timeout, never "unhealthy".
     for _ in 0..2 {

@@ -4,12 +4,11 @@
 //! of open files (no eventfd, `cgroup.event_control` or pidfd leaked) and less than 2 MiB
 //! more RSS.
 
-mod common;
-
+use oomguard_dev::fixture;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use oomguard::soak::{self, Footprint, Plan};
+use oomguard_dev::soak::{self, Footprint, Plan};
 
 /// RSS the agent may gain over 100 kills and 100 cycles after its warm-up.
 const RSS_GROWTH_KIB: u64 = 2048;
@@ -24,16 +23,16 @@ impl Drop for StateDir {
 }
 
 fn soak(mode: &str) {
-    let _serial = common::serial();
+    let _serial = fixture::serial();
     // Room for every child's limit: the root is guarded too, but never crosses.
-    let sb = common::sandbox(&format!("soak-{mode}"), 1 << 30);
+    let sb = fixture::sandbox(&format!("soak-{mode}"), 1 << 30);
     let state = StateDir(
         std::env::temp_dir().join(format!("oomguard-test-soak-{mode}-{}", std::process::id())),
     );
     let state_arg = state.0.display().to_string();
     let mut flags = vec!["--mode", mode, "--state-dir", &state_arg];
     flags.extend_from_slice(soak::AGENT_ARGS);
-    let agent = common::start_agent(&sb.cg, &flags);
+    let agent = fixture::start_agent(&sb.cg, &flags);
     let plan = Plan {
         kill_cgroups: 4,
         // Enough to fault in the kill and arm paths. The agent's recent-events ring (512
@@ -48,7 +47,7 @@ fn soak(mode: &str) {
     let out = soak::run(
         &agent,
         &sb.cg,
-        common::memhog_exe(),
+        &fixture::memhog(),
         &plan,
         Duration::from_secs(120),
         &mut |line| eprintln!("soak ({mode}): {line}"),
@@ -95,7 +94,7 @@ fn soak(mode: &str) {
 
 #[test]
 fn no_growth_eventfd_mode() {
-    if !common::kernel_ready() {
+    if !fixture::kernel_ready() {
         return;
     }
     soak("eventfd");
@@ -103,7 +102,7 @@ fn no_growth_eventfd_mode() {
 
 #[test]
 fn no_growth_ebpf_mode() {
-    if !common::kernel_ready() || !common::ebpf_ready() {
+    if !fixture::kernel_ready() || !fixture::ebpf_ready() {
         return;
     }
     soak("ebpf");

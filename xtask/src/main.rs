@@ -120,19 +120,21 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => {
             setup::run(false)?;
-            build()?;
-            let exe = target_dir(&root).join("release/oomguard");
-            let mut cmd = Command::new(&exe);
-            if args.is_empty() {
-                step("running the demo: oomguard demo");
-                cmd.arg("demo");
+            let release = target_dir(&root).join("release");
+            let mut cmd = if args.is_empty() {
+                build_with_dev_tools()?;
+                step("running the demo: oomguard-demo");
+                Command::new(release.join("oomguard-demo"))
             } else {
+                build()?;
                 step(&format!(
                     "running the agent: oomguard run {}",
                     args.join(" ")
                 ));
+                let mut cmd = Command::new(release.join("oomguard"));
                 cmd.arg("run").args(&args);
-            }
+                cmd
+            };
             exec(&mut cmd)
         }
         Cmd::Bench {
@@ -142,7 +144,7 @@ fn main() -> Result<()> {
             out,
         } => {
             setup::run(false)?;
-            build()?;
+            build_with_dev_tools()?;
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(if soak {
                     "bench-results/soak.json"
@@ -289,6 +291,21 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
 fn build() -> Result<()> {
     step("building the agent (release; the eBPF programs are built by oomguard/build.rs)");
     exec(cargo().args(["build", "--release", "--package", "oomguard", "--bins"]))
+}
+
+/// The agent and, beside it, the dev-only binaries that drive it (oomguard-dev: the demo,
+/// the benchmark, memhog); they find the agent next to themselves.
+fn build_with_dev_tools() -> Result<()> {
+    step("building the agent and the dev tools (release; oomguard, oomguard-dev)");
+    exec(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "oomguard",
+        "--package",
+        "oomguard-dev",
+        "--bins",
+    ]))
 }
 
 fn test(extra: &[String]) -> Result<()> {

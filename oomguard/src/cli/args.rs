@@ -59,8 +59,6 @@ pub enum Command {
     /// Guard every memory cgroup with a limit below --root.
     #[command(args_override_self = true)]
     Run(Box<RunArgs>),
-    /// Show the guard at work on a throw-away sandbox cgroup, then clean up.
-    Demo(crate::demo::DemoArgs),
     /// Check what this node offers the agent; exit 0 when it can run.
     Doctor(DoctorArgs),
     /// Inspect the agent's pinned eBPF programs and maps (bpftool-style).

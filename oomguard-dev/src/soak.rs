@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::cgroup::{CgroupError, MemCgroup};
 use crate::sandbox::{Agent, in_cgroup};
+use oomguard::cgroup::{CgroupError, MemCgroup};
 
 /// Flags for the agent under soak (besides `--root`, `--mode` and where it keeps state):
 /// the process policy, a short cooldown so one cgroup can see many kills per second, a
@@ -45,7 +45,7 @@ pub struct Plan {
     pub kill_cgroups: usize,
     /// Kills and cycles before the baseline is read: they fault in the kill and arm paths
     /// and grow the agent's maps to their working size; more kills than the agent's
-    /// recent-events ring holds ([`crate::state::RECENT_EVENTS`]) also fill that ring.
+    /// recent-events ring holds ([`oomguard::state::RECENT_EVENTS`]) also fill that ring.
     pub warmup_kills: u64,
     pub warmup_cycles: u64,
     pub kills: u64,

@@ -1,5 +1,5 @@
 //! A memory hog whose rate the caller controls: anonymous memory (`--rate`, `--total`) or
-//! page cache (`--file`). Used by `oomguard demo`, the tests and the benchmarks.
+//! page cache (`--file`). Used by the demo (`cargo xtask run`), the tests and the benchmarks.
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, Layout, MemCgroup, cgroup_of_pid};
+use oomguard::cgroup::{CgroupError, DEFAULT_MEMORY_ROOT, Layout, MemCgroup, cgroup_of_pid};
 
 pub mod containerd;
 
@@ -61,7 +61,7 @@ impl Sandbox {
     /// only while the sandbox itself holds no process.
     pub fn child(&self, name: &str) -> Result<MemCgroup, CgroupError> {
         if self.cg.is_v2() {
-            crate::cgroup::write_str(&self.cg.file("cgroup.subtree_control"), "+memory")?;
+            oomguard::cgroup::write_str(&self.cg.file("cgroup.subtree_control"), "+memory")?;
         }
         let path = self.cg.path.join(name);
         std::fs::create_dir(&path).map_err(|source| CgroupError::Write {
@@ -222,6 +222,14 @@ impl Agent {
         self.all.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
+    /// How many records so far (consumed or not) match `pred`.
+    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.all
+            .lock()
+            .map(|a| a.iter().filter(|v| pred(v)).count())
+            .unwrap_or(0)
+    }
+
     /// Decision records so far with this action.
     pub fn decisions(&self, action: &str) -> Vec<serde_json::Value> {
         self.records()
@@ -260,8 +268,6 @@ impl Drop for Agent {
     }
 }
 
-/// Finds a sibling binary of the running executable (e.g. `oomguard-memhog`), looking
-/// also one directory up (test binaries live in `target/<profile>/deps`).
 /// How much longer than on this machine a wait for something that should happen may take:
 /// `$OOMGUARD_TEST_PATIENCE` (a factor, default 1). The kernel matrix's guests run under
 /// emulation, 10–50× slower, and set it; a wait still ends as soon as what it waits for
@@ -293,10 +299,27 @@ pub fn record_skip(why: &str) {
     }
 }
 
+/// Finds a sibling binary of the running executable (e.g. `oomguard-memhog`), looking
+/// also one directory up (test binaries live in `target/<profile>/deps`).
 pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     [dir.join(name), dir.parent()?.join(name)]
         .into_iter()
         .find(|p| p.is_file())
+}
+
+/// `oomguard-memhog`, next to the running test or tool (`target/<profile>/`). Integration
+/// tests of other packages have no `CARGO_BIN_EXE_oomguard-memhog`; `cargo test --workspace`
+/// builds it (this crate's own integration test needs it). Panics with one line saying how
+/// to build it when it is missing.
+pub fn memhog() -> PathBuf {
+    sibling_binary("oomguard-memhog").unwrap_or_else(|| {
+        panic!(
+            "oomguard-memhog is not next to {} (build it: cargo build -p oomguard-dev --bin oomguard-memhog)",
+            std::env::current_exe()
+                .map(|e| e.display().to_string())
+                .unwrap_or_else(|_| "this binary".into())
+        )
+    })
 }

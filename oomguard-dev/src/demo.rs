@@ -1,17 +1,22 @@
-//! `oomguard demo`: the guard at work on a throw-away sandbox. Makes a cgroup beneath our
-//! own memory cgroup with a limit, starts the agent guarding it, runs a memory hog that
-//! outgrows the limit, reports what happened, and removes everything.
+//! The demo (`cargo xtask run`, binary `oomguard-demo`): the guard at work on a throw-away
+//! sandbox. Makes a cgroup beneath our own memory cgroup with a limit, starts the agent
+//! (`oomguard`, next to this binary) guarding it, runs a memory hog that outgrows the limit,
+//! reports what happened, and removes everything.
 
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::Parser;
 
 use crate::sandbox::{Agent, Echo, Sandbox, in_cgroup, sibling_binary};
-use crate::size::{Size, human};
-use crate::threshold::Margins;
+use oomguard::size::{Size, human};
+use oomguard::threshold::Margins;
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "oomguard-demo",
+    about = "Show the guard at work on a throw-away sandbox cgroup, then clean up"
+)]
 pub struct DemoArgs {
     /// Memory limit of the sandbox cgroup.
     #[arg(long, default_value = "256M")]
@@ -33,7 +38,7 @@ pub fn main(args: DemoArgs) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("oomguard demo: {e}");
+            eprintln!("oomguard-demo: {e}");
             ExitCode::FAILURE
         }
     }
@@ -46,9 +51,11 @@ fn demo(args: &DemoArgs) -> Result<bool, String> {
             args.policy
         ));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = sibling_binary("oomguard").ok_or(
+        "the agent (oomguard) is not next to oomguard-demo (cargo build -p oomguard -p oomguard-dev)",
+    )?;
     let memhog = sibling_binary("oomguard-memhog")
-        .ok_or("oomguard-memhog is not next to oomguard (build the workspace first)")?;
+        .ok_or("oomguard-memhog is not next to oomguard-demo (cargo build -p oomguard-dev)")?;
     let sb =
         Sandbox::new("oomguard-demo").map_err(|e| format!("making the sandbox cgroup: {e}"))?;
     let limit = args.limit.bytes();

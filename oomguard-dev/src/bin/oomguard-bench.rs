@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use oomguard::cgroup::MemCgroup;
-use oomguard::sandbox::{Agent, Sandbox, in_cgroup, sibling_binary};
-use oomguard::soak;
 use oomguard::threshold::Margins;
+use oomguard_dev::sandbox::{Agent, Sandbox, in_cgroup, sibling_binary};
+use oomguard_dev::soak;
 use serde::Serialize;
 
 const M: u64 = 1 << 20;
@@ -402,7 +402,7 @@ fn run(args: &Args) -> Result<(), String> {
         .as_deref()
         .is_none_or(|o| "container policy".contains(o))
     {
-        match oomguard::sandbox::containerd::probe() {
+        match oomguard_dev::sandbox::containerd::probe() {
             Some(why) => {
                 progress(&format!("container policy latency skipped: {why}"));
                 container_latency_skipped = Some(why);
@@ -770,7 +770,7 @@ fn container_latency_row(
     memhog: &Path,
 ) -> Result<ContainerLatencyRow, String> {
     use oomguard::runtime::labels;
-    use oomguard::sandbox::containerd::{Containerd, container_id};
+    use oomguard_dev::sandbox::containerd::{Containerd, container_id};
     const NS: &str = "k8s.io";
     const UID: &str = "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
     let sb = Sandbox::new("bench-ctr").map_err(|e| e.to_string())?;

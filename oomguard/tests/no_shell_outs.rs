@@ -45,7 +45,9 @@ fn spawns(segments: &[String]) -> Option<String> {
     if s.windows(2).any(|w| w == ["process", "Command"]) {
         return Some(joined);
     }
-    if s.ends_with(&["Command", "new"]) {
+    // `clap::Command::new` builds a command line, named as such; any other `Command::new`
+    // (imported under any name) may be a process.
+    if s.ends_with(&["Command", "new"]) && s.first() != Some(&"clap") {
         return Some(joined);
     }
     if s.len() >= 2 && s.last().is_some_and(|l| SPAWN_FNS.contains(l)) {
@@ -228,6 +230,7 @@ fn the_scanner_finds_every_way_to_start_a_process() {
     }
     for fine in [
         "use crate::config::Command; fn f(c: Command) { match c { Command::Run(_) => {} } }",
+        "fn f() { let _ = clap::Command::new(\"run\"); }",
         "use std::process::ExitCode; fn f() -> ExitCode { ExitCode::SUCCESS }",
         "fn f() { std::process::exit(0) }",
         "fn f() { let a = std::sync::Arc::new(1); let _ = a.clone(); }",

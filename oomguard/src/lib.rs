@@ -41,6 +41,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod decide;
 pub mod demo;
 pub mod discovery;

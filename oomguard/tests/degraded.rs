@@ -403,3 +403,123 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
     let _ = grower.kill();
     let _ = grower.wait();
 }
+
+/// Whether `pid` has SIGKILL pending (signalled, not yet dead).
+fn sigkill_pending(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("ShdPnd:"))
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
+}
+
+/// A victim that does not die holds its own cgroup only: everything after the signal
+/// (reaping, the wait for its exit) runs off the guard thread, so a second cgroup's hog
+/// crossing meanwhile is killed before the kernel's OOM killer, long before the stuck
+/// victim's wait (`--kill-timeout-ms`) is over.
+#[test]
+fn a_stuck_victim_delays_no_other_cgroup() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let Some(freezer) = Frozen::new() else {
+        if std::env::var_os(REQUIRE_ENV).is_some() {
+            panic!("required feature missing: no cgroup v1 freezer");
+        }
+        skipped("no cgroup v1 freezer hierarchy");
+        return;
+    };
+    let sb = oomguard::sandbox::Sandbox::new("degraded-neighbour").expect("make a sandbox");
+    let stuck = sb.child("stuck").unwrap();
+    let other = sb.child("other").unwrap();
+    stuck.set_limit(128 * M).unwrap();
+    other.set_limit(128 * M).unwrap();
+    let root = sb.path().display().to_string();
+    let wait = Duration::from_secs(20);
+    let agent = agent_denied(
+        &root,
+        &pins("neighbour"),
+        &[
+            "--mode",
+            "eventfd",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--kill-timeout-ms",
+            "20000",
+        ],
+        &[(libc::SYS_process_mrelease, libc::ENOSYS)],
+    );
+    // Armed in either order: look through every record, not the unconsumed ones.
+    let deadline = std::time::Instant::now() + oomguard::sandbox::patience(wait);
+    let armed = |cg: &oomguard::cgroup::MemCgroup| {
+        let want = cg.path.display().to_string();
+        agent
+            .records()
+            .iter()
+            .any(|v| v["message"] == "armed" && v["cgroup"].as_str() == Some(want.as_str()))
+    };
+    while !(armed(&stuck) && armed(&other)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not armed: {:#?}",
+            agent.records()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut big = hog(&stuck, &["--total", "70M"]);
+    wait_rss(&big, 70 * M, Duration::from_secs(10));
+    freezer.add(big.id());
+    freezer.set("FROZEN");
+    // 70 + 52 MiB: over the 115.2 MiB threshold, under the 128 MiB limit.
+    let mut grower = hog(&stuck, &["--rate", "20M", "--total", "52M"]);
+    let deadline = std::time::Instant::now() + oomguard::sandbox::patience(wait);
+    while !sigkill_pending(big.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frozen hog was never signalled; log: {:#?}",
+            agent.records()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The stuck victim's wait now runs for 20 s; the other cgroup's hog reaches the
+    // kernel's limit about 1.3 s after it starts.
+    let mut fast = hog(&other, &["--rate", "100M", "--total", "200M"]);
+    let d = agent
+        .wait_for(wait, |v| {
+            v["message"] == "decision" && v["action"] == "kill"
+        })
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    let want = other.path.display().to_string();
+    assert_eq!(
+        d["oomcgroup"].as_str(),
+        Some(want.as_str()),
+        "the neighbour's kill is reported first (the stuck one's after its wait): {d:#}"
+    );
+    let k = killed(&d);
+    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(fast.id())), "{d:#}");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut fast,
+        Duration::from_secs(5)
+    )));
+    assert_eq!(
+        other.subtree_oom_kills(),
+        0,
+        "the kernel had to kill: {d:#}"
+    );
+    assert_eq!(stuck.subtree_oom_kills(), 0);
+    eprintln!(
+        "neighbour killed {} us after its wake-up while a victim was stuck",
+        d["wake_to_kill_us"]
+    );
+    freezer.set("THAWED");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut big,
+        Duration::from_secs(5)
+    )));
+    let _ = grower.kill();
+    let _ = grower.wait();
+}

@@ -1,30 +1,25 @@
-//! What happens at the kill threshold: the policy applied to a pressing cgroup (at most
-//! one victim, and only one whose death frees enough), the process policy's ranking, and
-//! the container policy's runtime kill with its fallback.
+//! What happens at the kill threshold, on the guard thread: the policy applied to a
+//! pressing cgroup (at most one victim, and only one whose death frees enough), the
+//! process policy's ranking and its SIGKILL. The rest of the kill (reaping, waiting for the
+//! exit, the container policy's runtime calls, the report) is a worker's job
+//! ([`super::workers`]); the cgroup is "acting" until the worker answers.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::Guard;
-use super::Kind;
 use super::registry::Pending;
+use super::workers::{Done, Job, Result as WorkResult};
+use super::{Guard, Kind};
 use crate::cgroup::{MemCgroup, MemStat};
 use crate::config::Policy;
 use crate::decide;
-use crate::kill::kill_task_pinned;
-use crate::report::{Action, ContainerKill, Decision, Killed};
-use crate::runtime::fallback_kill_cgroup_tasks;
+use crate::kill::{Outcome, Signalled, signal_task};
+use crate::report::{Action, Killed};
 use crate::victim;
 
 /// How many candidates one decision may try before giving up.
 pub(super) const MAX_KILL_ATTEMPTS: usize = 8;
-/// Bound on identifying the container on the kill path: labels are normally cached when the
-/// cgroup is armed (prefetch), so a runtime that does not answer this fast is treated as
-/// hung and the container's tasks are killed directly.
-const PLAN_TIMEOUT: Duration = Duration::from_millis(250);
-/// Bound on containerd's kill (measured here: 35-76 ms to the last process gone).
-const RUNTIME_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Guard {
     /// Applies the policy to a pressing cgroup whose unreclaimable memory is `overshoot`
@@ -75,88 +70,119 @@ impl Guard {
         let hard = decide::unreclaimable(usage, stats.reclaimable_cache());
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
-        let mut pending: Option<Pending> = None;
-        let mut killed_any = false;
+        let container_detail = self
+            .reg
+            .entries
+            .get_mut(path)
+            .and_then(|e| e.no_container.take());
         if cfg.policy == Policy::Container
-            && self.act_container(&cg, &mut d, woke, overshoot, margin)
+            && container_detail.is_none()
+            && self.deps.runtime.is_some()
         {
-            killed_any = d.action == Action::Kill;
-        } else {
-            let ranked = self.rank(&cg, limit);
-            let any = !ranked.is_empty();
-            let helping: Vec<&victim::Candidate> = ranked
+            // Identifying the container and the runtime's kill may take hundreds of ms: a
+            // worker does both, the cgroup acting until it answers.
+            let seq = self.reg.next_seq();
+            self.reg.set_victim(
+                path,
+                Pending {
+                    pid: 0,
+                    fd: None,
+                    token: None,
+                    since: Instant::now(),
+                    seq,
+                },
+            );
+            if let Some(e) = self.reg.entries.get_mut(path) {
+                e.acting_unreclaimable = hard;
+                e.next_check = Some(Instant::now() + cfg.guard_interval);
+            }
+            if let Some(s) = &self.deps.state {
+                s.cgroup_state(path, crate::state::CgroupState::Acting);
+            }
+            self.pool.submit(Job::Container {
+                path: path.to_path_buf(),
+                seq,
+                woke,
+                overshoot,
+                margin,
+                decision: Box::new(d),
+                timeout: cfg.kill_timeout,
+            });
+            return;
+        }
+        if let Some(detail) = container_detail {
+            d.detail = detail;
+        }
+        // The signalled victim, for the worker that follows it up.
+        let mut job: Option<(u64, Signalled, victim::Candidate)> = None;
+        let ranked = self.rank(&cg, limit);
+        let any = !ranked.is_empty();
+        let helping: Vec<&victim::Candidate> = ranked
+            .iter()
+            .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot, margin))
+            .collect();
+        if any && helping.is_empty() {
+            d.action = Action::NoHelp;
+            let best = ranked
                 .iter()
-                .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot, margin))
-                .collect();
-            if any && helping.is_empty() {
-                d.action = Action::NoHelp;
-                let best = ranked
-                    .iter()
-                    .map(|c| c.task.freeable_bytes())
-                    .max()
-                    .unwrap_or(0);
-                d.detail = format!(
-                    "unreclaimable memory is {overshoot} bytes above the threshold and no \
-                     task frees more (the most any would free: {best}): a kill could not help"
-                );
-            } else if cfg.policy == Policy::Noop {
-                if let Some(top) = helping.first() {
-                    d.action = Action::WouldKill;
-                    d.proccgroup = top.task.cgroup.display().to_string();
-                    d.killed.push(Killed::new(top, None));
+                .map(|c| c.task.freeable_bytes())
+                .max()
+                .unwrap_or(0);
+            d.detail = format!(
+                "unreclaimable memory is {overshoot} bytes above the threshold and no \
+                 task frees more (the most any would free: {best}): a kill could not help"
+            );
+        } else if cfg.policy == Policy::Noop {
+            if let Some(top) = helping.first() {
+                d.action = Action::WouldKill;
+                d.proccgroup = top.task.cgroup.display().to_string();
+                d.killed.push(Killed::new(top, None));
+            }
+        } else {
+            // One victim: the next candidate only when this one was never signalled
+            // (refused as recycled or moved, or the kernel refused the signal). Only the
+            // signal is sent here; a worker reaps, waits for the exit and reports.
+            for c in helping.into_iter().take(MAX_KILL_ATTEMPTS) {
+                let start = Instant::now();
+                let sent = signal_task(&c.task, &cg.path, &self.deps.memory_mount);
+                if d.proccgroup.is_empty() {
+                    d.proccgroup = c.task.cgroup.display().to_string();
                 }
-            } else {
-                // One victim: the next candidate only when this one was never signalled
-                // (refused as recycled or moved, or the kernel refused the signal).
-                for c in helping.into_iter().take(MAX_KILL_ATTEMPTS) {
-                    let sent = Instant::now();
-                    let (outcome, fd) = kill_task_pinned(
-                        &c.task,
-                        &cg.path,
-                        &self.deps.memory_mount,
-                        cfg.kill_timeout,
-                    );
-                    if let Some(us) = outcome.signal_us() {
-                        let t = sent + Duration::from_micros(us) - woke;
+                match sent {
+                    Ok(sent) => {
+                        let t = start + Duration::from_micros(sent.signal_us()) - woke;
                         d.wake_to_kill_us = Some(t.as_micros() as u64);
-                    }
-                    if d.proccgroup.is_empty() {
-                        d.proccgroup = c.task.cgroup.display().to_string();
-                    }
-                    let signalled = outcome.signalled();
-                    let gone = outcome == crate::kill::Outcome::Gone;
-                    // Reaped by process_mrelease: its memory is back even before it exits.
-                    let reaped = matches!(
-                        outcome,
-                        crate::kill::Outcome::Stuck {
-                            mreleased: true,
-                            ..
-                        }
-                    );
-                    if signalled {
-                        killed_any = true;
-                        self.stats.kills.fetch_add(1, Ordering::Relaxed);
                         d.action = Action::Kill;
-                        if matches!(outcome, crate::kill::Outcome::Stuck { .. }) && !reaped {
-                            pending = Some(Pending {
+                        self.stats.kills.fetch_add(1, Ordering::Relaxed);
+                        // Its exit wakes the guard: the pidfd becomes readable.
+                        let fd = sent.pidfd().and_then(|fd| fd.try_clone().ok());
+                        let token = fd
+                            .as_ref()
+                            .and_then(|fd| self.register(fd, path, Kind::Victim));
+                        let seq = self.reg.next_seq();
+                        self.reg.set_victim(
+                            path,
+                            Pending {
                                 pid: c.task.pid,
                                 fd,
-                                token: None,
-                                since: sent,
-                            });
-                        }
-                    } else if !gone {
-                        d.action = Action::KillFailed;
-                    }
-                    d.killed.push(Killed::new(c, Some(outcome)));
-                    if signalled || gone {
+                                token,
+                                since: start,
+                                seq,
+                            },
+                        );
+                        job = Some((seq, sent, (*c).clone()));
                         break;
                     }
-                }
-                if d.action == Action::Kill
-                    && let Ok(after) = cg.usage()
-                {
-                    d.detail = format!("usage after the kill: {after}");
+                    Err(outcome) => {
+                        let gone = outcome == Outcome::Gone;
+                        if !gone {
+                            d.action = Action::KillFailed;
+                        }
+                        d.killed.push(Killed::new(c, Some(outcome)));
+                        if gone {
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -166,16 +192,8 @@ impl Guard {
             }
             d.detail = "no task may be killed (only protected or exiting tasks)".into();
         }
-        let waiting = pending.is_some();
-        if let Some(mut v) = pending {
-            if let Some(fd) = &v.fd {
-                // Its exit wakes the guard: the pidfd becomes readable.
-                v.token = self.register(fd, path, Kind::Victim);
-            }
-            self.reg.set_victim(path, v);
-        }
         if let Some(e) = self.reg.entries.get_mut(path) {
-            if killed_any {
+            if job.is_some() {
                 e.state.acted();
             } else {
                 // Nothing was killed: act again only on further growth.
@@ -185,19 +203,64 @@ impl Guard {
         }
         if let Some(s) = &self.deps.state {
             use crate::state::CgroupState;
-            let now = if waiting {
+            let now = if job.is_some() {
                 CgroupState::CoolingDown
             } else {
                 CgroupState::Armed
             };
             s.cgroup_state(path, now);
         }
-        self.deps.reporter.send(d);
-        if killed_any && !waiting {
-            // The victim is gone: the reading now ends the episode (usage fell below the
-            // band) or sets the level further growth must pass.
-            self.evaluate(path, Instant::now(), "after-kill");
+        match job {
+            Some((seq, sent, victim)) => self.pool.submit(Job::Confirm {
+                path: path.to_path_buf(),
+                seq,
+                sent,
+                victim,
+                cgroup: cg,
+                decision: Box::new(d),
+                timeout: cfg.kill_timeout,
+            }),
+            None => self.deps.reporter.send(d),
         }
+    }
+
+    /// A worker's answer: the cgroup's kill is over (or its victim stuck, then waited for
+    /// through its pidfd), or its container policy found no container.
+    pub(super) fn worker_done(&mut self, done: Done) {
+        let path = done.path.as_path();
+        let current = self
+            .reg
+            .entries
+            .get(path)
+            .and_then(|e| e.victim.as_ref())
+            .is_some_and(|v| v.seq == done.seq);
+        if !current {
+            // Its wait ended meanwhile (exit, cooldown, the cgroup re-armed or removed).
+            return;
+        }
+        let now = Instant::now();
+        match done.result {
+            WorkResult::Stuck => return,
+            WorkResult::Gone => {}
+            WorkResult::Container { killed } => {
+                if let Some(e) = self.reg.entries.get_mut(path) {
+                    if killed {
+                        e.state.acted();
+                    } else {
+                        e.state.held(e.acting_unreclaimable);
+                    }
+                }
+            }
+            WorkResult::NotContainer(why) => {
+                if let Some(e) = self.reg.entries.get_mut(path) {
+                    e.no_container = Some(why);
+                }
+            }
+        }
+        self.victim_gone(path);
+        // The victim is gone: the reading now ends the episode (usage fell below the band)
+        // or sets the level further growth must pass. No container: the process policy.
+        self.evaluate(path, now, "after-kill");
     }
 
     /// The process policy's candidates, best first: from the eBPF score map when its
@@ -223,142 +286,5 @@ impl Guard {
             ranked.retain(|c| c.task.cgroup == cg.path);
         }
         ranked
-    }
-
-    /// The container policy: choose the container (never the sandbox), kill it through
-    /// containerd, and fall back to killing its cgroup's tasks directly when the runtime
-    /// cannot do it in time. False when the cgroup holds no identifiable container: then
-    /// the process policy acts.
-    pub(super) fn act_container(
-        &self,
-        cg: &MemCgroup,
-        d: &mut Decision,
-        woke: Instant,
-        overshoot: u64,
-        margin: u64,
-    ) -> bool {
-        let Some(rt) = &self.deps.runtime else {
-            return false;
-        };
-        let target = match rt.plan_blocking(&cg.path, PLAN_TIMEOUT) {
-            Ok(t) => t,
-            Err(e) => {
-                d.detail = format!("no container to kill ({e}); process policy instead");
-                return false;
-            }
-        };
-        // Never the container the agent runs in (a DaemonSet with a memory limit): the
-        // process policy, which leaves the agent's cgroup out, acts instead.
-        if self
-            .self_cgroup
-            .as_ref()
-            .is_some_and(|own| own.starts_with(&target.cgroup))
-        {
-            d.detail = format!(
-                "container {} holds the agent itself; process policy instead",
-                target.id
-            );
-            return false;
-        }
-        // What the container's death gives back: its anonymous memory (page cache and
-        // tmpfs stay charged to the pod).
-        let freeable = MemCgroup::new(&target.cgroup)
-            .stat()
-            .map(|s| s.get("total_rss"))
-            .unwrap_or(u64::MAX);
-        if !decide::can_help(freeable, overshoot, margin) {
-            d.action = Action::NoHelp;
-            d.proccgroup = target.cgroup.display().to_string();
-            d.detail = format!(
-                "unreclaimable memory is {overshoot} bytes above the threshold and container                  {} frees only {freeable}: a kill could not help",
-                target.id
-            );
-            return true;
-        }
-        // What the container ran, for the record: read before the kill (after it the tasks
-        // are gone), but only the cheap pid list; /proc details are read after the request.
-        let victim_cg = MemCgroup::new(&target.cgroup);
-        let pids: Vec<(MemCgroup, i32)> = victim_cg.subtree_procs();
-        d.proccgroup = target.cgroup.display().to_string();
-        d.pod = target.pod().cloned();
-        let sent = Instant::now();
-        d.wake_to_kill_us = Some(sent.duration_since(woke).as_micros() as u64);
-        let killed = match &target.info {
-            // Not identified (hung or unhealthy runtime, labels unknown): no RPC to wait on.
-            None => Err(target.runtime_error.clone().unwrap_or_else(|| {
-                format!(
-                    "the runtime did not identify container {} within {} ms",
-                    target.id,
-                    PLAN_TIMEOUT.as_millis()
-                )
-            })),
-            Some(_) => rt
-                .kill_container_blocking(&target, RUNTIME_TIMEOUT)
-                .map_err(|e| e.to_string()),
-        };
-        match killed {
-            Ok(rep) => {
-                d.action = Action::Kill;
-                d.container = Some(ContainerKill {
-                    id: rep.id,
-                    via: "containerd",
-                    namespace: Some(rep.namespace),
-                    gone_us: Some(rep.gone_us),
-                    error: None,
-                });
-                d.detail = target.reason;
-            }
-            Err(e) => {
-                let fb = fallback_kill_cgroup_tasks(
-                    &target.cgroup,
-                    &self.deps.memory_mount,
-                    self.deps.config.kill_timeout,
-                );
-                d.action = if fb.took_effect() {
-                    Action::Kill
-                } else {
-                    Action::KillFailed
-                };
-                tracing::warn!(
-                    container = %target.id,
-                    error = %e,
-                    "the runtime could not kill the container; killed its tasks directly"
-                );
-                d.container = Some(ContainerKill {
-                    id: target.id.clone(),
-                    via: if fb.cgroup_kill {
-                        "cgroup.kill"
-                    } else {
-                        "fallback"
-                    },
-                    namespace: target.info.as_ref().map(|i| i.namespace.clone()),
-                    gone_us: fb.gone_us,
-                    error: Some(e.clone()),
-                });
-                d.detail = format!(
-                    "{}; runtime failed ({e}): killed {} task(s) of the container directly",
-                    target.reason,
-                    fb.killed.len()
-                );
-            }
-        }
-        if d.action == Action::Kill {
-            self.stats.kills.fetch_add(1, Ordering::Relaxed);
-        }
-        d.killed = pids
-            .into_iter()
-            .map(|(cg, pid)| Killed {
-                pid,
-                comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim().to_string())
-                    .unwrap_or_default(),
-                score: 0,
-                rss_bytes: 0,
-                oom_score_adj: 0,
-                proccgroup: cg.path.display().to_string(),
-                outcome: None,
-            })
-            .collect();
-        true
     }
 }

@@ -19,6 +19,9 @@ const ASSUMED_GROWTH: u64 = 64 << 20;
 pub(super) const RECHECK_MIN: Duration = Duration::from_millis(10);
 /// The longest a cgroup with reclaimable cache goes without a re-check.
 const RECHECK_MAX: Duration = Duration::from_secs(1);
+/// What a container kill's worker may take besides the fallback's kill timeout.
+const CONTAINER_KILL_BOUND: Duration =
+    super::workers::PLAN_TIMEOUT.saturating_add(super::workers::RUNTIME_TIMEOUT);
 
 /// When to evaluate a cgroup again without a signal, after a reading that gave `step`
 /// (`None`: only on a signal). `watching`: a crossing was signalled lately; `victim`: when
@@ -78,13 +81,24 @@ impl Guard {
     pub(super) fn evaluate(&mut self, path: &Path, woke: Instant, signal: &'static str) {
         let cfg = self.deps.config.clone();
         // A victim that has exited (its pidfd readable, or its pid gone) or was waited for
-        // long enough no longer holds the subtree.
+        // long enough no longer holds the subtree. A container kill holds it until its
+        // worker answers, within the worker's own bounds.
         if let Some(v) = self.reg.entries.get(path).and_then(|e| e.victim.as_ref()) {
-            let exited = match &v.fd {
-                Some(fd) => pidfd_exited(fd),
-                None => crate::victim::read_task(v.pid, Path::new("")).is_none_or(|t| t.exiting),
+            let (exited, bound) = if v.is_container() {
+                (
+                    false,
+                    cfg.cooldown + CONTAINER_KILL_BOUND + cfg.kill_timeout,
+                )
+            } else {
+                let exited = match &v.fd {
+                    Some(fd) => pidfd_exited(fd),
+                    None => {
+                        crate::victim::read_task(v.pid, Path::new("")).is_none_or(|t| t.exiting)
+                    }
+                };
+                (exited, cfg.cooldown)
             };
-            if exited || v.since.elapsed() >= cfg.cooldown {
+            if exited || v.since.elapsed() >= bound {
                 self.victim_gone(path);
             }
         }

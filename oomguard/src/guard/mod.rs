@@ -16,6 +16,7 @@ mod decide;
 mod kernel_oom;
 mod reclaim;
 mod registry;
+mod workers;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use crate::report::{Action, Decision, Reporter};
 use crate::runtime::RuntimeClient;
 use crate::threshold::Thresholds;
 use registry::Registry;
+use workers::{Done, Pool};
 
 /// A cgroup ready to be guarded: its thresholds and the eventfds armed for them (cgroup v2
 /// has none: its crossings come as [`Signal`]s from eBPF or [`crate::headroom`]).
@@ -198,6 +200,10 @@ struct Guard {
     wake: Arc<OwnedFd>,
     rx: Receiver<Cmd>,
     reg: Registry,
+    /// Where everything after a signal runs.
+    pool: Pool,
+    /// The workers' answers (each also written to `wake`).
+    done: Receiver<Done>,
     stats: Arc<GuardStats>,
     self_pid: i32,
     /// Ring records drained early (to find a kernel OOM's victim before reporting it), not
@@ -226,22 +232,34 @@ pub fn spawn(deps: Deps) -> Result<GuardHandle, GuardError> {
         .map_err(|e| GuardError::Setup(e.into()))?;
     let (tx, rx) = channel();
     let stats = Arc::new(GuardStats::default());
+    let self_cgroup = crate::cgroup::cgroup_of_pid(&deps.memory_mount, "self")
+        .ok()
+        .map(|c| c.path);
+    let (answer, done) = channel();
+    let pool = Pool::new(workers::Context {
+        reporter: deps.reporter.clone(),
+        memory_mount: deps.memory_mount.clone(),
+        runtime: deps.runtime.clone(),
+        self_cgroup: self_cgroup.clone(),
+        stats: stats.clone(),
+        answer,
+        wake: wake.clone(),
+    });
     let mut guard = Guard {
         deps,
         epoll,
         wake: wake.clone(),
         rx,
         reg: Registry::new(),
+        pool,
+        done,
         stats: stats.clone(),
         self_pid: std::process::id() as i32,
         backlog: Vec::new(),
         stashed: std::collections::HashSet::new(),
-        self_cgroup: None,
+        self_cgroup,
         cpus: 1,
     };
-    guard.self_cgroup = crate::cgroup::cgroup_of_pid(&guard.deps.memory_mount, "self")
-        .ok()
-        .map(|c| c.path);
     // SAFETY: sysconf reads a constant; no memory is passed.
     let conf = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
     guard.cpus = u64::try_from(conf).unwrap_or(1).max(1);
@@ -350,6 +368,9 @@ impl Guard {
                 match kind {
                     Kind::Wake => {
                         drain(&self.wake);
+                        while let Ok(done) = self.done.try_recv() {
+                            self.worker_done(done);
+                        }
                         if !self.commands() {
                             return;
                         }

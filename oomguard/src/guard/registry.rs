@@ -15,14 +15,25 @@ use crate::policy::State;
 use crate::report::Killed;
 use crate::threshold::Thresholds;
 
-/// A victim signalled but not yet gone: no other victim in its subtree until it exits, or
-/// until `cooldown` (the longest wait, like the kernel's OOM reaper giving up on a task).
+/// A kill in progress ("acting"): no other victim in its subtree until it is over. A
+/// signalled task is over when it exits, when `process_mrelease` reaped it (its worker
+/// says), or after `cooldown` (the longest wait, like the kernel's OOM reaper giving up on
+/// a task); a container kill when its worker answers.
 pub(super) struct Pending {
+    /// The signalled task (0: a container kill, whose tasks the worker signals).
     pub pid: i32,
     /// The victim's pidfd, in the epoll set: readable once it has exited.
     pub fd: Option<OwnedFd>,
     pub token: Option<u64>,
     pub since: Instant,
+    /// Names this kill in its worker's answer (a later kill of the cgroup has another).
+    pub seq: u64,
+}
+
+impl Pending {
+    pub fn is_container(&self) -> bool {
+        self.pid == 0
+    }
 }
 
 pub(super) struct Entry {
@@ -50,8 +61,14 @@ pub(super) struct Entry {
     /// The last evaluation an eBPF at-limit record asked for (they come with every reclaim
     /// of a cgroup that lives at its limit: rate-limited to one per `AT_LIMIT_EVERY`).
     pub last_at_limit: Option<Instant>,
-    /// The victim of this cgroup's last kill, while it has not exited.
+    /// This cgroup's kill in progress: its victim not yet gone, or its worker not yet done.
     pub victim: Option<Pending>,
+    /// The unreclaimable bytes a container kill was decided on: the level further growth
+    /// must pass if it kills nothing.
+    pub acting_unreclaimable: u64,
+    /// The container policy found no container here (why, for the record): the process
+    /// policy acts on the next decision.
+    pub no_container: Option<String>,
     /// The band below the kill threshold that ends an episode.
     pub hysteresis: u64,
     /// `memory.oom_kill_disable=1` when armed: a user-space OOM handler owns the cgroup
@@ -79,6 +96,8 @@ impl Entry {
             next_check: None,
             last_at_limit: None,
             victim: None,
+            acting_unreclaimable: 0,
+            no_container: None,
             hysteresis,
             left_alone: false,
             flat: false,
@@ -96,6 +115,7 @@ pub(super) struct Registry {
     pub by_id: HashMap<u64, PathBuf>,
     /// Entries with a pending victim (most of the time none: no subtree scan then).
     pending_victims: usize,
+    next_seq: u64,
 }
 
 impl Registry {
@@ -107,6 +127,7 @@ impl Registry {
             next_token: 1,
             by_id: HashMap::new(),
             pending_victims: 0,
+            next_seq: 1,
         }
     }
 
@@ -114,6 +135,12 @@ impl Registry {
         let t = self.next_token;
         self.next_token += 1;
         t
+    }
+
+    pub fn next_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
     }
 
     /// Adds (or replaces) a cgroup's entry; it is named by its id from now on.
@@ -363,6 +390,7 @@ pub(super) mod tests {
             fd: None,
             token,
             since: Instant::now(),
+            seq: 1,
         }
     }
 

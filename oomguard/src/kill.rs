@@ -61,12 +61,20 @@ impl Outcome {
 }
 
 /// Is the process behind `pid` still the `task` that was scored (same start time), still
-/// killable (`oom_score_adj` not -1000) and inside `scope`?
-fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), String> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
-        .map_err(|_| "process gone".to_string())?;
-    if parse_start_time(&stat) != Some(task.start_time) {
-        return Err(format!("pid {} was recycled", task.pid));
+/// killable (`oom_score_adj` not -1000) and inside `scope`? `pinned`: a pidfd checked
+/// before names it, so its start time need not be read again.
+fn still_eligible(
+    task: &Task,
+    scope: &Path,
+    memory_mount: &Path,
+    pinned: bool,
+) -> Result<(), String> {
+    if !pinned {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
+            .map_err(|_| "process gone".to_string())?;
+        if parse_start_time(&stat) != Some(task.start_time) {
+            return Err(format!("pid {} was recycled", task.pid));
+        }
     }
     let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", task.pid))
         .map_err(|_| "process gone".to_string())?;
@@ -185,7 +193,39 @@ pub fn signal_task(task: &Task, scope: &Path, memory_mount: &Path) -> Result<Sig
     // A pidfd names one process for good (a recycled pid number cannot redirect it): if
     // the start time still matches now, the signal reaches the task that was scored.
     // Without one, the check and kill(2) are as close together as the 3.10 path allows.
-    still_eligible(task, scope, memory_mount).map_err(|reason| Outcome::Refused { reason })?;
+    still_eligible(task, scope, memory_mount, false)
+        .map_err(|reason| Outcome::Refused { reason })?;
+    send(task, pid, fd, start)
+}
+
+/// Pins `task` ahead of a kill (at the reclaim threshold): its pidfd, once checked to name
+/// the scored task, killable, inside `scope`. `None` where pidfds don't exist.
+pub fn pin(task: &Task, scope: &Path, memory_mount: &Path) -> Option<OwnedFd> {
+    let fd = pidfd_open(Pid::from_raw(task.pid)?, PidfdFlags::empty()).ok()?;
+    still_eligible(task, scope, memory_mount, false).ok()?;
+    Some(fd)
+}
+
+/// [`signal_task`] for a task [`pin`]ned before: its pidfd may name a process that has
+/// died since (then readable: nothing is signalled), and the task may have left `scope` or
+/// become unkillable (checked again, without the start time the pidfd stands for).
+pub fn signal_pinned(
+    task: &Task,
+    fd: OwnedFd,
+    scope: &Path,
+    memory_mount: &Path,
+) -> Result<Signalled, Outcome> {
+    let start = Instant::now();
+    let pid = Pid::from_raw(task.pid).ok_or(Outcome::Gone)?;
+    if pidfd_exited(&fd) {
+        return Err(Outcome::Gone);
+    }
+    still_eligible(task, scope, memory_mount, true)
+        .map_err(|reason| Outcome::Refused { reason })?;
+    send(task, pid, Some(fd), start)
+}
+
+fn send(task: &Task, pid: Pid, fd: Option<OwnedFd>, start: Instant) -> Result<Signalled, Outcome> {
     let sent = match &fd {
         Some(fd) => pidfd_send_signal(fd, Signal::KILL),
         None => kill_process(pid, Signal::KILL),
@@ -362,5 +402,45 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_pinned_task_is_signalled_only_while_it_lives_inside_the_scope() {
+        let (mount, scope) = own_cgroup();
+        if !scope.exists() {
+            eprintln!(
+                "skipped: no cgroup v1 memory hierarchy at {}",
+                mount.display()
+            );
+            return;
+        }
+        let mut dead = Command::new("sleep").arg("30").spawn().unwrap();
+        let task = read_task(dead.id() as i32, &scope).unwrap();
+        let fd = pin(&task, &scope, &mount).expect("pin a live child");
+        dead.kill().unwrap();
+        dead.wait().unwrap();
+        let out = signal_pinned(&task, fd, &scope, &mount).map(|s| s.pid());
+        assert_eq!(
+            out.unwrap_err(),
+            Outcome::Gone,
+            "its pidfd names a dead process"
+        );
+
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let task = read_task(child.id() as i32, &scope).unwrap();
+        let fd = pin(&task, &scope, &mount).unwrap();
+        let outside = scope.join("not-an-ancestor");
+        let out = signal_pinned(&task, fd, &outside, &mount).map(|s| s.pid());
+        assert!(matches!(out, Err(Outcome::Refused { .. })), "{out:?}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child must still run"
+        );
+        let fd = pin(&task, &scope, &mount).unwrap();
+        let sent = signal_pinned(&task, fd, &scope, &mount).unwrap();
+        let (out, _) = confirm(sent, Duration::from_secs(2));
+        assert!(out.took_effect(), "{out:?}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 }

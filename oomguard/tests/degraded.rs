@@ -512,8 +512,8 @@ fn a_stuck_victim_delays_no_other_cgroup() {
     );
     assert_eq!(stuck.subtree_oom_kills(), 0);
     eprintln!(
-        "neighbour killed {} us after its wake-up while a victim was stuck",
-        d["wake_to_kill_us"]
+        "neighbour killed {} us after its wake-up while a victim was stuck ({})",
+        d["wake_to_kill_us"], d["detail"]
     );
     freezer.set("THAWED");
     assert!(killed_by_sigkill(wait_exit(

@@ -8,18 +8,23 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::registry::Pending;
+use super::registry::{Pending, Ready};
 use super::workers::{Done, Job, Result as WorkResult};
 use super::{Guard, Kind};
 use crate::cgroup::{MemCgroup, MemStat};
 use crate::config::Policy;
 use crate::decide;
-use crate::kill::{Outcome, Signalled, signal_task};
-use crate::report::{Action, Killed};
+use crate::kill::{Outcome, Signalled, pin, signal_pinned, signal_task};
+use crate::report::{Action, Decision, Killed};
 use crate::victim;
 
 /// How many candidates one decision may try before giving up.
 pub(super) const MAX_KILL_ATTEMPTS: usize = 8;
+/// How long a victim made ready is trusted at the crossing: a task that started growing
+/// since may rank higher, so an older choice is ranked afresh there.
+const READY_FRESH: Duration = Duration::from_millis(250);
+/// Near the limit, the ready victim is chosen again this often (before it goes stale).
+const READY_REFRESH: Duration = Duration::from_millis(100);
 
 impl Guard {
     /// Applies the policy to a pressing cgroup whose unreclaimable memory is `overshoot`
@@ -115,13 +120,31 @@ impl Guard {
         }
         // The signalled victim, for the worker that follows it up.
         let mut job: Option<(u64, Signalled, victim::Candidate)> = None;
-        let ranked = self.rank(&cg, limit);
+        let mut ready_for = None;
+        if cfg.policy != Policy::Noop
+            && let Some(r) = self.take_ready(path, overshoot, margin)
+        {
+            let start = Instant::now();
+            if let Ok(sent) = signal_pinned(&r.victim.task, r.fd, &cg.path, &self.deps.memory_mount)
+            {
+                ready_for = Some(start.saturating_duration_since(r.at));
+                job = Some(self.signalled(path, &mut d, &r.victim, sent, start, woke));
+            }
+            // Not signalled (it died, left, or became unkillable): ranked afresh below.
+        }
+        let ranked = if job.is_some() {
+            Vec::new()
+        } else {
+            self.rank(&cg, limit)
+        };
         let any = !ranked.is_empty();
         let helping: Vec<&victim::Candidate> = ranked
             .iter()
             .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot, margin))
             .collect();
-        if any && helping.is_empty() {
+        if job.is_some() {
+            // Signalled from the victim made ready before the crossing.
+        } else if any && helping.is_empty() {
             d.action = Action::NoHelp;
             let best = ranked
                 .iter()
@@ -150,27 +173,7 @@ impl Guard {
                 }
                 match sent {
                     Ok(sent) => {
-                        let t = start + Duration::from_micros(sent.signal_us()) - woke;
-                        d.wake_to_kill_us = Some(t.as_micros() as u64);
-                        d.action = Action::Kill;
-                        self.stats.kills.fetch_add(1, Ordering::Relaxed);
-                        // Its exit wakes the guard: the pidfd becomes readable.
-                        let fd = sent.pidfd().and_then(|fd| fd.try_clone().ok());
-                        let token = fd
-                            .as_ref()
-                            .and_then(|fd| self.register(fd, path, Kind::Victim));
-                        let seq = self.reg.next_seq();
-                        self.reg.set_victim(
-                            path,
-                            Pending {
-                                pid: c.task.pid,
-                                fd,
-                                token,
-                                since: start,
-                                seq,
-                            },
-                        );
-                        job = Some((seq, sent, (*c).clone()));
+                        job = Some(self.signalled(path, &mut d, c, sent, start, woke));
                         break;
                     }
                     Err(outcome) => {
@@ -219,8 +222,81 @@ impl Guard {
                 cgroup: cg,
                 decision: Box::new(d),
                 timeout: cfg.kill_timeout,
+                ready_for,
             }),
             None => self.deps.reporter.send(d),
+        }
+    }
+
+    /// Records a signalled victim: the cgroup acts (waits) until it is gone; its pidfd, in
+    /// the epoll set, wakes the guard when it exits.
+    fn signalled(
+        &mut self,
+        path: &Path,
+        d: &mut Decision,
+        c: &victim::Candidate,
+        sent: Signalled,
+        start: Instant,
+        woke: Instant,
+    ) -> (u64, Signalled, victim::Candidate) {
+        let t = start + Duration::from_micros(sent.signal_us()) - woke;
+        d.wake_to_kill_us = Some(t.as_micros() as u64);
+        d.action = Action::Kill;
+        if d.proccgroup.is_empty() {
+            d.proccgroup = c.task.cgroup.display().to_string();
+        }
+        self.stats.kills.fetch_add(1, Ordering::Relaxed);
+        let fd = sent.pidfd().and_then(|fd| fd.try_clone().ok());
+        let token = fd
+            .as_ref()
+            .and_then(|fd| self.register(fd, path, Kind::Victim));
+        let seq = self.reg.next_seq();
+        self.reg.set_victim(
+            path,
+            Pending {
+                pid: c.task.pid,
+                fd,
+                token,
+                since: start,
+                seq,
+            },
+        );
+        (seq, sent, c.clone())
+    }
+
+    /// The victim made ready before the crossing, if it is fresh and its death can help.
+    fn take_ready(&mut self, path: &Path, overshoot: u64, margin: u64) -> Option<Ready> {
+        let r = self.reg.entries.get_mut(path)?.ready.take()?;
+        (r.at.elapsed() < READY_FRESH
+            && decide::can_help(r.victim.task.freeable_bytes(), overshoot, margin))
+        .then_some(r)
+    }
+
+    /// Ranks a cgroup's candidates and pins the best one that can still be killed, ahead of
+    /// its crossing, unless what is ready is fresh. Costs what the crossing then saves: the
+    /// task listing, `/proc` (or the score map) and `pidfd_open`.
+    pub(super) fn prepare(&mut self, path: &Path) {
+        let Some(e) = self.reg.entries.get(path) else {
+            return;
+        };
+        if self.deps.config.policy == Policy::Noop
+            || e.left_alone
+            || e.victim.is_some()
+            || e.ready
+                .as_ref()
+                .is_some_and(|r| r.at.elapsed() < READY_REFRESH)
+        {
+            return;
+        }
+        let cg = e.armed.cgroup.clone();
+        let ranked = self.rank(&cg, e.armed.thresholds.limit);
+        let at = Instant::now();
+        let ready = ranked.into_iter().take(MAX_KILL_ATTEMPTS).find_map(|c| {
+            let fd = pin(&c.task, &cg.path, &self.deps.memory_mount)?;
+            Some(Ready { at, victim: c, fd })
+        });
+        if let Some(e) = self.reg.entries.get_mut(path) {
+            e.ready = ready;
         }
     }
 

@@ -173,6 +173,10 @@ impl Guard {
                 _ => {}
             }
         }
+        if matches!(step, Step::Watch | Step::Held | Step::Reclaimable { .. }) {
+            // Near the limit without a kill yet: keep the victim of the next crossing ready.
+            self.prepare(path);
+        }
         match step {
             Step::Idle
             | Step::Watch

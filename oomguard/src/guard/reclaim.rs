@@ -21,15 +21,22 @@ impl Guard {
         if let Some(fd) = &e.armed.reclaim_fd {
             drain(fd);
         }
-        let Some(reclaimer) = &self.deps.reclaimer else {
-            return;
-        };
         let usage = match e.armed.cgroup.usage() {
             Ok(u) => u,
             Err(_) => return,
         };
-        if usage < e.armed.thresholds.reclaim
-            || e.reclaiming.load(Ordering::Acquire)
+        if usage < e.armed.thresholds.reclaim {
+            return;
+        }
+        // The kill threshold may be next: its victim is chosen and pinned now.
+        self.prepare(path);
+        let Some(e) = self.reg.entries.get_mut(path) else {
+            return;
+        };
+        let Some(reclaimer) = &self.deps.reclaimer else {
+            return;
+        };
+        if e.reclaiming.load(Ordering::Acquire)
             || e.last_reclaim.is_some_and(|t| t.elapsed() < interval)
         {
             return;

@@ -14,6 +14,7 @@ use super::{Armed, Guard, Kind};
 use crate::policy::State;
 use crate::report::Killed;
 use crate::threshold::Thresholds;
+use crate::victim::Candidate;
 
 /// A kill in progress ("acting"): no other victim in its subtree until it is over. A
 /// signalled task is over when it exits, when `process_mrelease` reaped it (its worker
@@ -34,6 +35,14 @@ impl Pending {
     pub fn is_container(&self) -> bool {
         self.pid == 0
     }
+}
+
+/// A victim ranked and pinned ahead of the crossing (at the reclaim threshold, or while a
+/// cgroup sits near its limit), so the crossing costs a usage read and a signal.
+pub(super) struct Ready {
+    pub at: Instant,
+    pub victim: Candidate,
+    pub fd: OwnedFd,
 }
 
 pub(super) struct Entry {
@@ -69,6 +78,8 @@ pub(super) struct Entry {
     /// The container policy found no container here (why, for the record): the process
     /// policy acts on the next decision.
     pub no_container: Option<String>,
+    /// The process policy's next victim, ready (trusted for `READY_FRESH`).
+    pub ready: Option<Ready>,
     /// The band below the kill threshold that ends an episode.
     pub hysteresis: u64,
     /// `memory.oom_kill_disable=1` when armed: a user-space OOM handler owns the cgroup
@@ -98,6 +109,7 @@ impl Entry {
             victim: None,
             acting_unreclaimable: 0,
             no_container: None,
+            ready: None,
             hysteresis,
             left_alone: false,
             flat: false,

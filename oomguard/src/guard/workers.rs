@@ -46,6 +46,8 @@ pub(super) enum Job {
         cgroup: MemCgroup,
         decision: Box<Decision>,
         timeout: Duration,
+        /// How long before the crossing the victim was made ready (`None`: ranked at it).
+        ready_for: Option<Duration>,
     },
     /// The container policy for a pressing cgroup: choose the container, kill it through
     /// the runtime or directly, report.
@@ -214,6 +216,7 @@ fn run(ctx: &Context, job: Job) -> Done {
             cgroup,
             mut decision,
             timeout,
+            ready_for,
         } => {
             let (outcome, _fd) = confirm(sent, timeout);
             // Reaped by process_mrelease: its memory is back even before it exits.
@@ -228,6 +231,10 @@ fn run(ctx: &Context, job: Job) -> Done {
             decision.killed.push(Killed::new(&victim, Some(outcome)));
             if let Ok(after) = cgroup.usage() {
                 decision.detail = format!("usage after the kill: {after}");
+            }
+            if let Some(t) = ready_for {
+                let ms = t.as_millis();
+                decision.detail += &format!("; victim ready {ms} ms before the crossing");
             }
             ctx.reporter.send(*decision);
             let result = if gone { Result::Gone } else { Result::Stuck };

@@ -346,10 +346,18 @@ mod tests {
     use super::*;
     use crate::victim::read_task;
 
-    fn own_cgroup() -> (std::path::PathBuf, std::path::PathBuf) {
+    /// The v1 memory mount and our own cgroup in it (`None`, said, on a node without one).
+    fn v1_scope() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         let mount = std::path::PathBuf::from(crate::cgroup::DEFAULT_MEMORY_ROOT);
         let cg = crate::cgroup::cgroup_of_pid(&mount, "self").unwrap();
-        (mount, cg.path)
+        if !cg.path.exists() {
+            eprintln!(
+                "skipped: no cgroup v1 memory hierarchy at {}",
+                mount.display()
+            );
+            return None;
+        }
+        Some((mount, cg.path))
     }
 
     #[test]
@@ -361,14 +369,9 @@ mod tests {
 
     #[test]
     fn kills_a_child_and_confirms_the_exit() {
-        let (mount, scope) = own_cgroup();
-        if !scope.exists() {
-            eprintln!(
-                "skipped: no cgroup v1 memory hierarchy at {}",
-                mount.display()
-            );
+        let Some((mount, scope)) = v1_scope() else {
             return;
-        }
+        };
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let task = read_task(child.id() as i32, &scope).unwrap();
         let out = kill_task(&task, &scope, &mount, Duration::from_secs(2));
@@ -380,14 +383,9 @@ mod tests {
 
     #[test]
     fn refuses_a_recycled_pid_and_a_task_outside_the_scope() {
-        let (mount, scope) = own_cgroup();
-        if !scope.exists() {
-            eprintln!(
-                "skipped: no cgroup v1 memory hierarchy at {}",
-                mount.display()
-            );
+        let Some((mount, scope)) = v1_scope() else {
             return;
-        }
+        };
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let mut task = read_task(child.id() as i32, &scope).unwrap();
         let outside = scope.join("not-an-ancestor");
@@ -406,14 +404,9 @@ mod tests {
 
     #[test]
     fn a_pinned_task_is_signalled_only_while_it_lives_inside_the_scope() {
-        let (mount, scope) = own_cgroup();
-        if !scope.exists() {
-            eprintln!(
-                "skipped: no cgroup v1 memory hierarchy at {}",
-                mount.display()
-            );
+        let Some((mount, scope)) = v1_scope() else {
             return;
-        }
+        };
         let mut dead = Command::new("sleep").arg("30").spawn().unwrap();
         let task = read_task(dead.id() as i32, &scope).unwrap();
         let fd = pin(&task, &scope, &mount).expect("pin a live child");

@@ -293,6 +293,18 @@ impl Frozen {
         Some(Frozen { path })
     }
 
+    /// A freezer cgroup, or the skip said (a failure where every feature is required).
+    fn or_skip() -> Option<Frozen> {
+        let f = Frozen::new();
+        if f.is_none() {
+            if std::env::var_os(REQUIRE_ENV).is_some() {
+                panic!("required feature missing: no cgroup v1 freezer");
+            }
+            skipped("no cgroup v1 freezer hierarchy");
+        }
+        f
+    }
+
     fn add(&self, pid: u32) {
         std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
     }
@@ -336,11 +348,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
         return;
     }
     let _serial = serial();
-    let Some(freezer) = Frozen::new() else {
-        if std::env::var_os(REQUIRE_ENV).is_some() {
-            panic!("required feature missing: no cgroup v1 freezer");
-        }
-        skipped("no cgroup v1 freezer hierarchy");
+    let Some(freezer) = Frozen::or_skip() else {
         return;
     };
     let sb = sandbox("degraded-stuck", 128 * M);
@@ -424,11 +432,7 @@ fn a_stuck_victim_delays_no_other_cgroup() {
         return;
     }
     let _serial = serial();
-    let Some(freezer) = Frozen::new() else {
-        if std::env::var_os(REQUIRE_ENV).is_some() {
-            panic!("required feature missing: no cgroup v1 freezer");
-        }
-        skipped("no cgroup v1 freezer hierarchy");
+    let Some(freezer) = Frozen::or_skip() else {
         return;
     };
     let sb = oomguard::sandbox::Sandbox::new("degraded-neighbour").expect("make a sandbox");

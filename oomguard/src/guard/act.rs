@@ -279,7 +279,11 @@ impl Guard {
         let Some(e) = self.reg.entries.get(path) else {
             return;
         };
-        if self.deps.config.policy == Policy::Noop
+        let policy = self.deps.config.policy;
+        // The container policy kills through the runtime (a worker identifies the
+        // container); the process policy's victim is ranked at the crossing there.
+        if policy == Policy::Noop
+            || (policy == Policy::Container && self.deps.runtime.is_some())
             || e.left_alone
             || e.victim.is_some()
             || e.ready

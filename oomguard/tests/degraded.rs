@@ -305,6 +305,25 @@ impl Frozen {
         f
     }
 
+    /// A 70 MiB task in `cg`, frozen (the kernel shows it in D state, like one stuck in
+    /// the kernel), and a task growing `grow` more at 20 MiB/s to push `cg` over.
+    fn stuck_hog(
+        &self,
+        cg: &oomguard::cgroup::MemCgroup,
+        grow: &str,
+    ) -> (std::process::Child, std::process::Child) {
+        let big = hog(cg, &["--total", "70M"]);
+        wait_rss(&big, 70 * M, Duration::from_secs(10));
+        self.add(big.id());
+        self.set("FROZEN");
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", big.id())).unwrap();
+        let state = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next();
+        assert_eq!(state, Some("D"), "{stat}");
+        (big, hog(cg, &["--rate", "20M", "--total", grow]))
+    }
+
     fn add(&self, pid: u32) {
         std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
     }
@@ -373,17 +392,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
             .wait_armed(sb.path(), Duration::from_secs(10))
             .is_some()
     );
-    let mut big = hog(&sb.cg, &["--total", "70M"]);
-    wait_rss(&big, 70 * M, Duration::from_secs(10));
-    freezer.add(big.id());
-    freezer.set("FROZEN");
-    // The kernel reports a frozen task as uninterruptible (D), like one stuck in the kernel.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", big.id())).unwrap();
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    assert_eq!(state, Some("D"), "{stat}");
-    let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "60M"]);
+    let (mut big, mut grower) = freezer.stuck_hog(&sb.cg, "60M");
     let d = agent
         .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
         .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
@@ -474,12 +483,8 @@ fn a_stuck_victim_delays_no_other_cgroup() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut big = hog(&stuck, &["--total", "70M"]);
-    wait_rss(&big, 70 * M, Duration::from_secs(10));
-    freezer.add(big.id());
-    freezer.set("FROZEN");
     // 70 + 52 MiB: over the 115.2 MiB threshold, under the 128 MiB limit.
-    let mut grower = hog(&stuck, &["--rate", "20M", "--total", "52M"]);
+    let (mut big, mut grower) = freezer.stuck_hog(&stuck, "52M");
     let deadline = std::time::Instant::now() + oomguard::sandbox::patience(wait);
     while !sigkill_pending(big.id()) {
         assert!(

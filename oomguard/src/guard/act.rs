@@ -66,24 +66,37 @@ impl Guard {
             }
             return;
         }
-        let Some(e) = self.reg.entries.get(path) else {
+        let Some(e) = self.reg.entries.get_mut(path) else {
             return;
         };
         let cg = e.armed.cgroup.clone();
         let limit = e.armed.thresholds.limit;
         let margin = e.armed.thresholds.margin;
         let hard = decide::unreclaimable(usage, stats.reclaimable_cache());
+        let container_detail = e.no_container.take();
+        let by_runtime = cfg.policy == Policy::Container
+            && container_detail.is_none()
+            && self.deps.runtime.is_some();
+        // The victim made ready before the crossing is signalled first: the record (its
+        // timestamp, its strings) is written after.
+        let mut early = None;
+        if cfg.policy != Policy::Noop
+            && !by_runtime
+            && let Some(r) = self.take_ready(path, overshoot, margin)
+        {
+            let start = Instant::now();
+            let mount = &self.deps.memory_mount;
+            if let Ok(sent) = signal_pinned(&r.victim.task, r.fd, &cg.path, mount) {
+                early = Some((start, sent, r.victim, start.saturating_duration_since(r.at)));
+            }
+            // Not signalled (it died, left, or became unkillable): ranked afresh below.
+        }
+        let Some(e) = self.reg.entries.get(path) else {
+            return;
+        };
         let mut d = self.decision(e, Action::NoCandidate, usage, stats);
         d.signal = signal;
-        let container_detail = self
-            .reg
-            .entries
-            .get_mut(path)
-            .and_then(|e| e.no_container.take());
-        if cfg.policy == Policy::Container
-            && container_detail.is_none()
-            && self.deps.runtime.is_some()
-        {
+        if by_runtime {
             // Identifying the container and the runtime's kill may take hundreds of ms: a
             // worker does both, the cgroup acting until it answers.
             let seq = self.reg.next_seq();
@@ -121,16 +134,9 @@ impl Guard {
         // The signalled victim, for the worker that follows it up.
         let mut job: Option<(u64, Signalled, victim::Candidate)> = None;
         let mut ready_for = None;
-        if cfg.policy != Policy::Noop
-            && let Some(r) = self.take_ready(path, overshoot, margin)
-        {
-            let start = Instant::now();
-            if let Ok(sent) = signal_pinned(&r.victim.task, r.fd, &cg.path, &self.deps.memory_mount)
-            {
-                ready_for = Some(start.saturating_duration_since(r.at));
-                job = Some(self.signalled(path, &mut d, &r.victim, sent, start, woke));
-            }
-            // Not signalled (it died, left, or became unkillable): ranked afresh below.
+        if let Some((start, sent, victim, age)) = early {
+            ready_for = Some(age);
+            job = Some(self.signalled(path, &mut d, &victim, sent, start, woke));
         }
         let ranked = if job.is_some() {
             Vec::new()

@@ -61,12 +61,20 @@ impl Outcome {
 }
 
 /// Is the process behind `pid` still the `task` that was scored (same start time), still
-/// killable (`oom_score_adj` not -1000) and inside `scope`?
-fn still_eligible(task: &Task, scope: &Path, memory_mount: &Path) -> Result<(), String> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
-        .map_err(|_| "process gone".to_string())?;
-    if parse_start_time(&stat) != Some(task.start_time) {
-        return Err(format!("pid {} was recycled", task.pid));
+/// killable (`oom_score_adj` not -1000) and inside `scope`? `pinned`: a pidfd checked
+/// before names it, so its start time need not be read again.
+fn still_eligible(
+    task: &Task,
+    scope: &Path,
+    memory_mount: &Path,
+    pinned: bool,
+) -> Result<(), String> {
+    if !pinned {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
+            .map_err(|_| "process gone".to_string())?;
+        if parse_start_time(&stat) != Some(task.start_time) {
+            return Err(format!("pid {} was recycled", task.pid));
+        }
     }
     let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", task.pid))
         .map_err(|_| "process gone".to_string())?;
@@ -129,57 +137,148 @@ pub fn kill_task_pinned(
     memory_mount: &Path,
     timeout: Duration,
 ) -> (Outcome, Option<OwnedFd>) {
+    match signal_task(task, scope, memory_mount) {
+        Ok(sent) => confirm(sent, timeout),
+        Err(outcome) => (outcome, None),
+    }
+}
+
+/// A task SIGKILLed by [`signal_task`], not yet confirmed gone.
+#[derive(Debug)]
+pub struct Signalled {
+    pid: i32,
+    start_time: u64,
+    /// `None` on the `kill(2)` path (no pidfds).
+    fd: Option<OwnedFd>,
+    start: Instant,
+    signal_us: u64,
+}
+
+impl Signalled {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The victim's pidfd: readable once it has exited.
+    pub fn pidfd(&self) -> Option<&OwnedFd> {
+        self.fd.as_ref()
+    }
+
+    /// Microseconds from the start of the attempt to the signal.
+    pub fn signal_us(&self) -> u64 {
+        self.signal_us
+    }
+}
+
+/// The kill's first half, all the kill threshold waits for: pin the process (pidfd), check
+/// it is still the scored task inside `scope`, and SIGKILL it. The outcome when no signal
+/// was sent (refused, gone, failed).
+pub fn signal_task(task: &Task, scope: &Path, memory_mount: &Path) -> Result<Signalled, Outcome> {
     let start = Instant::now();
     let Some(pid) = Pid::from_raw(task.pid) else {
         let reason = "pid 0".into();
-        return (Outcome::Refused { reason }, None);
+        return Err(Outcome::Refused { reason });
     };
-    match pidfd_open(pid, PidfdFlags::empty()) {
-        Ok(fd) => {
-            // The pidfd names one process for good (a recycled pid number cannot redirect it):
-            // if the start time still matches now, the signal reaches the task that was scored.
-            if let Err(reason) = still_eligible(task, scope, memory_mount) {
-                return (Outcome::Refused { reason }, None);
-            }
-            match pidfd_send_signal(&fd, Signal::KILL) {
-                Ok(()) => {}
-                Err(Errno::SRCH) => return (Outcome::Gone, None),
-                Err(e) => {
-                    let errno = e.raw_os_error();
-                    return (Outcome::Failed { errno }, None);
-                }
-            }
-            let signal_us = start.elapsed().as_micros() as u64;
-            let mreleased = process_mrelease(&fd);
-            if wait_pidfd(&fd, timeout) {
-                let exit_us = start.elapsed().as_micros() as u64;
-                let out = Outcome::Exited {
-                    mreleased,
-                    pidfd: true,
-                    signal_us,
-                    exit_us,
-                };
-                (out, None)
-            } else {
-                let out = Outcome::Stuck {
-                    mreleased,
-                    pidfd: true,
-                    signal_us,
-                };
-                (out, Some(fd))
-            }
-        }
-        Err(Errno::SRCH) => (Outcome::Gone, None),
+    let fd = match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(Errno::SRCH) => return Err(Outcome::Gone),
         // ENOSYS: a kernel before 5.3. EPERM/EACCES: pidfd_open checks no permission, so
         // this is a seccomp profile or an LSM denying the call; kill(2) still works.
-        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => (
-            kill_without_pidfd(task, pid, scope, memory_mount, timeout, start),
-            None,
-        ),
+        Err(Errno::NOSYS | Errno::PERM | Errno::ACCESS) => None,
         Err(e) => {
             let errno = e.raw_os_error();
-            (Outcome::Failed { errno }, None)
+            return Err(Outcome::Failed { errno });
         }
+    };
+    // A pidfd names one process for good (a recycled pid number cannot redirect it): if
+    // the start time still matches now, the signal reaches the task that was scored.
+    // Without one, the check and kill(2) are as close together as the 3.10 path allows.
+    still_eligible(task, scope, memory_mount, false)
+        .map_err(|reason| Outcome::Refused { reason })?;
+    send(task, pid, fd, start)
+}
+
+/// Pins `task` ahead of a kill (at the reclaim threshold): its pidfd, once checked to name
+/// the scored task, killable, inside `scope`. `None` where pidfds don't exist.
+pub fn pin(task: &Task, scope: &Path, memory_mount: &Path) -> Option<OwnedFd> {
+    let fd = pidfd_open(Pid::from_raw(task.pid)?, PidfdFlags::empty()).ok()?;
+    still_eligible(task, scope, memory_mount, false).ok()?;
+    Some(fd)
+}
+
+/// [`signal_task`] for a task [`pin`]ned before: its pidfd may name a process that has
+/// died since (then readable: nothing is signalled), and the task may have left `scope` or
+/// become unkillable (checked again, without the start time the pidfd stands for).
+pub fn signal_pinned(
+    task: &Task,
+    fd: OwnedFd,
+    scope: &Path,
+    memory_mount: &Path,
+) -> Result<Signalled, Outcome> {
+    let start = Instant::now();
+    let pid = Pid::from_raw(task.pid).ok_or(Outcome::Gone)?;
+    if pidfd_exited(&fd) {
+        return Err(Outcome::Gone);
+    }
+    still_eligible(task, scope, memory_mount, true)
+        .map_err(|reason| Outcome::Refused { reason })?;
+    send(task, pid, Some(fd), start)
+}
+
+fn send(task: &Task, pid: Pid, fd: Option<OwnedFd>, start: Instant) -> Result<Signalled, Outcome> {
+    let sent = match &fd {
+        Some(fd) => pidfd_send_signal(fd, Signal::KILL),
+        None => kill_process(pid, Signal::KILL),
+    };
+    match sent {
+        Ok(()) => Ok(Signalled {
+            pid: task.pid,
+            start_time: task.start_time,
+            fd,
+            start,
+            signal_us: start.elapsed().as_micros() as u64,
+        }),
+        Err(Errno::SRCH) => Err(Outcome::Gone),
+        Err(e) => Err(Outcome::Failed {
+            errno: e.raw_os_error(),
+        }),
+    }
+}
+
+/// The kill's second half, off the kill threshold's path: `process_mrelease` to reap the
+/// victim's memory at once, then wait up to `timeout` for its exit. The pidfd comes back
+/// with [`Outcome::Stuck`], for the caller to wait on.
+pub fn confirm(sent: Signalled, timeout: Duration) -> (Outcome, Option<OwnedFd>) {
+    let Signalled {
+        pid,
+        start_time,
+        fd,
+        start,
+        signal_us,
+    } = sent;
+    let Some(fd) = fd else {
+        return (
+            wait_without_pidfd(pid, start_time, start, signal_us, timeout),
+            None,
+        );
+    };
+    let mreleased = process_mrelease(&fd);
+    if wait_pidfd(&fd, timeout.saturating_sub(start.elapsed())) {
+        let exit_us = start.elapsed().as_micros() as u64;
+        let out = Outcome::Exited {
+            mreleased,
+            pidfd: true,
+            signal_us,
+            exit_us,
+        };
+        (out, None)
+    } else {
+        let out = Outcome::Stuck {
+            mreleased,
+            pidfd: true,
+            signal_us,
+        };
+        (out, Some(fd))
     }
 }
 
@@ -188,35 +287,21 @@ pub fn pidfd_exited(fd: &OwnedFd) -> bool {
     wait_pidfd(fd, Duration::ZERO)
 }
 
-/// The 3.10 path: check, `kill(2)`, and poll `/proc` for the exit.
-fn kill_without_pidfd(
-    task: &Task,
-    pid: Pid,
-    scope: &Path,
-    memory_mount: &Path,
-    timeout: Duration,
+/// The 3.10 path's confirmation: poll `/proc` for the exit.
+fn wait_without_pidfd(
+    pid: i32,
+    start_time: u64,
     start: Instant,
+    signal_us: u64,
+    timeout: Duration,
 ) -> Outcome {
-    if let Err(reason) = still_eligible(task, scope, memory_mount) {
-        return Outcome::Refused { reason };
-    }
-    match kill_process(pid, Signal::KILL) {
-        Ok(()) => {}
-        Err(Errno::SRCH) => return Outcome::Gone,
-        Err(e) => {
-            return Outcome::Failed {
-                errno: e.raw_os_error(),
-            };
-        }
-    }
-    let signal_us = start.elapsed().as_micros() as u64;
     let deadline = start + timeout;
     while Instant::now() < deadline {
-        let same = std::fs::read_to_string(format!("/proc/{}/stat", task.pid))
+        let same = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| parse_start_time(&s))
-            == Some(task.start_time);
-        let zombie = crate::victim::read_task(task.pid, Path::new("")).is_none_or(|t| t.exiting);
+            == Some(start_time);
+        let zombie = crate::victim::read_task(pid, Path::new("")).is_none_or(|t| t.exiting);
         if !same || zombie {
             return Outcome::Exited {
                 mreleased: false,
@@ -261,10 +346,18 @@ mod tests {
     use super::*;
     use crate::victim::read_task;
 
-    fn own_cgroup() -> (std::path::PathBuf, std::path::PathBuf) {
+    /// The v1 memory mount and our own cgroup in it (`None`, said, on a node without one).
+    fn v1_scope() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         let mount = std::path::PathBuf::from(crate::cgroup::DEFAULT_MEMORY_ROOT);
         let cg = crate::cgroup::cgroup_of_pid(&mount, "self").unwrap();
-        (mount, cg.path)
+        if !cg.path.exists() {
+            eprintln!(
+                "skipped: no cgroup v1 memory hierarchy at {}",
+                mount.display()
+            );
+            return None;
+        }
+        Some((mount, cg.path))
     }
 
     #[test]
@@ -276,14 +369,9 @@ mod tests {
 
     #[test]
     fn kills_a_child_and_confirms_the_exit() {
-        let (mount, scope) = own_cgroup();
-        if !scope.exists() {
-            eprintln!(
-                "skipped: no cgroup v1 memory hierarchy at {}",
-                mount.display()
-            );
+        let Some((mount, scope)) = v1_scope() else {
             return;
-        }
+        };
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let task = read_task(child.id() as i32, &scope).unwrap();
         let out = kill_task(&task, &scope, &mount, Duration::from_secs(2));
@@ -295,14 +383,9 @@ mod tests {
 
     #[test]
     fn refuses_a_recycled_pid_and_a_task_outside_the_scope() {
-        let (mount, scope) = own_cgroup();
-        if !scope.exists() {
-            eprintln!(
-                "skipped: no cgroup v1 memory hierarchy at {}",
-                mount.display()
-            );
+        let Some((mount, scope)) = v1_scope() else {
             return;
-        }
+        };
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let mut task = read_task(child.id() as i32, &scope).unwrap();
         let outside = scope.join("not-an-ancestor");
@@ -317,5 +400,40 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_pinned_task_is_signalled_only_while_it_lives_inside_the_scope() {
+        let Some((mount, scope)) = v1_scope() else {
+            return;
+        };
+        let mut dead = Command::new("sleep").arg("30").spawn().unwrap();
+        let task = read_task(dead.id() as i32, &scope).unwrap();
+        let fd = pin(&task, &scope, &mount).expect("pin a live child");
+        dead.kill().unwrap();
+        dead.wait().unwrap();
+        let out = signal_pinned(&task, fd, &scope, &mount).map(|s| s.pid());
+        assert_eq!(
+            out.unwrap_err(),
+            Outcome::Gone,
+            "its pidfd names a dead process"
+        );
+
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let task = read_task(child.id() as i32, &scope).unwrap();
+        let fd = pin(&task, &scope, &mount).unwrap();
+        let outside = scope.join("not-an-ancestor");
+        let out = signal_pinned(&task, fd, &outside, &mount).map(|s| s.pid());
+        assert!(matches!(out, Err(Outcome::Refused { .. })), "{out:?}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child must still run"
+        );
+        let fd = pin(&task, &scope, &mount).unwrap();
+        let sent = signal_pinned(&task, fd, &scope, &mount).unwrap();
+        let (out, _) = confirm(sent, Duration::from_secs(2));
+        assert!(out.took_effect(), "{out:?}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 }

@@ -10,7 +10,9 @@
 //! - [`cgroup`]: memory cgroup files, v1 and v2 behind one interface; the node's layout.
 //! - [`threshold`]: margin and threshold math; arming through `cgroup.event_control`.
 //! - [`discovery`]: the walk, inotify and periodic rescan that feed the guard.
-//! - [`guard`]: the real-time loop that wakes on threshold eventfds and acts.
+//! - [`guard`]: the real-time loop that wakes on threshold eventfds, decides and signals;
+//!   its kill workers do the rest of each kill.
+//! - [`counters`]: the guard's counters, shared with [`metrics`].
 //! - [`headroom`]: the cgroup v2 fallback signals (`memory.events`, PSI, adaptive polling).
 //! - [`reclaim`]: background `memory.force_empty` (v2: `memory.reclaim`), bounded in time.
 //! - [`victim`]: scoring tasks with the kernel's `oom_badness` rule.
@@ -42,6 +44,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod decide;
 pub mod discovery;
 pub mod events;

@@ -19,9 +19,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::counters::{GuardCounters, GuardStats};
 use crate::events::EventSink;
-use crate::guard::GuardStats;
-use crate::reclaim::ReclaimResult;
 use crate::report::{Action, Decision};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,47 +53,6 @@ const KILL_SERIES: [(&str, &str); 5] = [
     ("process", "failed"),
     ("noop", "dry_run"),
 ];
-
-/// The counters the guard thread bumps, resolved once: no lock on the real-time path.
-#[derive(Clone, Debug)]
-pub struct GuardCounters {
-    pub kill_signal_eventfd: Counter,
-    pub kill_signal_ebpf: Counter,
-    /// The cgroup v2 fallback watcher (polling, `memory.events`, PSI).
-    pub kill_signal_fallback: Counter,
-    pub reclaim_signal_eventfd: Counter,
-    pub reclaim_signal_ebpf: Counter,
-    pub reclaim_signal_fallback: Counter,
-    pub skip_cache: Counter,
-    pub skip_cooldown: Counter,
-    pub skip_protected: Counter,
-    reclaim_done: Counter,
-    reclaim_timed_out: Counter,
-    reclaim_failed: Counter,
-    reclaim_seconds: Histogram,
-}
-
-impl GuardCounters {
-    /// A `force_empty` run ended (called on the reclaim worker).
-    pub fn reclaimed(&self, res: &ReclaimResult) {
-        let took = match res {
-            ReclaimResult::Done { took, .. } => {
-                self.reclaim_done.inc();
-                took
-            }
-            ReclaimResult::TimedOut { took, .. } => {
-                self.reclaim_timed_out.inc();
-                took
-            }
-            ReclaimResult::Failed { took, .. } => {
-                self.reclaim_failed.inc();
-                took
-            }
-            ReclaimResult::Unsupported => return,
-        };
-        self.reclaim_seconds.observe(took.as_secs_f64());
-    }
-}
 
 /// Where scraped values come from, set once the parts exist.
 #[derive(Debug, Default)]
@@ -615,7 +573,7 @@ mod tests {
         let g = m.guard_counters();
         g.kill_signal_ebpf.inc();
         g.skip_cooldown.inc();
-        g.reclaimed(&ReclaimResult::TimedOut {
+        g.reclaimed(&crate::reclaim::ReclaimResult::TimedOut {
             freed: 0,
             took: Duration::from_millis(20),
         });

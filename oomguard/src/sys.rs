@@ -69,6 +69,19 @@ pub fn set_realtime(priority: u8) -> io::Result<()> {
     }
 }
 
+/// Normal scheduling (`SCHED_OTHER`) for the calling thread: helpers made by the real-time
+/// thread inherit its policy otherwise.
+pub fn set_normal() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; param is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The scheduling policy of the calling thread (for tests and reports).
 pub fn current_policy() -> i32 {
     // SAFETY: pid 0 is the calling thread.

@@ -273,6 +273,34 @@ impl Frozen {
         Some(Frozen { path })
     }
 
+    /// A freezer cgroup, or the skip said (a failure where every feature is required).
+    fn or_skip() -> Option<Frozen> {
+        let f = Frozen::new();
+        if f.is_none() {
+            require(Some("no cgroup v1 freezer hierarchy".into()));
+        }
+        f
+    }
+
+    /// A 70 MiB task in `cg`, frozen (the kernel shows it in D state, like one stuck in
+    /// the kernel), and a task growing `grow` more at 20 MiB/s to push `cg` over.
+    fn stuck_hog(
+        &self,
+        cg: &oomguard::cgroup::MemCgroup,
+        grow: &str,
+    ) -> (std::process::Child, std::process::Child) {
+        let big = hog(cg, &["--total", "70M"]);
+        wait_rss(&big, 70 * M, Duration::from_secs(10));
+        self.add(big.id());
+        self.set("FROZEN");
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", big.id())).unwrap();
+        let state = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next();
+        assert_eq!(state, Some("D"), "{stat}");
+        (big, hog(cg, &["--rate", "20M", "--total", grow]))
+    }
+
     fn add(&self, pid: u32) {
         std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
     }
@@ -316,8 +344,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
         return;
     }
     let _serial = serial();
-    let Some(freezer) = Frozen::new() else {
-        require(Some("no cgroup v1 freezer hierarchy".into()));
+    let Some(freezer) = Frozen::or_skip() else {
         return;
     };
     let sb = sandbox("degraded-stuck", 128 * M);
@@ -342,17 +369,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
             .wait_armed(sb.path(), Duration::from_secs(10))
             .is_some()
     );
-    let mut big = hog(&sb.cg, &["--total", "70M"]);
-    wait_rss(&big, 70 * M, Duration::from_secs(10));
-    freezer.add(big.id());
-    freezer.set("FROZEN");
-    // The kernel reports a frozen task as uninterruptible (D), like one stuck in the kernel.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", big.id())).unwrap();
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    assert_eq!(state, Some("D"), "{stat}");
-    let mut grower = hog(&sb.cg, &["--rate", "20M", "--total", "60M"]);
+    let (mut big, mut grower) = freezer.stuck_hog(&sb.cg, "60M");
     let d = agent
         .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")
         .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
@@ -372,6 +389,118 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
     eprintln!("a D-state victim, and no second kill while it is stuck: {k:?}");
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
     // Thawed, the first victim dies of its pending SIGKILL.
+    freezer.set("THAWED");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut big,
+        Duration::from_secs(5)
+    )));
+    let _ = grower.kill();
+    let _ = grower.wait();
+}
+
+/// Whether `pid` has SIGKILL pending (signalled, not yet dead).
+fn sigkill_pending(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("ShdPnd:"))
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
+}
+
+/// A victim that does not die holds its own cgroup only: everything after the signal
+/// (reaping, the wait for its exit) runs off the guard thread, so a second cgroup's hog
+/// crossing meanwhile is killed before the kernel's OOM killer, long before the stuck
+/// victim's wait (`--kill-timeout-ms`) is over.
+#[test]
+fn a_stuck_victim_delays_no_other_cgroup() {
+    if !kernel_ready() {
+        return;
+    }
+    let _serial = serial();
+    let Some(freezer) = Frozen::or_skip() else {
+        return;
+    };
+    let sb = oomguard_dev::sandbox::Sandbox::new("degraded-neighbour").expect("make a sandbox");
+    let stuck = sb.child("stuck").unwrap();
+    let other = sb.child("other").unwrap();
+    stuck.set_limit(128 * M).unwrap();
+    other.set_limit(128 * M).unwrap();
+    let root = sb.path().display().to_string();
+    let wait = Duration::from_secs(20);
+    let agent = agent_denied(
+        &root,
+        &pins("neighbour"),
+        &[
+            "--mode",
+            "eventfd",
+            "--policy",
+            "process",
+            "--margin-ratio",
+            "0.1",
+            "--kill-timeout-ms",
+            "20000",
+        ],
+        &[(libc::SYS_process_mrelease, libc::ENOSYS)],
+    );
+    // Armed in either order: look through every record, not the unconsumed ones.
+    let deadline = std::time::Instant::now() + oomguard_dev::sandbox::patience(wait);
+    let armed = |cg: &oomguard::cgroup::MemCgroup| {
+        let want = cg.path.display().to_string();
+        agent
+            .records()
+            .iter()
+            .any(|v| v["message"] == "armed" && v["cgroup"].as_str() == Some(want.as_str()))
+    };
+    while !(armed(&stuck) && armed(&other)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not armed: {:#?}",
+            agent.records()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 70 + 52 MiB: over the 115.2 MiB threshold, under the 128 MiB limit.
+    let (mut big, mut grower) = freezer.stuck_hog(&stuck, "52M");
+    let deadline = std::time::Instant::now() + oomguard_dev::sandbox::patience(wait);
+    while !sigkill_pending(big.id()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frozen hog was never signalled; log: {:#?}",
+            agent.records()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The stuck victim's wait now runs for 20 s; the other cgroup's hog reaches the
+    // kernel's limit about 1.3 s after it starts.
+    let mut fast = hog(&other, &["--rate", "100M", "--total", "200M"]);
+    let d = agent
+        .wait_for(wait, |v| {
+            v["message"] == "decision" && v["action"] == "kill"
+        })
+        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
+    let want = other.path.display().to_string();
+    assert_eq!(
+        d["oomcgroup"].as_str(),
+        Some(want.as_str()),
+        "the neighbour's kill is reported first (the stuck one's after its wait): {d:#}"
+    );
+    let k = killed(&d);
+    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(fast.id())), "{d:#}");
+    assert!(killed_by_sigkill(wait_exit(
+        &mut fast,
+        Duration::from_secs(5)
+    )));
+    assert_eq!(
+        other.subtree_oom_kills(),
+        0,
+        "the kernel had to kill: {d:#}"
+    );
+    assert_eq!(stuck.subtree_oom_kills(), 0);
+    eprintln!(
+        "neighbour killed {} us after its wake-up while a victim was stuck ({})",
+        d["wake_to_kill_us"], d["detail"]
+    );
     freezer.set("THAWED");
     assert!(killed_by_sigkill(wait_exit(
         &mut big,

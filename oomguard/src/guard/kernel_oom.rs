@@ -122,9 +122,9 @@ impl Guard {
         (self.reg.at_or_above(v), victim_cg)
     }
 
-    /// Drains the ring now, keeping victims and putting every other record in the backlog:
-    /// `mark_victim` runs before the kernel counts the kill, so after a count was read this
-    /// finds its victim.
+    /// Drains the ring now, keeping victims and putting every other record in the backlog.
+    /// The kernel counts a kill before `mark_victim` fires, so a victim can still be on its
+    /// way: the report then waits for it ([`VICTIM_WAIT`]).
     pub(super) fn collect_victims(&mut self) {
         let mut records = Vec::new();
         if let Some(bpf) = &mut self.deps.ebpf {
@@ -139,7 +139,23 @@ impl Guard {
         }
     }
 
+    /// Whether the kernel's victims are named by eBPF records (`mark_victim` attached).
+    fn victims_named(&self) -> bool {
+        self.deps.ebpf.as_ref().is_some_and(|bpf| {
+            bpf.programs()
+                .iter()
+                .any(|p| p.program == "mark_victim" && p.wanted())
+        })
+    }
+
+    /// Whether `path` waits on the kernel: an OOM notification whose kill is not counted
+    /// yet, or a counted kill whose report waits for its victim's record.
+    pub(super) fn oom_waiting(e: &super::registry::Entry) -> bool {
+        e.oom_pending_until.is_some() || e.oom_report.is_some()
+    }
+
     pub(super) fn oom_signal(&mut self, path: &Path) {
+        let named = self.victims_named();
         let Some(e) = self.reg.entries.get_mut(path) else {
             return;
         };
@@ -147,19 +163,31 @@ impl Guard {
             drain(fd);
         }
         let total = e.armed.cgroup.subtree_oom_kills();
-        let new = match counted(total, e.oom_kills_seen, e.oom_pending_until, Instant::now()) {
-            Counted::New(n) => n,
-            Counted::NotYet { look_until } => {
-                e.oom_pending_until = look_until;
-                return;
+        let now = Instant::now();
+        match counted(total, e.oom_kills_seen, e.oom_pending_until, now) {
+            Counted::New(n) => {
+                e.oom_pending_until = None;
+                e.oom_kills_seen = total;
+                e.oom_report = Some(held(e.oom_report, n, total, now));
+                self.collect_victims();
             }
-        };
-        e.oom_pending_until = None;
-        e.oom_kills_seen = total;
-        self.collect_victims();
+            Counted::NotYet { look_until } => {
+                if e.oom_report.is_none() {
+                    e.oom_pending_until = look_until;
+                    return;
+                }
+            }
+        }
         let Some(e) = self.reg.entries.get_mut(path) else {
             return;
         };
+        let Some(report) = e.oom_report else {
+            return;
+        };
+        if !report_now(&report, !e.kernel_victims.is_empty(), named, now) {
+            return;
+        }
+        e.oom_report = None;
         let usage = e.armed.cgroup.usage().unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let victims = take_victims(&mut self.reg, path);
@@ -169,11 +197,50 @@ impl Guard {
         }
         d.killed = victims;
         d.detail = format!(
-            "the kernel OOM killer killed {new} task(s) in this cgroup's subtree \
-             (oom_kill total {total})"
+            "the kernel OOM killer killed {} task(s) in this cgroup's subtree \
+             (oom_kill total {})",
+            report.new, report.total
         );
         self.deps.reporter.send(d);
     }
+}
+
+/// Kernel kills counted in a subtree, waiting for their victims' records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldReport {
+    /// Kills since the last report.
+    pub new: u64,
+    /// The subtree's `oom_kill` counter when last read.
+    pub total: u64,
+    /// When the first of them was counted.
+    pub since: Instant,
+}
+
+/// How long a counted kill's report waits for its victim's `mark_victim` record. The kernel
+/// counts the kill, sends SIGKILL, then marks the victim: microseconds apart on a node, but
+/// a busy or emulated CPU can put the agent's read of the counter in between.
+const VICTIM_WAIT: Duration = Duration::from_millis(500);
+
+/// `n` more kills counted (total `total`) on top of what `before` held.
+fn held(before: Option<HeldReport>, n: u64, total: u64, now: Instant) -> HeldReport {
+    match before {
+        Some(h) => HeldReport {
+            new: h.new + n,
+            total,
+            since: h.since,
+        },
+        None => HeldReport {
+            new: n,
+            total,
+            since: now,
+        },
+    }
+}
+
+/// Whether a held report goes out now: its victims are in, no record will name them
+/// (`mark_victim` not attached), or it waited [`VICTIM_WAIT`].
+fn report_now(report: &HeldReport, have_victims: bool, named: bool, now: Instant) -> bool {
+    have_victims || !named || now >= report.since + VICTIM_WAIT
 }
 
 #[cfg(test)]
@@ -251,6 +318,30 @@ mod tests {
         stash(&mut r, &side, &b);
         assert_eq!(pids(take_victims(&mut r, Path::new("/m/pod"))), [1, 2]);
         assert!(take_victims(&mut r, Path::new("/m/pod/ctr")).is_empty());
+    }
+
+    #[test]
+    fn a_counted_kill_waits_a_little_for_its_victims_record() {
+        let t0 = Instant::now();
+        let first = held(None, 1, 5, t0);
+        assert_eq!((first.new, first.total, first.since), (1, 5, t0));
+        let later = t0 + Duration::from_millis(10);
+        let second = held(Some(first), 2, 7, later);
+        assert_eq!(
+            (second.new, second.total, second.since),
+            (3, 7, t0),
+            "kills counted while waiting are added; the wait runs from the first"
+        );
+        assert!(!report_now(&first, false, true, later), "record not in yet");
+        assert!(report_now(&first, true, true, later), "victim named");
+        assert!(
+            report_now(&first, false, false, later),
+            "no mark_victim here"
+        );
+        assert!(
+            report_now(&first, false, true, t0 + VICTIM_WAIT),
+            "waited long enough: reported unnamed"
+        );
     }
 
     #[test]

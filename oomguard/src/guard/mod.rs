@@ -328,11 +328,7 @@ impl Guard {
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
             let next_check = self.reg.next_check();
-            let oom_pending = self
-                .reg
-                .entries
-                .values()
-                .any(|e| e.oom_pending_until.is_some());
+            let oom_pending = self.reg.entries.values().any(Guard::oom_waiting);
             let interval = self.deps.config.guard_interval;
             // The tick also feeds the health watchdog: turn four times per --watchdog-ms when
             // idle (every 2.5 s by default), so an idle agent barely wakes up.
@@ -417,7 +413,7 @@ impl Guard {
                     .reg
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.oom_pending_until.is_some())
+                    .filter(|(_, e)| Guard::oom_waiting(e))
                     .map(|(p, _)| p.clone())
                     .collect();
                 for p in pending {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::kernel_oom::HeldReport;
 use super::{Armed, Guard, Kind};
 use crate::policy::State;
 use crate::report::Killed;
@@ -56,6 +57,9 @@ pub(super) struct Entry {
     pub oom_kills_seen: u64,
     /// The OOM eventfd fired before the kernel counted its kill: look again until then.
     pub oom_pending_until: Option<Instant>,
+    /// Kernel kills counted but not reported yet: the kernel counts a kill before its
+    /// `mark_victim` tracepoint fires, so the report waits a little for the victim's record.
+    pub oom_report: Option<HeldReport>,
     /// The kernel's victims in this subtree as the eBPF `mark_victim` program saw them, not
     /// yet in a report.
     pub kernel_victims: Vec<Killed>,
@@ -101,6 +105,7 @@ impl Entry {
             tokens: Vec::new(),
             oom_kills_seen: 0,
             oom_pending_until: None,
+            oom_report: None,
             kernel_victims: Vec::new(),
             usage_unreadable: false,
             watch_until: None,

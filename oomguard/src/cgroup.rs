@@ -422,13 +422,29 @@ impl MemStat {
     /// swap to be reclaimed. Which hierarchy wrote the file is told by its keys: v1 always
     /// has the `total_` ones, v2 never.
     pub fn reclaimable_cache(&self) -> u64 {
-        let prefix = if self.iter().any(|(k, _)| k.starts_with("total_")) {
+        let prefix = self.hierarchical_prefix();
+        self.get(&format!("{prefix}inactive_file"))
+            .saturating_add(self.get(&format!("{prefix}active_file")))
+    }
+
+    /// Anonymous memory of this cgroup and its descendants (what killing every task in it
+    /// gives back, besides page tables): v1 `total_rss`, v2 `anon`.
+    pub fn anon(&self) -> u64 {
+        if self.hierarchical_prefix().is_empty() {
+            self.get("anon")
+        } else {
+            self.get("total_rss")
+        }
+    }
+
+    /// The prefix of the hierarchical keys: `total_` in v1's file, none in v2's (whose
+    /// keys are all hierarchical).
+    fn hierarchical_prefix(&self) -> &'static str {
+        if self.iter().any(|(k, _)| k.starts_with("total_")) {
             "total_"
         } else {
             ""
-        };
-        self.get(&format!("{prefix}inactive_file"))
-            .saturating_add(self.get(&format!("{prefix}active_file")))
+        }
     }
 }
 
@@ -522,6 +538,7 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
         assert_eq!(s.get("nonexistent"), 0);
         assert_eq!(s.reclaimable_cache(), 1048576 + 1040384);
         assert!(s.reclaimable_cache() < s.get("total_cache"));
+        assert_eq!(s.anon(), 8 << 20, "v1: total_rss");
         assert_eq!(s.iter().count(), 17);
     }
 
@@ -532,6 +549,7 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
              inactive_file 1048576\nunevictable 0\n",
         );
         assert_eq!(s.reclaimable_cache(), 2 << 20);
+        assert_eq!(s.anon(), 8 << 20, "v2: anon (there is no total_rss)");
     }
 
     #[test]

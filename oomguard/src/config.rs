@@ -94,8 +94,8 @@ pub struct RunArgs {
     /// subtree may act again (the kernel's OOM reaper gives up on a task after about 1 s).
     #[arg(long, default_value_t = 1000)]
     pub cooldown_ms: u64,
-    /// How long (ms) the kill waits for its victim's exit before the guard goes on (and waits
-    /// for the exit through the victim's pidfd).
+    /// How long (ms) a kill worker waits for its victim's exit before it reports the victim as
+    /// stuck (the guard thread never waits: it keeps the cgroup acting until the exit).
     #[arg(long, default_value_t = 500)]
     pub kill_timeout_ms: u64,
     /// Bound (ms) on one background memory.force_empty.
@@ -136,7 +136,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
     /// /healthz fails when the guard loop has not turned for this long (ms). Idle, it turns
-    /// four times in this window; a kill can hold it for up to 8 x --kill-timeout-ms.
+    /// four times in this window; kills wait on workers, never on it.
     #[arg(long, default_value_t = 10_000)]
     pub watchdog_ms: u64,
     /// Do not watch the hierarchy with inotify (one watch per cgroup; fs.inotify.max_user_watches

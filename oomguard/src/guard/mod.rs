@@ -457,6 +457,8 @@ impl Guard {
             } => {
                 if let Some(e) = self.reg.entries.get_mut(&path) {
                     e.watch_until = Some(at + WATCH_WINDOW);
+                    // A crossing, as from an eventfd or an eBPF record: the episode opens.
+                    e.state.crossed();
                 }
                 self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                 if let Some(m) = &self.deps.metrics {

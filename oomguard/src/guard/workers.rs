@@ -297,7 +297,7 @@ fn container(
     // stay charged to the pod).
     let freeable = MemCgroup::new(&target.cgroup)
         .stat()
-        .map(|s| s.get("total_rss"))
+        .map(|s| s.anon())
         .unwrap_or(u64::MAX);
     if !crate::decide::can_help(freeable, overshoot, margin) {
         d.action = Action::NoHelp;

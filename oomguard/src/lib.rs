@@ -16,9 +16,15 @@
 //! - [`headroom`]: the cgroup v2 fallback signals (`memory.events`, PSI, adaptive polling).
 //! - [`reclaim`]: background `memory.force_empty` (v2: `memory.reclaim`), bounded in time.
 //! - [`victim`]: scoring tasks with the kernel's `oom_badness` rule.
-//! - [`policy`]: from a threshold signal to a decision (pure).
+//! - [`policy`]: the per-cgroup episode state (crossed, acting, held, cooling down).
+//! - [`decide`]: the decision rule, pure: whether the kernel would have to act, and
+//!   whether a kill can help.
 //! - [`kill`]: pidfd, `process_mrelease`, confirmation, fallback to `kill(2)`.
 //! - [`report`]: decision records and their rendering.
+//! - [`events`]: Kubernetes Events for kills (`OomGuardKillContainer`), retried and bounded.
+//! - [`metrics`]: `/metrics`, `/healthz` and `/readyz`.
+//! - [`runtime`]: the container runtime (containerd over CRI labels) for the container
+//!   policy, its health and the fallback kill of a container's tasks.
 //! - [`sys`]: process-wide setup (real-time priority, `mlockall`, `oom_score_adj`).
 //! - [`bpf`]: loading and attaching the eBPF programs.
 //! - [`state`]: the running agent's view (guarded cgroups, recent events) for the debug CLI.

@@ -204,7 +204,8 @@ impl World {
             "side",
             &["/bin/sleep", "100000"],
         );
-        let up = wait_for(Duration::from_secs(10), || {
+        // Setup, not behaviour: containerd and runc start slowly on a loaded machine.
+        let up = wait_for(Duration::from_secs(60), || {
             (self.procs(&sandbox) == 1 && self.procs(&side) == 1).then_some(())
         });
         assert!(up.is_some(), "the sandbox and the sibling did not start");

@@ -135,8 +135,9 @@ fn start_pod(ctrd: &Containerd, ns: &str, docker_root: Option<&Path>) -> Pod {
         app,
         side,
     };
-    // Wait until the fillers are done (usage settled).
-    let settled = fixture::wait_for(Duration::from_secs(10), || {
+    // Wait until the fillers are done (usage settled). Setup, not behaviour: generous, as
+    // containerd and runc start slowly on a loaded machine (10 s was once too short).
+    let settled = fixture::wait_for(Duration::from_secs(60), || {
         (p.cg(&p.sandbox).usage().unwrap_or(0) >= 32 * M
             && p.cg(&p.app).usage().unwrap_or(0) >= 16 * M
             && p.cg(&p.app).procs().unwrap_or_default().len() >= 3)

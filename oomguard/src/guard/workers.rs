@@ -230,7 +230,11 @@ fn run(ctx: &Context, job: Job) -> Done {
             );
             decision.killed.push(Killed::new(&victim, Some(outcome)));
             if let Ok(after) = cgroup.usage() {
-                decision.detail = format!("usage after the kill: {after}");
+                // Kept: why the process policy acted (e.g. no container was found).
+                if !decision.detail.is_empty() {
+                    decision.detail += "; ";
+                }
+                decision.detail += &format!("usage after the kill: {after}");
             }
             if let Some(t) = ready_for {
                 let ms = t.as_millis();

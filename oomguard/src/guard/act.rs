@@ -195,7 +195,13 @@ impl Guard {
                 }
             }
         }
-        if d.action == Action::NoCandidate {
+        let exited = d.killed.iter().any(|k| k.outcome == Some(Outcome::Gone));
+        if d.action == Action::NoCandidate && exited {
+            // Like the kernel, which picks no new victim while one is exiting.
+            d.detail = "the chosen task exited before the signal: its memory is coming back, \
+                        so no other task is chosen"
+                .into();
+        } else if d.action == Action::NoCandidate {
             if let Some(m) = &self.deps.metrics {
                 m.skip_protected.inc();
             }

@@ -5,15 +5,16 @@
 //! - [`labels`]: CRI labels and docker's `config.v2.json` → pod, container name, sandbox or not.
 //! - [`choose`]: which container of a pod to kill (the rule is documented there), pure.
 //! - [`RuntimeClient`]: a blocking facade over containerd (two endpoints: docker's, namespace
-//!   `moby`, and containerd's, namespace `k8s.io`) for the guard thread, which is not a tokio
-//!   thread. It owns a small current-thread tokio runtime on its own thread; every blocking
+//!   `moby`, and containerd's, namespace `k8s.io`) for the guard's kill workers, which are
+//!   not tokio threads. It owns a small current-thread tokio runtime on its own thread; every blocking
 //!   call returns within its timeout whatever the socket does (missing, refusing, hung).
 //! - [`fallback`]: killing a container cgroup's tasks directly when containerd cannot do it.
 //! - [`health`]: an endpoint that hung or refused is marked unhealthy for a back-off and
 //!   not asked again until a background probe gets an answer, so only the first kill of an
 //!   outage pays the runtime's budgets; the transitions are logged once each.
 //!
-//! The guard thread's worst case per kill: when an endpoint starts to hang, one kill waits
+//! A kill worker's worst case per kill (the guard thread never waits on the runtime; the
+//! cgroup is "acting" meanwhile): when an endpoint starts to hang, one kill waits
 //! at most the plan budget (250 ms) plus the kill RPC budget (500 ms), each with a 20 ms
 //! backstop; every kill after it, until a probe gets an answer, waits on no runtime at all
 //! (one mutex lookup), and goes to the fallback.
@@ -262,7 +263,7 @@ struct Inner {
     /// Logged that no endpoint's socket is present (until one is).
     none_present: AtomicBool,
     stats: RuntimeStats,
-    /// The client thread's runtime, for probes started from the guard thread.
+    /// The client thread's runtime, for probes started from the guard's threads.
     handle: tokio::runtime::Handle,
 }
 
@@ -402,8 +403,8 @@ impl RuntimeClient {
         hint: RuntimeHint,
         timeout: Duration,
     ) -> Result<ContainerInfo, RuntimeError> {
-        // Cached, or nobody to ask: answered here. The guard thread is SCHED_FIFO and the
-        // client thread is not; on a busy node a round trip to it can cost 100 ms.
+        // Cached, or nobody to ask: answered here, without a round trip to the client
+        // thread, which can cost 100 ms on a busy node.
         if let Some(known) = self.inner.known(id, hint).transpose() {
             return known;
         }

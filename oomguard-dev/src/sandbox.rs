@@ -238,6 +238,32 @@ impl Agent {
             .collect()
     }
 
+    /// What woke each decision so far, in order ("eventfd", "ebpf", "recheck", ...). An
+    /// episode is often decided on a re-check that an eventfd or eBPF wake-up scheduled, so
+    /// a test of the signal looks at every decision, not only the kill's.
+    pub fn wake_signals(&self) -> Vec<String> {
+        self.records()
+            .into_iter()
+            .filter(|v| v["message"] == "decision")
+            .filter_map(|v| v["signal"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Asserts that no eBPF record woke the guard and that the kill was woken by an eventfd
+    /// or by the re-check an eventfd wake-up scheduled (a wake-up that finds the cgroup
+    /// still reclaiming or held writes no decision of its own).
+    pub fn assert_woken_by_eventfds_only(&self) {
+        let signals = self.wake_signals();
+        let kill = self.decisions("kill");
+        assert!(
+            !signals.iter().any(|s| s == "ebpf")
+                && kill
+                    .first()
+                    .is_some_and(|d| d["signal"] == "eventfd" || d["signal"] == "recheck"),
+            "wake-ups: {signals:?}"
+        );
+    }
+
     /// Whether the agent process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -217,6 +217,17 @@ impl Agent {
         })
     }
 
+    /// Waits until the agent has armed `cg`, or panics with the agent's log.
+    pub fn expect_armed(&self, cg: &Path, timeout: Duration) -> serde_json::Value {
+        self.wait_armed(cg, timeout).unwrap_or_else(|| {
+            panic!(
+                "{} not armed within {timeout:?}; log: {:#?}",
+                cg.display(),
+                self.records()
+            )
+        })
+    }
+
     /// Every record so far (consumed or not).
     pub fn records(&self) -> Vec<serde_json::Value> {
         self.all.lock().map(|a| a.clone()).unwrap_or_default()

@@ -110,11 +110,7 @@ fn auto_mode_guards_with_eventfds_when_bpf_is_denied() {
         .filter(|v| v["message"] == "eBPF unavailable; guarding with threshold eventfds only")
         .count();
     assert_eq!(warnings, 1, "one warning line, not one per failure");
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(10));
     let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
@@ -153,87 +149,30 @@ fn ebpf_mode_refuses_to_start_when_bpf_is_denied() {
     );
 }
 
-/// The 3.10 syscall surface: no bpf, no pidfds, no process_mrelease. `auto` guards with
-/// eventfds and kills with plain kill(2), still before the kernel.
-#[test]
-fn kernel_3_10_surface_still_guards_with_kill() {
-    let Some(sb) = setup(kernel_ready, "degraded-310", 256 * M) else {
-        return;
-    };
+/// An agent in `mode` (process policy, 10% margin) with `denied` system calls failing,
+/// and a hog at 200 MB/s: the hog must be SIGKILLed by the agent, not by the kernel.
+/// Returns the kill's decision record.
+fn kill_with_calls_denied(
+    tag: &str,
+    mode: &str,
+    denied: &[(i64, i32)],
+) -> Option<serde_json::Value> {
+    let sb = setup(kernel_ready, &format!("degraded-{tag}"), 256 * M)?;
     let root = sb.path().display().to_string();
     let agent = agent_denied(
         &root,
-        &pins("310"),
+        &pins(tag),
         &[
             "--mode",
-            "auto",
+            mode,
             "--policy",
             "process",
             "--margin-ratio",
             "0.1",
         ],
-        &[
-            (libc::SYS_bpf, libc::ENOSYS),
-            (libc::SYS_pidfd_open, libc::ENOSYS),
-            (libc::SYS_pidfd_send_signal, libc::ENOSYS),
-            (libc::SYS_process_mrelease, libc::ENOSYS),
-        ],
+        denied,
     );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some(),
-        "not armed; log: {:#?}",
-        agent.records()
-    );
-    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
-    let st = wait_exit(&mut hog, Duration::from_secs(30));
-    assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
-    let d = agent
-        .wait_for(Duration::from_secs(5), |v| v["action"] == "kill")
-        .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
-    let k = killed(&d);
-    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
-    assert_eq!(
-        k[0]["pidfd"], false,
-        "without pidfds the kill is kill(2): {d:#}"
-    );
-    assert_eq!(k[0]["mreleased"], false);
-    assert_eq!(sb.cg.subtree_oom_kills(), 0);
-}
-
-/// A seccomp profile that denies the pidfd calls with EPERM (as container runtimes' default
-/// profiles did before they knew them) on a kernel that has them: the kill falls back to
-/// kill(2) as on 3.10, instead of failing.
-#[test]
-fn pidfd_denied_by_seccomp_falls_back_to_kill() {
-    let Some(sb) = setup(kernel_ready, "degraded-pidfd-eperm", 256 * M) else {
-        return;
-    };
-    let root = sb.path().display().to_string();
-    let agent = agent_denied(
-        &root,
-        &pins("pidfd-eperm"),
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-        ],
-        &[
-            (libc::SYS_pidfd_open, libc::EPERM),
-            (libc::SYS_pidfd_send_signal, libc::EPERM),
-        ],
-    );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some(),
-        "not armed; log: {:#?}",
-        agent.records()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(10));
     let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
     let st = wait_exit(&mut hog, Duration::from_secs(30));
     assert!(killed_by_sigkill(st), "memhog ended with {st:?}");
@@ -243,10 +182,55 @@ fn pidfd_denied_by_seccomp_falls_back_to_kill() {
         })
         .unwrap_or_else(|| panic!("no kill; log: {:#?}", agent.records()));
     assert_eq!(d["action"], "kill", "{d:#}");
-    let k = killed(&d);
-    assert_eq!(k[0]["pid"].as_u64(), Some(u64::from(hog.id())));
-    assert_eq!(k[0]["pidfd"], false, "the kill must be kill(2): {d:#}");
+    assert_eq!(killed(&d)[0]["pid"].as_u64(), Some(u64::from(hog.id())));
     assert_eq!(sb.cg.subtree_oom_kills(), 0);
+    Some(d)
+}
+
+/// The 3.10 syscall surface: no bpf, no pidfds, no process_mrelease. `auto` guards with
+/// eventfds and kills with plain kill(2), still before the kernel.
+#[test]
+fn kernel_3_10_surface_still_guards_with_kill() {
+    let Some(d) = kill_with_calls_denied(
+        "310",
+        "auto",
+        &[
+            (libc::SYS_bpf, libc::ENOSYS),
+            (libc::SYS_pidfd_open, libc::ENOSYS),
+            (libc::SYS_pidfd_send_signal, libc::ENOSYS),
+            (libc::SYS_process_mrelease, libc::ENOSYS),
+        ],
+    ) else {
+        return;
+    };
+    let k = killed(&d);
+    assert_eq!(
+        k[0]["pidfd"], false,
+        "without pidfds the kill is kill(2): {d:#}"
+    );
+    assert_eq!(k[0]["mreleased"], false);
+}
+
+/// A seccomp profile that denies the pidfd calls with EPERM (as container runtimes' default
+/// profiles did before they knew them) on a kernel that has them: the kill falls back to
+/// kill(2) as on 3.10, instead of failing.
+#[test]
+fn pidfd_denied_by_seccomp_falls_back_to_kill() {
+    let Some(d) = kill_with_calls_denied(
+        "pidfd-eperm",
+        "eventfd",
+        &[
+            (libc::SYS_pidfd_open, libc::EPERM),
+            (libc::SYS_pidfd_send_signal, libc::EPERM),
+        ],
+    ) else {
+        return;
+    };
+    assert_eq!(
+        killed(&d)[0]["pidfd"],
+        false,
+        "the kill must be kill(2): {d:#}"
+    );
 }
 
 /// A cgroup v1 freezer cgroup beneath our own: its tasks sleep uninterruptibly
@@ -364,11 +348,7 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
         ],
         &[(libc::SYS_process_mrelease, libc::ENOSYS)],
     );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(10));
     let (mut big, mut grower) = freezer.stuck_hog(&sb.cg, "60M");
     let d = agent
         .wait_for(Duration::from_secs(20), |v| v["action"] == "kill")

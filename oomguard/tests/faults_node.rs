@@ -170,6 +170,27 @@ fn agent_with(
     unsafe { launch(root).pins(tag).args(args).pre_exec(hook) }.spawn()
 }
 
+/// [`agent_with`] in `mode` with the process policy and a 10% margin (most tests here),
+/// then `extra`.
+fn process_agent(
+    root: &Path,
+    tag: &str,
+    mode: &str,
+    extra: &[&str],
+    hook: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Agent {
+    let mut args = vec![
+        "--mode",
+        mode,
+        "--policy",
+        "process",
+        "--margin-ratio",
+        "0.1",
+    ];
+    args.extend_from_slice(extra);
+    agent_with(root, tag, &args, hook)
+}
+
 /// Drops capabilities from the bounding set: root gets at exec only what is left in it.
 fn drop_caps(caps: &[i32]) -> std::io::Result<()> {
     for &cap in caps {
@@ -324,19 +345,11 @@ fn removing_a_cgroup_above_its_threshold_disarms_it_once_and_siblings_stay_guard
     let other = sb.child("other").unwrap();
     other.set_limit(128 * M).unwrap();
     let park = Sandbox::new("faults-removed-park").unwrap();
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "removed",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--walk-interval",
-            "1",
-        ],
+        "eventfd",
+        &["--walk-interval", "1"],
         || Ok(()),
     );
     for cg in [&doomed, &other] {
@@ -542,19 +555,11 @@ fn a_refused_force_empty_is_reported_once_per_interval_and_kills_go_on() {
         return;
     };
     let prog = write_filter(libc::SECCOMP_RET_ERRNO | libc::EBUSY as u32, Some(1));
-    let mut agent = agent_with(
+    let mut agent = process_agent(
         sb.path(),
         "ebusy",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--reclaim-interval-ms",
-            "600000",
-        ],
+        "eventfd",
+        &["--reclaim-interval-ms", "600000"],
         move || {
             let fprog = libc::sock_fprog {
                 len: prog.len() as u16,
@@ -575,11 +580,7 @@ fn a_refused_force_empty_is_reported_once_per_interval_and_kills_go_on() {
             Ok(())
         },
     );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(10))
-            .is_some()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(10));
     let from = agent.records().len();
     // Three crossings of the reclaim threshold, each ending in a kill.
     for _ in 0..3 {
@@ -644,28 +645,14 @@ fn a_refused_registration_is_logged_once_and_the_sibling_stays_guarded() {
     let sibling = sb.child("sibling").unwrap();
     sibling.set_limit(128 * M).unwrap();
     let mode = ModeGuard::set(refused.file("cgroup.event_control"), 0o000);
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "refused",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--walk-interval",
-            "1",
-        ],
+        "eventfd",
+        &["--walk-interval", "1"],
         || drop_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]),
     );
-    assert!(
-        agent
-            .wait_armed(&sibling.path, Duration::from_secs(10))
-            .is_some(),
-        "{:#?}",
-        agent.records()
-    );
+    agent.expect_armed(&sibling.path, Duration::from_secs(10));
     let warn = seen(&agent, Duration::from_secs(10), |v| {
         is(v, "cannot guard cgroup", &refused.path)
     })
@@ -706,28 +693,14 @@ fn a_refused_oom_notifier_is_logged_and_the_cgroup_is_still_guarded() {
     let cg = sb.child("c").unwrap();
     cg.set_limit(64 * M).unwrap();
     let _mode = ModeGuard::set(cg.file("memory.oom_control"), 0o000);
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "oomctl",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--walk-interval",
-            "1",
-        ],
+        "eventfd",
+        &["--walk-interval", "1"],
         || drop_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]),
     );
-    assert!(
-        agent
-            .wait_armed(&cg.path, Duration::from_secs(10))
-            .is_some(),
-        "{:#?}",
-        agent.records()
-    );
+    agent.expect_armed(&cg.path, Duration::from_secs(10));
     let warn = seen(&agent, Duration::from_secs(5), |v| {
         is(
             v,
@@ -770,26 +743,14 @@ fn an_unreadable_usage_is_logged_once_not_on_every_recheck() {
     let sb = Sandbox::new("faults-unreadable").unwrap();
     let cached = sb.child("cached").unwrap();
     cached.set_limit(64 * M).unwrap();
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "unreadable",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--guard-ms",
-            "50",
-        ],
+        "eventfd",
+        &["--guard-ms", "50"],
         || drop_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]),
     );
-    assert!(
-        agent
-            .wait_armed(&cached.path, Duration::from_secs(10))
-            .is_some()
-    );
+    agent.expect_armed(&cached.path, Duration::from_secs(10));
     let file = TempFile::new("unreadable");
     let mut writer = hog(&cached, &["--file", file.arg(), "--total", "60M"]);
     let want = cached.path.display().to_string();
@@ -898,26 +859,14 @@ fn a_directory_the_walk_cannot_list_does_not_disarm_the_cgroups_beneath_it() {
     let leaf = MemCgroup::new(mid.path.join("leaf"));
     std::fs::create_dir(&leaf.path).unwrap();
     leaf.set_limit(128 * M).unwrap();
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "unlisted",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--walk-interval",
-            "1",
-        ],
+        "eventfd",
+        &["--walk-interval", "1"],
         || drop_caps(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH]),
     );
-    assert!(
-        agent
-            .wait_armed(&leaf.path, Duration::from_secs(10))
-            .is_some()
-    );
+    agent.expect_armed(&leaf.path, Duration::from_secs(10));
     let _mode = ModeGuard::set(mid.path.clone(), 0o111);
     // Two rescans (--walk-interval 1).
     std::thread::sleep(Duration::from_millis(2500));
@@ -1009,26 +958,14 @@ fn ebpf_mode_mounts_missing_tracefs_and_bpffs_itself() {
     let _serial = serial();
     let before = host_pseudo_mounts();
     let sb = sandbox("faults-mount", 256 * M);
-    let mut agent = agent_with(
+    let mut agent = process_agent(
         sb.path(),
         "mount",
-        &[
-            "--mode",
-            "ebpf",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-        ],
+        "ebpf",
+        &[],
         private_ns_without_pseudo_fs(&[]),
     );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(15))
-            .is_some(),
-        "not armed; log: {:#?}",
-        agent.records()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(15));
     let messages: Vec<String> = agent
         .records()
         .iter()
@@ -1073,26 +1010,14 @@ fn auto_mode_falls_back_once_when_it_cannot_mount_tracefs() {
     let _serial = serial();
     let before = host_pseudo_mounts();
     let sb = sandbox("faults-nomount", 256 * M);
-    let agent = agent_with(
+    let agent = process_agent(
         sb.path(),
         "nomount",
-        &[
-            "--mode",
-            "auto",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-        ],
+        "auto",
+        &[],
         private_ns_without_pseudo_fs(&[CAP_SYS_ADMIN]),
     );
-    assert!(
-        agent
-            .wait_armed(sb.path(), Duration::from_secs(15))
-            .is_some(),
-        "not armed; log: {:#?}",
-        agent.records()
-    );
+    agent.expect_armed(sb.path(), Duration::from_secs(15));
     let fallback = "eBPF unavailable; guarding with threshold eventfds only";
     // Every warning or error that mentions eBPF, bpffs or tracefs: the fallback's one.
     let warns: Vec<serde_json::Value> = warnings_since(&agent, 0)
@@ -1164,19 +1089,11 @@ fn at_the_fd_limit_the_agent_guards_what_it_armed_and_arms_the_rest_later() {
             cg
         })
         .collect();
-    let mut agent = agent_with(
+    let mut agent = process_agent(
         sb.path(),
         "nofile",
-        &[
-            "--mode",
-            "eventfd",
-            "--policy",
-            "process",
-            "--margin-ratio",
-            "0.1",
-            "--walk-interval",
-            "1",
-        ],
+        "eventfd",
+        &["--walk-interval", "1"],
         nofile(FD_LIMIT),
     );
     let state = |agent: &Agent| {

@@ -11,7 +11,10 @@
 //! - [`fallback`]: killing a container cgroup's tasks directly when containerd cannot do it.
 //! - [`health`]: an endpoint that hung or refused is marked unhealthy for a back-off and
 //!   not asked again until a background probe gets an answer, so only the first kill of an
-//!   outage pays the runtime's budgets; the transitions are logged once each.
+//!   outage pays the runtime's budgets; the transitions are logged once each (`endpoints`:
+//!   the client's side of it, the notes and the probe).
+//! - `plan`: from the cgroup whose threshold fired to the container to kill
+//!   ([`RuntimeClient::plan_blocking`]).
 //!
 //! A kill worker's worst case per kill (the guard thread never waits on the runtime; the
 //! cgroup is "acting" meanwhile): when an endpoint starts to hang, one kill waits
@@ -21,10 +24,12 @@
 
 pub mod choose;
 mod containerd;
+mod endpoints;
 pub mod fallback;
 pub mod health;
 pub mod labels;
 pub mod layout;
+mod plan;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,11 +43,13 @@ use tonic::transport::Channel;
 
 pub use self::choose::{ChildContainer, choose_container, looks_like_sandbox};
 pub use self::containerd::{Endpoint, K8S_IO, KillAck, MOBY};
+use self::endpoints::{EndpointState, Seen};
 pub use self::fallback::{FallbackKill, FallbackReport, fallback_kill_cgroup_tasks};
+use self::health::MIN_JUDGED;
 pub use self::health::{Backoff, Health};
-use self::health::{MIN_JUDGED, Transition};
 pub use self::labels::{ContainerInfo, ContainerKind, DEFAULT_DOCKER_ROOT, PodRef};
 pub use self::layout::{CgroupRole, Qos, RuntimeHint, parse_cgroup};
+use self::plan::container_children;
 use crate::cgroup::MemCgroup;
 
 /// The longest any single containerd call may take.
@@ -213,46 +220,6 @@ pub struct EndpointStatus {
     pub unhealthy_for: Option<Duration>,
     /// The last failure, while unhealthy.
     pub why: Option<String>,
-}
-
-struct EndpointState {
-    health: Health,
-    /// A probe task is running for this endpoint.
-    probing: bool,
-}
-
-/// What a call's result says about its endpoint.
-enum Seen {
-    Answered,
-    Failed { why: String, timeout: bool },
-    Nothing,
-}
-
-impl Seen {
-    /// `judged`: the call had long enough for a timeout to mean the endpoint is hung.
-    fn of<T>(r: &Result<T, RuntimeError>, judged: bool) -> Seen {
-        match r {
-            Ok(_) | Err(RuntimeError::Rpc { .. }) => Seen::Answered,
-            Err(RuntimeError::Unreachable { socket, source }) => Seen::Failed {
-                // tonic's status carries the OS error in its message; its full chain
-                // repeats it three times.
-                why: format!(
-                    "cannot reach containerd at {}: {}",
-                    socket.display(),
-                    source
-                        .downcast_ref::<tonic::Status>()
-                        .map(|s| s.message().to_string())
-                        .unwrap_or_else(|| crate::error_line(source.as_ref()))
-                ),
-                timeout: false,
-            },
-            Err(e @ RuntimeError::Timeout { .. }) if judged => Seen::Failed {
-                why: e.to_string(),
-                timeout: true,
-            },
-            Err(_) => Seen::Nothing,
-        }
-    }
 }
 
 struct Inner {
@@ -437,203 +404,6 @@ impl RuntimeClient {
                 let _ = tokio::time::timeout(t, inner.resolve(&id, hint, t)).await;
             });
         }
-    }
-
-    /// Chooses the container to kill for a threshold signal on `fired` (see [`choose`] for
-    /// the rule) and asks the runtime what it is, all within `timeout`. When the runtime
-    /// cannot answer, the target is still chosen from the cgroup tree (docker's config file
-    /// and the `pause` rule stand in for the labels) with `info: None`.
-    pub fn plan_blocking(&self, fired: &Path, timeout: Duration) -> Result<Target, RuntimeError> {
-        let start = Instant::now();
-        match parse_cgroup(&fired.to_string_lossy()) {
-            CgroupRole::Container { id, hint, .. } => {
-                let cg = MemCgroup::new(fired);
-                let usage = cg.usage().unwrap_or(0);
-                let (info, runtime_error) = self.identify(&cg, &id, hint, timeout);
-                if info
-                    .as_ref()
-                    .is_some_and(|i| i.kind == ContainerKind::Sandbox)
-                {
-                    return Err(RuntimeError::NoContainer {
-                        cgroup: fired.to_path_buf(),
-                        why: "it is the pod's sandbox (pause) container".into(),
-                    });
-                }
-                Ok(Target {
-                    fired: fired.to_path_buf(),
-                    cgroup: fired.to_path_buf(),
-                    id,
-                    hint,
-                    info,
-                    usage,
-                    reason: "the threshold fired on this container's own cgroup".into(),
-                    runtime_error,
-                })
-            }
-            CgroupRole::Pod { .. } => {
-                let kids = container_children(fired);
-                // What is known without a call (see `resolve_blocking`); only the rest is
-                // asked, on the client thread.
-                let mut known = HashMap::new();
-                let mut first_known_err = None;
-                let mut ids: Vec<(String, RuntimeHint)> = Vec::new();
-                for (_, id, hint) in &kids {
-                    match self.inner.known(id, *hint) {
-                        Ok(Some(info)) => {
-                            known.insert(id.clone(), info);
-                        }
-                        Ok(None) => ids.push((id.clone(), *hint)),
-                        Err(e) => {
-                            first_known_err.get_or_insert(e);
-                        }
-                    }
-                }
-                let inner = self.inner.clone();
-                let left = timeout.saturating_sub(start.elapsed());
-                let resolved = if ids.is_empty() {
-                    Ok((HashMap::new(), None))
-                } else {
-                    self.inner
-                        .stats
-                        .uncached_lookups
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                    self.block("resolve the pod's containers", left, async move {
-                        let mut set = tokio::task::JoinSet::new();
-                        for (id, hint) in ids {
-                            let inner = inner.clone();
-                            set.spawn(async move { inner.resolve(&id, hint, left).await });
-                        }
-                        let mut out = HashMap::new();
-                        let mut first_err = None;
-                        while let Some(r) = set.join_next().await {
-                            match r {
-                                Ok(Ok(info)) => {
-                                    out.insert(info.id.clone(), info);
-                                }
-                                Ok(Err(e)) => {
-                                    first_err.get_or_insert(e);
-                                }
-                                Err(_) => {}
-                            }
-                        }
-                        Ok((out, first_err))
-                    })
-                };
-                // Keep why the runtime could not say (a hung socket's timeout): the record
-                // and the Event must name it, not a later "not known" from the kill.
-                let (mut resolved, runtime_error) = match resolved {
-                    Ok((m, e)) => (m, e.or(first_known_err).map(|e| e.to_string())),
-                    Err(e) => (HashMap::new(), Some(e.to_string())),
-                };
-                resolved.extend(known);
-                let mut infos = HashMap::new();
-                let children: Vec<ChildContainer> = kids
-                    .into_iter()
-                    .map(|(cg, id, hint)| {
-                        let info = resolved
-                            .get(&id)
-                            .cloned()
-                            .or_else(|| self.offline_info(&id, hint));
-                        let kind = match &info {
-                            Some(i) if i.kind != ContainerKind::Unknown => i.kind,
-                            _ if looks_like_sandbox(&comms(&cg)) => ContainerKind::Sandbox,
-                            _ => ContainerKind::Unknown,
-                        };
-                        if let Some(i) = info {
-                            infos.insert(id.clone(), i);
-                        }
-                        ChildContainer {
-                            usage: cg.usage().unwrap_or(0),
-                            tasks: cg.subtree_procs().len(),
-                            cgroup: cg.path,
-                            id,
-                            kind,
-                        }
-                    })
-                    .collect();
-                let Some(victim) = choose_container(&children) else {
-                    return Err(RuntimeError::NoContainer {
-                        cgroup: fired.to_path_buf(),
-                        why: format!(
-                            "none of its {} container cgroup(s) is a running non-sandbox container",
-                            children.len()
-                        ),
-                    });
-                };
-                let hint = parse_cgroup(&victim.cgroup.to_string_lossy());
-                let hint = match hint {
-                    CgroupRole::Container { hint, .. } => hint,
-                    _ => RuntimeHint::Unknown,
-                };
-                let info = infos.remove(&victim.id);
-                let runtime_error = match &info {
-                    Some(i) if !i.namespace.is_empty() => None,
-                    _ => runtime_error,
-                };
-                Ok(Target {
-                    fired: fired.to_path_buf(),
-                    cgroup: victim.cgroup.clone(),
-                    id: victim.id.clone(),
-                    hint,
-                    info,
-                    usage: victim.usage,
-                    reason: format!(
-                        "the pod's container using the most memory ({} bytes) of {} non-sandbox container(s){}",
-                        victim.usage,
-                        children
-                            .iter()
-                            .filter(|c| c.kind != ContainerKind::Sandbox)
-                            .count(),
-                        runtime_error
-                            .as_ref()
-                            .map(|e| format!(" (chosen from the cgroup tree: {e})"))
-                            .unwrap_or_default()
-                    ),
-                    runtime_error,
-                })
-            }
-            CgroupRole::Other => Err(RuntimeError::NoContainer {
-                cgroup: fired.to_path_buf(),
-                why: "its path is neither a pod's nor a container's cgroup".into(),
-            }),
-        }
-    }
-
-    /// What container `id` is, and why the runtime could not say when it could not.
-    fn identify(
-        &self,
-        cg: &MemCgroup,
-        id: &str,
-        hint: RuntimeHint,
-        timeout: Duration,
-    ) -> (Option<ContainerInfo>, Option<String>) {
-        let (info, error) = match self.resolve_blocking(id, hint, timeout) {
-            Ok(i) => (Some(i), None),
-            Err(e) => (self.offline_info(id, hint), Some(e.to_string())),
-        };
-        let info = match info {
-            Some(i) if i.kind != ContainerKind::Unknown => Some(i),
-            other if looks_like_sandbox(&comms(cg)) => Some(ContainerInfo {
-                id: id.to_string(),
-                namespace: other.map(|i| i.namespace).unwrap_or_default(),
-                kind: ContainerKind::Sandbox,
-                pod: None,
-            }),
-            other => other,
-        };
-        (info, error)
-    }
-
-    /// Labels without the runtime: docker's config file, when the layout allows docker.
-    fn offline_info(&self, id: &str, hint: RuntimeHint) -> Option<ContainerInfo> {
-        if hint == RuntimeHint::Containerd {
-            return None;
-        }
-        let labels = labels::read_docker_labels(&self.inner.cfg.docker_root, id).ok()?;
-        let mut info = ContainerInfo::from_labels(id, MOBY, &labels);
-        // Not confirmed by containerd: no namespace to kill through.
-        info.namespace = String::new();
-        Some(info)
     }
 
     /// Kills `target`'s whole container through containerd (`Tasks.Kill`, SIGKILL, all
@@ -936,171 +706,4 @@ impl Inner {
             });
         }
     }
-
-    /// `Some` when endpoint `idx` is marked unhealthy: the call is not made.
-    fn unhealthy(&self, idx: usize) -> Option<RuntimeError> {
-        let eps = self.endpoints.lock().ok()?;
-        match &eps.get(idx)?.health {
-            Health::Healthy => None,
-            Health::Unhealthy { why, .. } => Some(RuntimeError::Unhealthy {
-                socket: self.cfg.endpoints[idx].socket.clone(),
-                why: why.clone(),
-            }),
-        }
-    }
-
-    /// Records what a call to endpoint `idx` showed; logs a change of health once and
-    /// starts the probe of an endpoint that just became unhealthy.
-    fn note(self: &Arc<Self>, idx: usize, seen: Seen) {
-        let now = Instant::now();
-        let why = match &seen {
-            Seen::Failed { why, timeout } => {
-                let counter = if *timeout {
-                    &self.stats.timeouts
-                } else {
-                    &self.stats.unreachable
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                why.clone()
-            }
-            _ => String::new(),
-        };
-        let (transition, start_probe) = {
-            let Ok(mut eps) = self.endpoints.lock() else {
-                return;
-            };
-            let Some(ep) = eps.get_mut(idx) else {
-                return;
-            };
-            match seen {
-                Seen::Nothing => return,
-                Seen::Answered => (ep.health.answered(now), false),
-                Seen::Failed { why, .. } => {
-                    let t = ep.health.failed(now, why, self.cfg.unhealthy);
-                    let start = t.is_some() && !ep.probing;
-                    if start {
-                        ep.probing = true;
-                    }
-                    (t, start)
-                }
-            }
-        };
-        let ep = &self.cfg.endpoints[idx];
-        match transition {
-            Some(Transition::BecameUnhealthy { backoff }) => {
-                self.forget_channel(idx);
-                tracing::warn!(
-                    socket = %ep.socket.display(),
-                    namespace = %ep.namespace,
-                    error = %why,
-                    probe_in_s = backoff.as_secs(),
-                    "containerd endpoint unhealthy: not asked until a background probe gets an answer; container kills go straight to the direct fallback"
-                );
-            }
-            Some(Transition::Recovered { after, failures }) => {
-                tracing::info!(
-                    socket = %ep.socket.display(),
-                    namespace = %ep.namespace,
-                    unhealthy_ms = after.as_millis() as u64,
-                    failures,
-                    "containerd endpoint answers again: container kills go through it"
-                );
-            }
-            None => {}
-        }
-        if start_probe {
-            self.handle.spawn(self.clone().probe(idx));
-        }
-    }
-
-    /// Asks an unhealthy endpoint for its version each time its back-off ends, until it
-    /// answers. Runs on the client thread; the runtime's shutdown ends it.
-    async fn probe(self: Arc<Self>, idx: usize) {
-        loop {
-            let due = {
-                let Ok(mut eps) = self.endpoints.lock() else {
-                    return;
-                };
-                let Some(ep) = eps.get_mut(idx) else {
-                    return;
-                };
-                match ep.health.probe_due() {
-                    Some(due) => due,
-                    None => {
-                        ep.probing = false;
-                        return;
-                    }
-                }
-            };
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-                continue;
-            }
-            self.stats.probes.fetch_add(1, Ordering::Relaxed);
-            let ep = &self.cfg.endpoints[idx];
-            let t = self.cfg.call_timeout;
-            let r = match self.channel(idx) {
-                Ok(ch) => tokio::time::timeout(t, containerd::version(ch, &ep.socket))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(RuntimeError::Timeout {
-                            what: format!("probe at {}", ep.socket.display()),
-                            after: t,
-                        })
-                    }),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(()) | Err(RuntimeError::Rpc { .. }) => self.note(idx, Seen::Answered),
-                Err(e) => {
-                    self.forget_channel(idx);
-                    let why = match Seen::of::<()>(&Err(e), true) {
-                        Seen::Failed { why, .. } => why,
-                        _ => "no answer".into(),
-                    };
-                    let wait = {
-                        let Ok(mut eps) = self.endpoints.lock() else {
-                            return;
-                        };
-                        let Some(s) = eps.get_mut(idx) else {
-                            return;
-                        };
-                        s.health
-                            .probe_failed(Instant::now(), why.clone(), self.cfg.unhealthy)
-                    };
-                    tracing::debug!(
-                        socket = %ep.socket.display(),
-                        error = %why,
-                        next_probe_s = wait.as_secs(),
-                        "containerd endpoint still unhealthy"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// The container cgroups directly beneath a pod cgroup: (cgroup, id, hint).
-fn container_children(pod: &Path) -> Vec<(MemCgroup, String, RuntimeHint)> {
-    MemCgroup::new(pod)
-        .children()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|cg| match parse_cgroup(&cg.path.to_string_lossy()) {
-            CgroupRole::Container { id, hint, .. } => Some((cg, id, hint)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The name and resident bytes of every task in `cg`'s subtree.
-fn comms(cg: &MemCgroup) -> Vec<(String, u64)> {
-    cg.subtree_procs()
-        .into_iter()
-        .filter_map(|(_, pid)| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .map(|text| {
-            let s = crate::victim::parse_status(&text);
-            (s.name, s.rss_bytes)
-        })
-        .collect()
 }

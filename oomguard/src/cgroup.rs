@@ -113,6 +113,14 @@ pub fn read_string(path: &Path) -> Result<String> {
     })
 }
 
+/// Whether a v1 cgroup's `memory.use_hierarchy` (its text; `None`: no such file, as on
+/// v2) says its limit covers only its own tasks, not its children's. Only kernels before
+/// 5.11 let it be 0: since then it reads 1 and refuses 0, so on this project's kernels the
+/// flat case exists only in this function's unit test.
+pub fn hierarchy_off(use_hierarchy: Option<&str>) -> bool {
+    use_hierarchy.is_some_and(|t| t.trim() == "0")
+}
+
 pub fn read_u64(path: &Path) -> Result<u64> {
     let text = read_string(path)?;
     text.trim().parse().map_err(|_| CgroupError::Parse {
@@ -583,6 +591,23 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
     fn reclaimable_cache_of_absurd_numbers_saturates() {
         let s = MemStat::parse("total_inactive_file 18446744073709551615\ntotal_active_file 1\n");
         assert_eq!(s.reclaimable_cache(), u64::MAX);
+    }
+
+    #[test]
+    fn use_hierarchy_zero_means_own_tasks_only() {
+        // Kernels before 5.11 (a 4.19 or 5.4 node): the limit covers only the cgroup's own
+        // tasks. Nothing newer lets the file be 0 and no older kernel is at hand, so this
+        // is tested on the parsed value alone.
+        assert!(hierarchy_off(Some("0\n")));
+        assert!(!hierarchy_off(Some("1\n")));
+        assert!(
+            !hierarchy_off(None),
+            "v2 has no such file: always hierarchical"
+        );
+        assert!(
+            !hierarchy_off(Some("")),
+            "unreadable: the kernel's default, hierarchical"
+        );
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl Discovery {
         let mut todo = vec![MemCgroup::new(dir)];
         while let Some(cg) = todo.pop() {
             self.watch(&cg.path);
+            test_pause(&cg.path, "watched, not yet listed");
             todo.extend(cg.children().unwrap_or_default());
             self.reconcile(&cg);
             let guarded = self.known.contains_key(&cg.path);
@@ -308,13 +309,11 @@ impl Discovery {
             return;
         }
         self.enospc_said = true;
-        let max = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "?".into());
+        let max = max_inotify_watches();
         tracing::warn!(
             unwatched = self.unwatched.len(),
             max_user_watches = %max,
-            "inotify is out of watches (raise fs.inotify.max_user_watches): cgroups made beneath the unwatched directories are found by the rescan every {} s",
+            "inotify is out of watches (raise fs.inotify.max_user_watches, or user.max_inotify_watches in a user namespace): cgroups made beneath the unwatched directories are found by the rescan every {} s",
             self.config.walk_interval.as_secs()
         );
     }
@@ -325,6 +324,7 @@ impl Discovery {
         let t0 = std::time::Instant::now();
         let (all, unlisted) = self.config.root.walk();
         let walked_ms = t0.elapsed().as_millis() as u64;
+        test_pause(&self.config.root.path, "listed, not yet watched");
         for (dir, e) in &unlisted {
             self.fail_once(
                 dir,
@@ -535,6 +535,36 @@ impl Discovery {
     pub fn guarded(&self) -> &HashMap<PathBuf, Known> {
         &self.known
     }
+}
+
+/// The limit on inotify watches that applies to this process: its user namespace's
+/// `user.max_inotify_watches` (a pod with its own user namespace can have a lower one than
+/// the node's `fs.inotify.max_user_watches`, which shows the initial namespace's value
+/// everywhere), else the node's.
+fn max_inotify_watches() -> String {
+    [
+        "/proc/sys/user/max_inotify_watches",
+        "/proc/sys/fs/inotify/max_user_watches",
+    ]
+    .iter()
+    .find_map(|f| std::fs::read_to_string(f).ok())
+    .map_or_else(|| "?".into(), |s| s.trim().to_string())
+}
+
+/// Tests only: `OOMGUARD_TEST_LIST_PAUSE_MS` holds discovery this long between listing a
+/// directory and watching it (a walk), or between watching and listing it (a new cgroup),
+/// so a test can make a cgroup inside that window and check it is still armed at once.
+pub const LIST_PAUSE_ENV: &str = "OOMGUARD_TEST_LIST_PAUSE_MS";
+
+fn test_pause(dir: &Path, what: &str) {
+    let Some(ms) = std::env::var(LIST_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::info!(cgroup = %dir.display(), ms, what, "test pause");
+    std::thread::sleep(std::time::Duration::from_millis(ms));
 }
 
 /// Registering a threshold costs the kernel an RCU grace period in the writer (8 ms alone,

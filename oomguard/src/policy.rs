@@ -48,13 +48,16 @@ pub struct State {
 impl State {
     /// Decides the next step from one fresh reading of `usage`. `busy`: a victim in this
     /// subtree has not exited (or been reaped) yet. `reclaimable_cache` is read only at
-    /// or above the threshold (it costs a `memory.stat` read).
+    /// or above the threshold (it costs a `memory.stat` read); `stat_lag` is how far its
+    /// counters may trail ([`crate::decide::stat_lag`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &mut self,
         now: Instant,
         usage: u64,
         kill_threshold: u64,
         hysteresis: u64,
+        stat_lag: u64,
         busy: bool,
         reclaimable_cache: impl FnOnce() -> u64,
     ) -> Step {
@@ -91,7 +94,7 @@ impl State {
                 crate::decide::growth_rate(before, hard, now.saturating_duration_since(t));
         }
         self.last = Some((now, hard));
-        match pressure(usage, cache, kill_threshold) {
+        match pressure(usage, cache, kill_threshold, stat_lag) {
             Pressure::Below => Step::Watch,
             Pressure::Reclaimable { headroom } => {
                 self.settle = false;
@@ -155,7 +158,7 @@ mod tests {
     const HYST: u64 = M;
 
     fn obs(s: &mut State, usage: u64, cache: u64) -> Step {
-        s.observe(Instant::now(), usage, KILL, HYST, false, || cache)
+        s.observe(Instant::now(), usage, KILL, HYST, 0, false, || cache)
     }
 
     #[test]
@@ -226,7 +229,7 @@ mod tests {
         assert_eq!(obs(&mut s, KILL + 5 * M, 0), Step::Act { overshoot: 5 * M });
         s.acted();
         assert_eq!(
-            s.observe(Instant::now(), KILL + 5 * M, KILL, HYST, true, || 0),
+            s.observe(Instant::now(), KILL + 5 * M, KILL, HYST, 0, true, || 0),
             Step::Waiting,
             "the victim is still exiting"
         );
@@ -260,9 +263,15 @@ mod tests {
         let mut s = State::default();
         assert_eq!(obs(&mut s, KILL + M, 0), Step::Act { overshoot: M });
         s.held(KILL + M);
-        let unread = s.observe(Instant::now(), KILL + M + 4096, KILL, HYST, false, || {
-            panic!("memory.stat read although usage cannot have grown past the floor")
-        });
+        let unread = s.observe(
+            Instant::now(),
+            KILL + M + 4096,
+            KILL,
+            HYST,
+            0,
+            false,
+            || panic!("memory.stat read although usage cannot have grown past the floor"),
+        );
         assert_eq!(unread, Step::Held);
         assert_eq!(obs(&mut s, KILL + 2 * M, 0), Step::Act { overshoot: 2 * M });
     }
@@ -271,12 +280,13 @@ mod tests {
     fn growth_rate_is_measured_on_the_unreclaimable_part() {
         let t0 = Instant::now();
         let mut s = State::default();
-        s.observe(t0, KILL, KILL, HYST, false, || 50 * M);
+        s.observe(t0, KILL, KILL, HYST, 0, false, || 50 * M);
         s.observe(
             t0 + std::time::Duration::from_millis(500),
             KILL,
             KILL,
             HYST,
+            0,
             false,
             || 40 * M,
         );

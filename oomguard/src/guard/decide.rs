@@ -137,9 +137,10 @@ impl Guard {
         }
         let mut stats = None;
         let now = Instant::now();
+        let stat_lag = crate::decide::stat_lag(self.cpus);
         let step = e
             .state
-            .observe(now, usage, th.kill, e.hysteresis, busy, || {
+            .observe(now, usage, th.kill, e.hysteresis, stat_lag, busy, || {
                 let st = cg.stat().unwrap_or_default();
                 let cache = st.reclaimable_cache();
                 stats = Some(st);

@@ -285,8 +285,11 @@ impl Guard {
                 "memory.oom_kill_disable=1: a user-space OOM handler owns this cgroup; the agent leaves it alone"
             );
         }
-        let flat = crate::cgroup::read_u64(&armed.cgroup.file("memory.use_hierarchy"))
-            .is_ok_and(|v| v == 0);
+        let flat = crate::cgroup::hierarchy_off(
+            crate::cgroup::read_string(&armed.cgroup.file("memory.use_hierarchy"))
+                .ok()
+                .as_deref(),
+        );
         let mut tokens = Vec::new();
         if let Some(fd) = &armed.kill_fd {
             tokens.extend(self.register(fd, &path, Kind::Kill));

@@ -614,6 +614,7 @@ fn arm_parallel<R: Send>(
                         d.push(((cg, t), r));
                     }
                 }
+                crate::sys::unlock_own_stack();
             });
             if spawned.is_err() {
                 // Fewer workers only means a slower walk; the ones running drain the queue.

@@ -78,12 +78,23 @@ fn still_eligible(
     }
     let adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", task.pid))
         .map_err(|_| "process gone".to_string())?;
-    if adj.trim() == crate::victim::OOM_SCORE_ADJ_MIN.to_string() {
-        return Err(format!("pid {} became oom_score_adj -1000", task.pid));
-    }
+    killable(task, &adj)?;
     let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", task.pid))
         .map_err(|_| "process gone".to_string())?;
-    let rel = crate::cgroup::memory_cgroup_of(&cg).ok_or("no memory cgroup")?;
+    inside(task, &cg, scope, memory_mount)
+}
+
+/// `oom_score_adj` (the file's text) lets the task be killed.
+fn killable(task: &Task, adj: &str) -> Result<(), String> {
+    if adj.trim().parse::<i32>() == Ok(crate::victim::OOM_SCORE_ADJ_MIN) {
+        return Err(format!("pid {} became oom_score_adj -1000", task.pid));
+    }
+    Ok(())
+}
+
+/// `/proc/PID/cgroup` (the file's text) puts the task inside `scope`.
+fn inside(task: &Task, cg: &str, scope: &Path, memory_mount: &Path) -> Result<(), String> {
+    let rel = crate::cgroup::memory_cgroup_of(cg).ok_or("no memory cgroup")?;
     let abs = if beyond_our_cgroup_namespace(rel) {
         // A private cgroup namespace (cgroup v2 containers get one by default, the
         // DaemonSet's included) shows other cgroups relative to our own, as `/../..`: ask
@@ -198,31 +209,72 @@ pub fn signal_task(task: &Task, scope: &Path, memory_mount: &Path) -> Result<Sig
     send(task, pid, fd, start)
 }
 
+/// A task pinned ahead of its kill: its pidfd, and its `/proc` files the signal's last
+/// check reads, kept open. Opened between `pidfd_open` and the start-time check, they name
+/// the same process as the pidfd (the pid was not recycled while it lived), so at the
+/// crossing the check costs two `pread`s instead of two path walks, opens and closes.
+pub struct Pinned {
+    pub pidfd: OwnedFd,
+    adj: Option<std::fs::File>,
+    cgroup: Option<std::fs::File>,
+}
+
 /// Pins `task` ahead of a kill (at the reclaim threshold): its pidfd, once checked to name
 /// the scored task, killable, inside `scope`. `None` where pidfds don't exist.
-pub fn pin(task: &Task, scope: &Path, memory_mount: &Path) -> Option<OwnedFd> {
-    let fd = pidfd_open(Pid::from_raw(task.pid)?, PidfdFlags::empty()).ok()?;
+pub fn pin(task: &Task, scope: &Path, memory_mount: &Path) -> Option<Pinned> {
+    let pidfd = pidfd_open(Pid::from_raw(task.pid)?, PidfdFlags::empty()).ok()?;
+    let adj = std::fs::File::open(format!("/proc/{}/oom_score_adj", task.pid)).ok();
+    let cgroup = std::fs::File::open(format!("/proc/{}/cgroup", task.pid)).ok();
     still_eligible(task, scope, memory_mount, false).ok()?;
-    Some(fd)
+    Some(Pinned { pidfd, adj, cgroup })
+}
+
+/// Reads a kept `/proc` file afresh (`pread` at 0 regenerates it) into `buf`: `Err` when
+/// the process is gone (reaped: `ESRCH`), `Ok(None)` when not kept or larger than `buf`.
+fn pread_text<'a>(
+    file: Option<&std::fs::File>,
+    buf: &'a mut [u8],
+) -> Result<Option<&'a str>, Outcome> {
+    use std::os::unix::fs::FileExt;
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let n = file.read_at(buf, 0).map_err(|_| Outcome::Gone)?;
+    if n == 0 || n == buf.len() {
+        return Ok(None);
+    }
+    Ok(std::str::from_utf8(&buf[..n]).ok())
 }
 
 /// [`signal_task`] for a task [`pin`]ned before: its pidfd may name a process that has
 /// died since (then readable: nothing is signalled), and the task may have left `scope` or
-/// become unkillable (checked again, without the start time the pidfd stands for).
+/// become unkillable (checked again through its kept `/proc` files, else by pid, without
+/// the start time the pidfd stands for).
 pub fn signal_pinned(
     task: &Task,
-    fd: OwnedFd,
+    pinned: Pinned,
     scope: &Path,
     memory_mount: &Path,
 ) -> Result<Signalled, Outcome> {
     let start = Instant::now();
     let pid = Pid::from_raw(task.pid).ok_or(Outcome::Gone)?;
-    if pidfd_exited(&fd) {
+    if pidfd_exited(&pinned.pidfd) {
         return Err(Outcome::Gone);
     }
-    still_eligible(task, scope, memory_mount, true)
-        .map_err(|reason| Outcome::Refused { reason })?;
-    send(task, pid, Some(fd), start)
+    let mut adj = [0u8; 32];
+    let mut cg = [0u8; 4096];
+    let refused = |reason| Outcome::Refused { reason };
+    match (
+        pread_text(pinned.adj.as_ref(), &mut adj)?,
+        pread_text(pinned.cgroup.as_ref(), &mut cg)?,
+    ) {
+        (Some(adj), Some(cg)) => {
+            killable(task, adj).map_err(refused)?;
+            inside(task, cg, scope, memory_mount).map_err(refused)?;
+        }
+        _ => still_eligible(task, scope, memory_mount, true).map_err(refused)?,
+    }
+    send(task, pid, Some(pinned.pidfd), start)
 }
 
 fn send(task: &Task, pid: Pid, fd: Option<OwnedFd>, start: Instant) -> Result<Signalled, Outcome> {

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
 /// `args` is the command line, parsed once; it is kept so that SIGHUP can lay the flags
 /// file over it again.
 fn run(args: RunArgs) -> ExitCode {
+    sys::limit_malloc_arenas();
     let config = match args.config(&sys::hostname()) {
         Ok(c) => c,
         Err(e) => {
@@ -102,6 +103,7 @@ fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_stack_size(512 * 1024)
+        .on_thread_stop(sys::unlock_own_stack)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

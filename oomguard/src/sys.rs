@@ -27,6 +27,40 @@ pub fn lock_memory() -> io::Result<()> {
     }
 }
 
+/// One malloc arena for the whole process instead of one per thread that allocates
+/// (glibc's default is up to 8 per core): every arena keeps the pages it touched, and
+/// `mlockall` keeps them resident. The guard thread allocates little and the other threads
+/// are mostly idle, so they rarely wait on each other for the allocator. Call it before
+/// any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt takes two integers and only changes the allocator's own parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Unlocks the calling thread's own stack, for a thread about to exit: glibc keeps the
+/// stacks of exited threads for reuse and gives their pages back (`MADV_DONTNEED`) only
+/// where they are not locked, so under `mlockall` every thread that ever ran (a walk's
+/// arming workers, idle kill workers, tokio's blocking threads) would stay resident.
+pub fn unlock_own_stack() {
+    // SAFETY: pthread_getattr_np fills the attr we pass for the calling thread and we
+    // destroy it after; munlock takes an address range and changes no memory.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return;
+        }
+        let mut addr: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 && !addr.is_null() {
+            libc::munlock(addr, size);
+        }
+        libc::pthread_attr_destroy(&mut attr);
+    }
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit: each guarded cgroup holds three
 /// eventfds, and container runtimes often start daemons with a soft limit of 1,024 and a
 /// far higher hard one. Returns `(old, new)` when it raised it.

@@ -305,7 +305,12 @@ impl Guard {
             return;
         }
         let cg = e.armed.cgroup.clone();
-        let ranked = self.rank(&cg, e.armed.thresholds.limit);
+        let limit = e.armed.thresholds.limit;
+        if let Some(e) = self.reg.entries.get_mut(path) {
+            // The crossing reads it next.
+            e.files.keep_stat(&cg);
+        }
+        let ranked = self.rank(&cg, limit);
         let at = Instant::now();
         let ready = ranked.into_iter().take(MAX_KILL_ATTEMPTS).find_map(|c| {
             let fd = pin(&c.task, &cg.path, &self.deps.memory_mount)?;

@@ -111,7 +111,7 @@ impl Guard {
         }
         let cg = e.armed.cgroup.clone();
         let th = e.armed.thresholds;
-        let usage = match cg.usage() {
+        let usage = match e.files.usage(&cg) {
             Ok(u) => u,
             Err(err) if err.is_gone() => {
                 // Removal also signals the eventfd: forget the cgroup.
@@ -141,7 +141,7 @@ impl Guard {
         let step = e
             .state
             .observe(now, usage, th.kill, e.hysteresis, stat_lag, busy, || {
-                let st = cg.stat().unwrap_or_default();
+                let st = e.files.stat(&cg).unwrap_or_default();
                 let cache = st.reclaimable_cache();
                 stats = Some(st);
                 cache

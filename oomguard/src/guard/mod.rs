@@ -13,6 +13,7 @@
 
 mod act;
 mod decide;
+mod files;
 mod kernel_oom;
 mod reclaim;
 mod registry;
@@ -189,6 +190,20 @@ enum Kind {
     Victim,
 }
 
+impl Kind {
+    /// The order a batch of wake-ups is handled in (lowest first).
+    fn urgency(self) -> u8 {
+        match self {
+            Kind::Kill | Kind::Ring => 0,
+            Kind::Victim => 1,
+            Kind::Oom => 2,
+            Kind::Wake => 3,
+            Kind::Reclaim => 4,
+            Kind::BpfLog => 5,
+        }
+    }
+}
+
 /// How long a kill-eventfd wake-up keeps a cgroup under watch.
 const WATCH_WINDOW: Duration = Duration::from_secs(1);
 /// At most one evaluation per cgroup per this from eBPF at-limit records.
@@ -356,7 +371,11 @@ impl Guard {
                 }
             }
             let woke = Instant::now();
-            let ready: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+            let mut ready: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+            // Kill thresholds first: the v1 notifier often reports a cgroup's reclaim and
+            // kill crossings in one batch, and the reclaim signal would rank and pin a
+            // victim (or anything else would take its time) before the kill is sent.
+            ready.sort_by_key(|t| self.reg.tokens.get(t).map_or(u8::MAX, |(_, k)| k.urgency()));
             for token in ready {
                 let Some((path, kind)) = self.reg.tokens.get(&token).cloned() else {
                     continue;
@@ -530,6 +549,16 @@ impl Guard {
         if let Some(bpf) = &mut self.deps.ebpf {
             bpf.drain(|r| records.push(r));
         }
+        // Kill crossings first, as with the eventfds (a stable sort: each kind in order).
+        records.sort_by_key(|r| {
+            !matches!(
+                r,
+                Record::Crossing {
+                    threshold: Threshold::Kill,
+                    ..
+                } | Record::AtLimit { .. }
+            )
+        });
         for r in records {
             match r {
                 Record::Crossing {

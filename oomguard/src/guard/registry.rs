@@ -43,7 +43,7 @@ impl Pending {
 pub(super) struct Ready {
     pub at: Instant,
     pub victim: Candidate,
-    pub fd: OwnedFd,
+    pub fd: crate::kill::Pinned,
 }
 
 pub(super) struct Entry {
@@ -92,6 +92,8 @@ pub(super) struct Entry {
     /// `memory.use_hierarchy=0` (kernels before 5.11): the limit covers only the cgroup's
     /// own tasks, so only they are candidates.
     pub flat: bool,
+    /// Its usage file and `memory.stat`, kept open for the crossing.
+    pub files: super::files::CgroupFiles,
 }
 
 impl Entry {
@@ -118,6 +120,7 @@ impl Entry {
             hysteresis,
             left_alone: false,
             flat: false,
+            files: Default::default(),
         }
     }
 }

@@ -192,6 +192,7 @@ fn work(shared: &Arc<Shared>) {
             }
         };
         let Some((job, more)) = job else {
+            crate::sys::unlock_own_stack();
             return;
         };
         // No other worker idle: one more stands by for the next job while this one may

@@ -1,0 +1,92 @@
+//! The cgroup files a crossing reads, kept open: a `pread` each instead of a path walk,
+//! `open`, `statx`, `read` and `close` (system calls are what the crossing's time goes to).
+//! cgroupfs regenerates a file's text on every read at offset 0. Any failure closes the
+//! kept file and reads by path, so errors (a removed cgroup) read as before.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::cgroup::{MemCgroup, MemStat, Result};
+
+/// A guarded cgroup's usage file (opened on the first reading) and `memory.stat` (opened
+/// when its kill threshold comes near, or on the first reading of it).
+#[derive(Default)]
+pub(super) struct CgroupFiles {
+    usage: Option<File>,
+    stat: Option<File>,
+}
+
+impl CgroupFiles {
+    pub fn usage(&mut self, cg: &MemCgroup) -> Result<u64> {
+        let mut buf = [0u8; 32];
+        let path = || cg.file(cg.usage_file());
+        match kept(&mut self.usage, path, &mut buf).and_then(|t| t.trim().parse().ok()) {
+            Some(v) => Ok(v),
+            None => cg.usage(),
+        }
+    }
+
+    pub fn stat(&mut self, cg: &MemCgroup) -> Result<MemStat> {
+        let mut buf = [0u8; 8192];
+        match kept(&mut self.stat, || cg.file("memory.stat"), &mut buf) {
+            Some(t) => Ok(MemStat::parse(t)),
+            None => cg.stat(),
+        }
+    }
+
+    /// Opens `memory.stat` ahead of the crossing that will read it.
+    pub fn keep_stat(&mut self, cg: &MemCgroup) {
+        if self.stat.is_none() {
+            self.stat = File::open(cg.file("memory.stat")).ok();
+        }
+    }
+}
+
+/// The whole text of a kept file (opened now if not yet); `None`: it cannot be opened or
+/// read (closed again), or it is larger than `buf`.
+fn kept<'a>(
+    slot: &mut Option<File>,
+    path: impl FnOnce() -> PathBuf,
+    buf: &'a mut [u8],
+) -> Option<&'a str> {
+    if slot.is_none() {
+        *slot = Some(File::open(path()).ok()?);
+    }
+    let n = match slot.as_ref()?.read_at(buf, 0) {
+        Ok(n) => n,
+        Err(_) => {
+            *slot = None;
+            return None;
+        }
+    };
+    if n == buf.len() {
+        return None;
+    }
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_file_is_read_afresh_and_closed_when_it_fails() {
+        let dir = std::env::temp_dir().join(format!("oomguard-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("memory.usage_in_bytes");
+        std::fs::write(&f, "4096\n").unwrap();
+        let mut slot = None;
+        let mut buf = [0u8; 32];
+        assert_eq!(kept(&mut slot, || f.clone(), &mut buf), Some("4096\n"));
+        assert!(slot.is_some(), "kept open");
+        std::fs::write(&f, "8192\n").unwrap();
+        assert_eq!(kept(&mut slot, || f.clone(), &mut buf), Some("8192\n"));
+        let mut small = [0u8; 5];
+        assert_eq!(kept(&mut slot, || f.clone(), &mut small), None, "too large");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut slot = None;
+        assert_eq!(kept(&mut slot, || f.clone(), &mut buf), None);
+        assert!(slot.is_none());
+    }
+}

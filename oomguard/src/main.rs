@@ -140,7 +140,7 @@ fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
             config: config.clone(),
             reporter: reporter.clone(),
             reclaimer: Some(reclaimer),
-            memory_mount,
+            memory_mount: memory_mount.clone(),
             runtime: runtime.clone(),
             ebpf,
             created: Some(created_tx),
@@ -160,6 +160,7 @@ fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
             oomguard::headroom::Options {
                 above_interval: config.guard_interval,
                 throttle: config.v2_throttle,
+                mount: Some(memory_mount.clone()),
             },
         )
         .context("starting the cgroup v2 fallback watcher")?;

@@ -295,8 +295,13 @@ pub fn render(all: &Value) -> String {
         for f in g["report"]["idle"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 idle,
-                "| {kernel} | {layout} | {} | {} × {} MiB | {} | {:.3} | {} | {:.0} |",
+                "| {kernel} | {layout} | {}{} | {} × {} MiB | {} | {:.3} | {} | {:.0} |",
                 mode_name(f["mode"].as_str().unwrap_or(""), layout),
+                match f["tripwire"].as_bool() {
+                    Some(true) => ", tripwires on",
+                    Some(false) => ", tripwires off",
+                    None => "",
+                },
                 f["cgroups"],
                 f["limit_mib"],
                 f["rss_kib"],

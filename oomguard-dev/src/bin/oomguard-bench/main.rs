@@ -209,22 +209,27 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         )?;
         let mut idle = Vec::new();
         if let Some(n) = args.idle_cgroups {
-            progress(&format!(
-                "idle: the agent without eBPF guarding {n} idle 256 MiB cgroups"
-            ));
-            let row = vm::idle_row(
-                n,
-                256 * M,
-                &agent,
-                "eventfd",
-                std::time::Duration::from_secs(15),
-                std::time::Duration::from_secs(60),
-            )?;
-            progress(&format!(
-                "    CPU {:.3}% of a core, {:?} reads/s",
-                row.cpu_percent_of_core, row.reads_per_s
-            ));
-            idle.push(row);
+            // Without the tripwires (the same-run baseline), then with them.
+            for tripwire in [false, true] {
+                progress(&format!(
+                    "idle: the agent without eBPF guarding {n} idle 256 MiB cgroups, tripwires {}",
+                    if tripwire { "on" } else { "off" }
+                ));
+                let row = vm::idle_row(
+                    n,
+                    256 * M,
+                    &agent,
+                    "eventfd",
+                    tripwire,
+                    std::time::Duration::from_secs(15),
+                    std::time::Duration::from_secs(60),
+                )?;
+                progress(&format!(
+                    "    CPU {:.3}% of a core, {:?} reads/s",
+                    row.cpu_percent_of_core, row.reads_per_s
+                ));
+                idle.push(row);
+            }
         }
         let report = Report {
             machine,

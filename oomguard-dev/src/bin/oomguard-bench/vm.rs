@@ -39,6 +39,8 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct IdleRow {
     pub(crate) mode: String,
+    /// The v2 watcher's tripwires on (off: `OOMGUARD_TEST_NO_TRIPWIRE`, the same-run baseline).
+    pub(crate) tripwire: bool,
     pub(crate) cgroups: usize,
     pub(crate) limit_mib: u64,
     pub(crate) rss_kib: u64,
@@ -75,6 +77,7 @@ pub(crate) fn idle_row(
     limit: u64,
     agent_exe: &Path,
     mode: &str,
+    tripwire: bool,
     settle: Duration,
     window: Duration,
 ) -> Result<IdleRow, String> {
@@ -93,8 +96,11 @@ pub(crate) fn idle_row(
     // `env` sets the log filter for the agent (Agent::spawn sets RUST_LOG=info for what it
     // runs): the watcher's 10 s summaries count its reads.
     let mut cmd = Command::new("env");
-    cmd.arg("RUST_LOG=info,oomguard::headroom=debug")
-        .arg(agent_exe)
+    cmd.arg("RUST_LOG=info,oomguard::headroom=debug");
+    if !tripwire {
+        cmd.arg("OOMGUARD_TEST_NO_TRIPWIRE=1");
+    }
+    cmd.arg(agent_exe)
         .args([
             "run",
             "--log-format",
@@ -151,6 +157,7 @@ pub(crate) fn idle_row(
         .unwrap_or(0);
     Ok(IdleRow {
         mode: mode.to_string(),
+        tripwire,
         cgroups: n,
         limit_mib: limit / M,
         rss_kib,

@@ -16,6 +16,21 @@
 //!
 //! The guard re-reads usage on every signal (the policy state de-duplicates), so this
 //! thread only has to be early, never exact.
+//!
+//! **Quiet subtrees are read less often.** Each watched cgroup belongs to a *tripwire*: its
+//! top-level ancestor (the directory right below the cgroup2 mount, e.g. `kubepods.slice`),
+//! whose `memory.current` (hierarchical: the sum of everything beneath it) is read every
+//! [`WIRE_INTERVAL`]. While that sum moved by less than [`WIRE_TRIP`] per read (less than
+//! 20 MiB/s in either direction) for [`WIRE_QUIET`], the cgroups under it are read on the
+//! quiet schedule ([`QUIET_FLOOR_RATE`], at most every [`QUIET_MAX_POLL`]); any larger move
+//! puts every cgroup under it back on the normal schedule ([`FLOOR_RATE`], [`MAX_POLL`]) at
+//! once, counted from each cgroup's last read, exactly as if it had never left it. So a
+//! cgroup growing from idle at up to 128 MiB/s is still read before its kill threshold,
+//! unless its growth is hidden in the sum by siblings freeing as fast at the same time; it is
+//! then still read before the threshold at up to [`QUIET_FLOOR_RATE`] (and `memory.events`
+//! `max` and PSI remain). On a node whose pods keep changing the tripwire keeps tripping and
+//! the cost is that of the normal schedule plus one read per tripwire per
+//! [`WIRE_INTERVAL`]; on a quiet node it is about a quarter.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -46,6 +61,19 @@ pub const FLOOR_RATE: u64 = 128 << 20;
 pub const MIN_POLL: Duration = Duration::from_millis(2);
 /// The longest interval between two reads of one cgroup (an idle cgroup far from its limit).
 pub const MAX_POLL: Duration = Duration::from_secs(2);
+/// The floor rate while the cgroup's tripwire is quiet: growth up to this is seen before
+/// the kill threshold even when siblings' frees hide it from the tripwire.
+pub const QUIET_FLOOR_RATE: u64 = 32 << 20;
+/// The longest interval between two reads while the tripwire is quiet.
+pub const QUIET_MAX_POLL: Duration = Duration::from_secs(10);
+/// How often each tripwire (a top-level ancestor's `memory.current`) is read.
+pub const WIRE_INTERVAL: Duration = Duration::from_millis(100);
+/// A move of the tripwire's sum by this much between two of its reads trips it (2 MiB per
+/// 100 ms: 20 MiB/s, below [`QUIET_FLOOR_RATE`], so slower growth is covered by the quiet
+/// schedule itself).
+pub const WIRE_TRIP: u64 = 2 << 20;
+/// How long a tripwire must stay still before its cgroups go on the quiet schedule.
+pub const WIRE_QUIET: Duration = Duration::from_secs(1);
 /// Reads due within this much of each other are done in one wake-up...
 const SLACK: Duration = Duration::from_millis(2);
 /// ...and a read may come this fraction of its interval early, so that idle cgroups (long
@@ -65,21 +93,35 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// re-checks on its own; the watcher reads every `above` to see it fall back and cross
 /// again.
 pub fn next_poll(usage: u64, kill: u64, rate: u64, above: Duration) -> Duration {
+    poll_interval(usage, kill, rate, above, false)
+}
+
+/// [`next_poll`], or with `quiet` the quiet schedule ([`QUIET_FLOOR_RATE`],
+/// [`QUIET_MAX_POLL`]).
+pub fn poll_interval(usage: u64, kill: u64, rate: u64, above: Duration, quiet: bool) -> Duration {
+    let (floor, max) = if quiet {
+        (QUIET_FLOOR_RATE, QUIET_MAX_POLL)
+    } else {
+        (FLOOR_RATE, MAX_POLL)
+    };
     if usage >= kill {
         return above.clamp(MIN_POLL, MAX_POLL);
     }
-    let assumed = FLOOR_RATE.max(rate.saturating_mul(2)) as f64;
+    let assumed = floor.max(rate.saturating_mul(2)) as f64;
     let secs = (kill - usage) as f64 / assumed;
-    Duration::from_secs_f64(secs.min(MAX_POLL.as_secs_f64())).clamp(MIN_POLL, MAX_POLL)
+    Duration::from_secs_f64(secs.min(max.as_secs_f64())).clamp(MIN_POLL, max)
 }
 
 /// Options of the watcher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// How often a cgroup at or above its kill threshold is read (`--guard-ms`).
     pub above_interval: Duration,
     /// `--v2-throttle`: set `memory.high` at the kill threshold while guarding.
     pub throttle: bool,
+    /// The cgroup2 mount: each cgroup's tripwire is its ancestor right below it. `None`:
+    /// no tripwires, every cgroup on the normal schedule.
+    pub mount: Option<PathBuf>,
 }
 
 enum Msg {
@@ -93,6 +135,10 @@ enum Msg {
 pub struct WatcherStats {
     pub watched: AtomicU64,
     pub polls: AtomicU64,
+    /// Reads of tripwires (top-level ancestors' `memory.current`).
+    pub wire_reads: AtomicU64,
+    /// Times a tripwire tripped (its subtree went back on the normal schedule).
+    pub wire_trips: AtomicU64,
     pub wakeups: AtomicU64,
     pub crossings: AtomicU64,
 }
@@ -139,6 +185,8 @@ impl Watcher {
             next_key: FIRST_KEY,
             stats: stats.clone(),
             throttle_failed: false,
+            wires: HashMap::new(),
+            next_wire: Instant::now() + WIRE_INTERVAL,
         };
         let thread = std::thread::Builder::new()
             .name("oomguard-v2watch".into())
@@ -198,6 +246,26 @@ struct Entry {
     generation: u64,
     /// `memory.high` as it was before `--v2-throttle` set it (restored on unwatch).
     high_before: Option<u64>,
+    /// Its tripwire (a key of `State::wires`), if it has one.
+    wire: Option<PathBuf>,
+    /// Read on the quiet schedule: the next read may be brought forward when the wire trips.
+    quiet: bool,
+}
+
+/// A tripwire: a top-level ancestor's `memory.current`, read every [`WIRE_INTERVAL`].
+struct Wire {
+    current: File,
+    last: u64,
+    /// Since when it has not tripped (None: it just tripped).
+    still_since: Option<Instant>,
+    members: Vec<u64>,
+}
+
+impl Wire {
+    fn quiet(&self, now: Instant) -> bool {
+        self.still_since
+            .is_some_and(|t| now.duration_since(t) >= WIRE_QUIET)
+    }
 }
 
 struct State {
@@ -215,6 +283,8 @@ struct State {
     next_key: u64,
     stats: Arc<WatcherStats>,
     throttle_failed: bool,
+    wires: HashMap<PathBuf, Wire>,
+    next_wire: Instant,
 }
 
 impl State {
@@ -229,6 +299,8 @@ impl State {
                 let wakeups = self.stats.wakeups.load(Ordering::Relaxed);
                 tracing::debug!(
                     watched = self.entries.len(),
+                    tripwires = self.wires.len(),
+                    quiet = self.entries.values().filter(|e| e.quiet).count(),
                     polls = polls - summary.1,
                     wakeups = wakeups - summary.2,
                     secs = summary.0.elapsed().as_secs_f64(),
@@ -236,11 +308,14 @@ impl State {
                 );
                 summary = (Instant::now(), polls, wakeups);
             }
-            let wait = self
+            let mut wait = self
                 .due
                 .peek()
                 .map(|Reverse((t, _, _, _))| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(60));
+            if !self.wires.is_empty() {
+                wait = wait.min(self.next_wire.saturating_duration_since(Instant::now()));
+            }
             let ts = Timespec {
                 tv_sec: wait.as_secs() as i64,
                 tv_nsec: i64::from(wait.subsec_nanos()),
@@ -272,6 +347,10 @@ impl State {
                 }
             }
             let now = Instant::now();
+            if !self.wires.is_empty() && now + SLACK >= self.next_wire {
+                self.next_wire = now + WIRE_INTERVAL;
+                self.check_wires(now);
+            }
             while let Some(Reverse((t, key, generation, early))) = self.due.peek().copied() {
                 if t > now + early.max(SLACK) {
                     break;
@@ -339,6 +418,7 @@ impl State {
             self.by_wd.insert(wd.clone(), key);
         }
         let events = cg.events().unwrap_or_default();
+        let wire = self.join_wire(&cg.path, key);
         self.by_path.insert(cg.path.clone(), key);
         self.entries.insert(
             key,
@@ -355,6 +435,8 @@ impl State {
                 above_reclaim: false,
                 generation: 0,
                 high_before: None,
+                wire,
+                quiet: false,
             },
         );
         self.stats
@@ -364,8 +446,100 @@ impl State {
         self.poll(key, "arm");
     }
 
+    /// The tripwire of the cgroup at `path` (its ancestor right below the mount), opened
+    /// on first use; `key` joins it. None for a top-level cgroup or without a mount.
+    fn join_wire(&mut self, path: &Path, key: u64) -> Option<PathBuf> {
+        let mount = self.options.mount.as_ref()?;
+        let rel = path.strip_prefix(mount).ok()?;
+        let mut parts = rel.components();
+        let top = parts.next()?;
+        parts.next()?;
+        let wire_path = mount.join(top);
+        if let Some(w) = self.wires.get_mut(&wire_path) {
+            w.members.push(key);
+            return Some(wire_path);
+        }
+        let current = File::open(wire_path.join("memory.current")).ok()?;
+        let last = read_u64_at(&current)?;
+        self.wires.insert(
+            wire_path.clone(),
+            Wire {
+                current,
+                last,
+                still_since: Some(Instant::now()),
+                members: vec![key],
+            },
+        );
+        Some(wire_path)
+    }
+
+    /// Reads every tripwire; one that moved puts its quiet members back on the normal
+    /// schedule, counted from their last read.
+    fn check_wires(&mut self, now: Instant) {
+        let above = self.options.above_interval;
+        let mut tripped: Vec<PathBuf> = Vec::new();
+        let mut gone: Vec<PathBuf> = Vec::new();
+        for (path, w) in &mut self.wires {
+            self.stats.wire_reads.fetch_add(1, Ordering::Relaxed);
+            let Some(v) = read_u64_at(&w.current) else {
+                gone.push(path.clone());
+                continue;
+            };
+            let moved = v.abs_diff(w.last);
+            w.last = v;
+            if moved >= WIRE_TRIP {
+                w.still_since = None;
+                tripped.push(path.clone());
+            } else if w.still_since.is_none() {
+                w.still_since = Some(now);
+            }
+        }
+        for path in gone {
+            if let Some(w) = self.wires.remove(&path) {
+                for key in w.members {
+                    if let Some(e) = self.entries.get_mut(&key) {
+                        e.wire = None;
+                    }
+                }
+            }
+        }
+        for path in tripped {
+            self.stats.wire_trips.fetch_add(1, Ordering::Relaxed);
+            let Some(w) = self.wires.get(&path) else {
+                continue;
+            };
+            for &key in &w.members {
+                let Some(e) = self.entries.get_mut(&key) else {
+                    continue;
+                };
+                if !e.quiet {
+                    continue;
+                }
+                e.quiet = false;
+                let Some((at, usage)) = e.last else { continue };
+                let interval = poll_interval(usage, e.thresholds.kill, e.rate, above, false);
+                e.generation += 1;
+                self.due.push(Reverse((
+                    (at + interval).max(now),
+                    key,
+                    e.generation,
+                    interval / EARLY_DIVISOR,
+                )));
+            }
+        }
+    }
+
     fn remove(&mut self, key: u64) {
         self.restore_high(key);
+        if let Some(e) = self.entries.get(&key)
+            && let Some(wire) = &e.wire
+            && let Some(w) = self.wires.get_mut(wire)
+        {
+            w.members.retain(|&k| k != key);
+            if w.members.is_empty() {
+                self.wires.remove(wire);
+            }
+        }
         if let Some(e) = self.entries.remove(&key) {
             if let Some(wd) = e.wd {
                 self.by_wd.remove(&wd);
@@ -477,14 +651,7 @@ impl State {
             return;
         };
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 32];
-        let usage = match rustix::io::pread(&e.current, &mut buf, 0) {
-            Ok(n) => std::str::from_utf8(&buf[..n])
-                .ok()
-                .and_then(|t| t.trim().parse::<u64>().ok()),
-            Err(_) => None,
-        };
-        let Some(usage) = usage else {
+        let Some(usage) = read_u64_at(&e.current) else {
             // Gone (ENODEV): discovery disarms it; stop reading.
             let path = e.cg.path.clone();
             self.by_path.remove(&path);
@@ -537,7 +704,13 @@ impl State {
             e.psi = None;
         }
         e.generation += 1;
-        let interval = next_poll(usage, t.kill, e.rate, above_interval);
+        let now_quiet = e
+            .wire
+            .as_ref()
+            .and_then(|w| self.wires.get(w))
+            .is_some_and(|w| w.quiet(now));
+        e.quiet = now_quiet;
+        let interval = poll_interval(usage, t.kill, e.rate, above_interval, now_quiet);
         self.due.push(Reverse((
             now + interval,
             key,
@@ -555,6 +728,13 @@ impl State {
             }));
         }
     }
+}
+
+/// One `pread` of a cgroup counter file from its start.
+fn read_u64_at(f: &File) -> Option<u64> {
+    let mut buf = [0u8; 32];
+    let n = rustix::io::pread(f, &mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -585,6 +765,34 @@ mod tests {
         assert!(d <= Duration::from_millis(50), "{d:?}");
         // Never below the floor interval.
         assert_eq!(next_poll(256 * M - 1, 256 * M, u64::MAX, ABOVE), MIN_POLL);
+    }
+
+    #[test]
+    fn quiet_schedule_reads_a_quarter_as_often_and_still_covers_its_floor() {
+        let normal = poll_interval(10 * M, 250 * M, 0, ABOVE, false);
+        let quiet = poll_interval(10 * M, 250 * M, 0, ABOVE, true);
+        assert_eq!(normal, MAX_POLL);
+        assert!(quiet >= 3 * normal, "{quiet:?} vs {normal:?}");
+        assert!(quiet <= QUIET_MAX_POLL);
+        let kill = 250 * M;
+        for usage in (0..kill).step_by((3 * M) as usize) {
+            let d = poll_interval(usage, kill, 0, ABOVE, true);
+            let grown = usage + (QUIET_FLOOR_RATE as f64 * d.as_secs_f64()) as u64;
+            assert!(
+                grown <= kill + 4096 || d == MIN_POLL,
+                "usage {usage}: {d:?}"
+            );
+        }
+        // A growing cgroup is read by its own rate either way.
+        assert_eq!(
+            poll_interval(100 * M, 250 * M, 512 * M, ABOVE, true),
+            poll_interval(100 * M, 250 * M, 512 * M, ABOVE, false)
+        );
+        // The trip threshold per wire read is slower than the quiet floor.
+        assert!(
+            (WIRE_TRIP as f64 / WIRE_INTERVAL.as_secs_f64()) < QUIET_FLOOR_RATE as f64,
+            "growth too slow to trip a wire must be covered by the quiet floor"
+        );
     }
 
     #[test]

@@ -142,7 +142,7 @@ fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
             config: config.clone(),
             reporter: reporter.clone(),
             reclaimer: Some(reclaimer),
-            memory_mount,
+            memory_mount: memory_mount.clone(),
             runtime: runtime.clone(),
             ebpf,
             created: Some(created_tx),
@@ -162,6 +162,10 @@ fn agent(config: Config, cmdline: &RunArgs) -> anyhow::Result<()> {
             oomguard::headroom::Options {
                 above_interval: config.guard_interval,
                 throttle: config.v2_throttle,
+                // The benchmark's same-run baseline turns the tripwires off.
+                mount: std::env::var_os("OOMGUARD_TEST_NO_TRIPWIRE")
+                    .is_none()
+                    .then(|| memory_mount.clone()),
             },
         )
         .context("starting the cgroup v2 fallback watcher")?;

@@ -12,6 +12,7 @@ mod fuzz;
 mod matrix;
 mod setup;
 mod vm;
+mod vmbench;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test oomguard")]
@@ -46,9 +47,28 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["quick", "only"])]
         soak: bool,
         /// Where the JSON goes (the table goes beside it, .md) [default:
-        /// bench-results/latest.json, or bench-results/soak.json with --soak].
+        /// bench-results/latest.json, or bench-results/soak.json with --soak, or
+        /// target/vm/bench/latest.json with --vm].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The avoidance scenarios in the kernel matrix's qemu guests instead (kernel alone,
+        /// eBPF, and eventfd on v1 / the fallback alone on v2, side by side in each guest):
+        /// counts, not times.
+        #[arg(long, conflicts_with_all = ["quick", "soak"])]
+        vm: bool,
+        /// With --vm: only these kernels (default: the whole matrix).
+        #[arg(long, value_enum, requires = "vm")]
+        kernel: Vec<vm::Series>,
+        /// With --vm: only these layouts.
+        #[arg(long = "cgroup", value_enum, requires = "vm")]
+        layout: Vec<vm::Layout>,
+        /// With --vm: trials per scenario and mode.
+        #[arg(long, default_value_t = 20, requires = "vm",
+              value_parser = clap::value_parser!(u32).range(1..=100))]
+        trials: u32,
+        /// With --vm: also the fallback's idle CPU with this many guarded cgroups (v2 guests).
+        #[arg(long, requires = "vm", value_parser = clap::value_parser!(u32).range(1..=5000))]
+        idle_cgroups: Option<u32>,
     },
     /// Boot a Debian kernel in a throw-away qemu guest, run COMMAND there (busybox sh),
     /// print its output and exit with its status.
@@ -138,10 +158,41 @@ fn main() -> Result<()> {
             exec(&mut cmd)
         }
         Cmd::Bench {
+            vm: true,
+            kernel,
+            layout,
+            trials,
+            only,
+            idle_cgroups,
+            out,
+            ..
+        } => {
+            setup::run(false)?;
+            build_with_dev_tools()?;
+            let target = target_dir(&root);
+            let out = match out {
+                Some(p) if p.is_absolute() => p,
+                Some(p) => root.join(p),
+                None => target.join("vm/bench/latest.json"),
+            };
+            vmbench::run(
+                &target,
+                &vmbench::Plan {
+                    kernels: kernel,
+                    layouts: layout,
+                    trials,
+                    only,
+                    idle: idle_cgroups,
+                    out,
+                },
+            )
+        }
+        Cmd::Bench {
             quick,
             only,
             soak,
             out,
+            ..
         } => {
             setup::run(false)?;
             build_with_dev_tools()?;

@@ -18,6 +18,7 @@ mod md;
 mod overhead;
 mod report;
 mod storm;
+mod vm;
 
 use crate::avoid::{AvoidanceRow, LatencyRow, Scenario, avoid, latency_row, scenarios};
 use crate::container::{ContainerLatencyRow, container_latency_row};
@@ -79,6 +80,18 @@ pub(crate) struct Args {
     /// --differential].
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
+    /// What `cargo xtask bench --vm` runs in a kernel-matrix guest: the unthrottled 32 MiB
+    /// and the 256 MiB at 64 and 200 MB/s scenarios, every mode side by side, `--trials`
+    /// each (`--only` filters them); with `--idle-cgroups N`, then the agent without eBPF
+    /// guarding N idle cgroups (its CPU).
+    #[arg(long, conflicts_with_all = ["quick", "soak", "overhead", "differential"])]
+    pub(crate) vm: bool,
+    /// With --vm: trials per scenario and mode.
+    #[arg(long, default_value_t = 20, requires = "vm")]
+    pub(crate) trials: u32,
+    /// With --vm: also the idle row with this many guarded 256 MiB cgroups.
+    #[arg(long, requires = "vm")]
+    pub(crate) idle_cgroups: Option<usize>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -101,6 +114,9 @@ pub(crate) struct Report {
     pub(crate) program_cost: Vec<ProgramCost>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) differential: Vec<DiffRow>,
+    /// `--vm --idle-cgroups N`: the agent without eBPF guarding N idle cgroups.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) idle: Vec<vm::IdleRow>,
     pub(crate) duration_s: f64,
 }
 
@@ -181,6 +197,47 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             .out
             .clone()
             .unwrap_or_else(|| PathBuf::from("bench-results/overhead.json"));
+        return write_report(&report, &out);
+    }
+    if args.vm {
+        let avoidance = vm::avoidance(
+            &machine.modes,
+            args.trials,
+            args.only.as_deref(),
+            &agent,
+            &memhog,
+        )?;
+        let mut idle = Vec::new();
+        if let Some(n) = args.idle_cgroups {
+            // Without the tripwires (the same-run baseline), then with them.
+            for tripwire in [false, true] {
+                progress(&format!(
+                    "idle: the agent without eBPF guarding {n} idle 256 MiB cgroups, tripwires {}",
+                    if tripwire { "on" } else { "off" }
+                ));
+                let row = vm::idle_row(
+                    n,
+                    256 * M,
+                    &agent,
+                    "eventfd",
+                    tripwire,
+                    std::time::Duration::from_secs(15),
+                    std::time::Duration::from_secs(60),
+                )?;
+                progress(&format!(
+                    "    CPU {:.3}% of a core, {:?} reads/s",
+                    row.cpu_percent_of_core, row.reads_per_s
+                ));
+                idle.push(row);
+            }
+        }
+        let report = Report {
+            machine,
+            avoidance,
+            idle,
+            duration_s: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
         return write_report(&report, &out);
     }
     // Issue 13's rows, each in its own report.

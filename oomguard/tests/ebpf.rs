@@ -613,6 +613,82 @@ fn reports_cgroups_made_and_removed() {
     );
 }
 
+/// `MAJOR.MINOR` of the running kernel, from `uname -r`.
+fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// The layout read from this kernel's BTF (`/sys/kernel/btf/vmlinux`: the host's, and in the
+/// kernel matrix the guests' 6.1 and 6.12) is the one the kernel's version says it has: the
+/// `mm_struct` rss counters are an `atomic_long_t count[]` before 6.2 and an array of
+/// `struct percpu_counter` since. The version is the oracle here only; the agent decides by BTF.
+/// No part of the layout may be missing on the kernels of the matrix, on v1 or v2.
+#[test]
+fn btf_layout_is_the_one_of_this_kernel_version() {
+    use oomguard::bpf::offsets;
+    let btf = match offsets::vmlinux_btf() {
+        Ok(btf) => btf,
+        Err(e) => {
+            fixture::require(Some(format!("no kernel BTF: {e}")));
+            return;
+        }
+    };
+    let version = kernel_version();
+    let percpu = version >= (6, 2);
+    let rss = offsets::rss_counters(&btf).unwrap();
+    eprintln!("{version:?}: {rss:?}");
+    // NR_MM_COUNTERS: file, anon, swap entries, shmem (since 4.5).
+    assert_eq!((rss.percpu, rss.len), (percpu, 4), "kernel {version:?}");
+    let mm = btf.struct_size("mm_struct").unwrap();
+    assert!(
+        rss.offset + rss.len * rss.stride <= mm,
+        "{rss:?} past mm_struct ({mm} bytes)"
+    );
+    if percpu {
+        let counter = btf.struct_size("percpu_counter").unwrap();
+        let count = btf.member("percpu_counter", "count").unwrap();
+        assert_eq!((rss.stride, rss.value), (counter, count.offset));
+        assert_eq!(
+            btf.member("mm_struct", "rss_stat").unwrap().offset,
+            rss.offset
+        );
+    } else {
+        assert_eq!((rss.stride, rss.value), (8, 0));
+        let outer = btf.member("mm_struct", "rss_stat").unwrap();
+        assert_eq!(
+            outer.offset + btf.member("mm_rss_stat", "count").unwrap().offset,
+            rss.offset
+        );
+    }
+    let layout = offsets::from_btf(&btf);
+    assert_eq!(layout.problems, [], "kernel {version:?}");
+    let o = layout.offsets;
+    eprintln!("{o:?}");
+    assert_eq!(
+        (
+            o.mm_filepages,
+            o.mm_anonpages,
+            o.mm_swapents,
+            o.mm_shmempages
+        ),
+        (0, 1, 2, 3),
+        "the rss counter enum (stable since 4.5)"
+    );
+    assert_eq!(
+        (o.mm_rss_stat, o.mm_counter_stride, o.mm_counter_value),
+        (rss.offset, rss.stride, rss.value)
+    );
+    // `struct page_counter` starts with its usage; a memcg's css comes first.
+    assert_eq!((o.counter_usage, o.memcg_css), (0, 0));
+    assert!(o.counter_max > o.counter_usage);
+    assert_ne!(o.pgpgin, o.pgpgout);
+}
+
 #[test]
 fn this_kernel_has_every_capability() {
     if !fixture::kernel_ready() {

@@ -378,28 +378,4 @@ mod tests {
         assert_eq!(memory_hierarchy_id("memory\t0\t1\t0\n"), None);
         assert_eq!(memory_hierarchy_id("cpu\t3\t1\t1\n"), None);
     }
-
-    /// Against Debian's 6.1 (atomics) and 6.12 (percpu counters) kernels, whose BTF is too
-    /// large to commit: extract it (`objcopy -O binary --only-section=.BTF vmlinux btf`) and
-    /// run `OOMGUARD_BTF_6_1=... OOMGUARD_BTF_6_12=... cargo test -p oomguard --lib --
-    /// --ignored debian`.
-    #[test]
-    #[ignore = "needs the BTF of Debian's 6.1 and 6.12 kernels"]
-    fn rss_counters_of_debian_kernels() {
-        for (var, percpu) in [("OOMGUARD_BTF_6_1", false), ("OOMGUARD_BTF_6_12", true)] {
-            let path = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
-            let btf = Btf::parse(&fs::read(&path).unwrap()).unwrap();
-            let rss = rss_counters(&btf).unwrap();
-            eprintln!("{var}: {rss:?}");
-            assert_eq!((rss.percpu, rss.len), (percpu, 4), "{var}");
-            if percpu {
-                assert_eq!(rss.stride, btf.struct_size("percpu_counter").unwrap());
-            } else {
-                assert_eq!((rss.stride, rss.value), (8, 0));
-            }
-            let layout = from_btf(&btf);
-            assert_eq!(layout.problems, [], "{var}");
-            eprintln!("{var}: {:?}", layout.offsets);
-        }
-    }
 }

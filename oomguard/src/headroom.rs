@@ -769,8 +769,9 @@ mod tests {
 
     #[test]
     fn quiet_schedule_reads_a_quarter_as_often_and_still_covers_its_floor() {
-        let normal = poll_interval(10 * M, 250 * M, 0, ABOVE, false);
-        let quiet = poll_interval(10 * M, 250 * M, 0, ABOVE, true);
+        // 500 MiB of headroom: past the normal cap (2 s at 128 MiB/s) and the quiet one.
+        let normal = poll_interval(12 * M, 512 * M, 0, ABOVE, false);
+        let quiet = poll_interval(12 * M, 512 * M, 0, ABOVE, true);
         assert_eq!(normal, MAX_POLL);
         assert!(quiet >= 3 * normal, "{quiet:?} vs {normal:?}");
         assert!(quiet <= QUIET_MAX_POLL);

@@ -55,17 +55,24 @@ pub(crate) struct Scenario {
     pub(crate) procs: usize,
 }
 
+impl Scenario {
+    /// One cgroup, one hog, the agent's default margins (2% of the limit, at least 1 MiB).
+    pub(crate) fn single(name: &'static str, limit: u64, rate: u64) -> Scenario {
+        Scenario {
+            name,
+            limit,
+            rate,
+            margin_ratio: 0.02,
+            min_margin: "1M",
+            burners: false,
+            cgroups: 1,
+            procs: 1,
+        }
+    }
+}
+
 pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
-    let base = |name, limit, rate| Scenario {
-        name,
-        limit,
-        rate,
-        margin_ratio: 0.02,
-        min_margin: "1M",
-        burners: false,
-        cgroups: 1,
-        procs: 1,
-    };
+    let base = Scenario::single;
     let mut v = vec![
         base("128MiB @64MB/s", 128 * M, 64_000_000),
         base("128MiB @256MB/s", 128 * M, 256_000_000),

@@ -39,14 +39,8 @@ pub(crate) fn storm(
     out: Option<PathBuf>,
 ) -> Result<(), String> {
     let sc = Scenario {
-        name: "storm",
-        limit: 64 * M,
-        rate: 256_000_000,
-        margin_ratio: 0.02,
-        min_margin: "1M",
-        burners: false,
         cgroups: STORM_CGROUPS,
-        procs: 1,
+        ..Scenario::single("storm", 64 * M, 256_000_000)
     };
     let mut rows = Vec::new();
     for mode in &machine.modes {

@@ -17,16 +17,7 @@ use crate::{M, progress};
 
 /// The guests' scenarios (default margins: 2% of the limit, at least 1 MiB).
 pub(crate) fn scenarios() -> Vec<Scenario> {
-    let base = |name, limit, rate| Scenario {
-        name,
-        limit,
-        rate,
-        margin_ratio: 0.02,
-        min_margin: "1M",
-        burners: false,
-        cgroups: 1,
-        procs: 1,
-    };
+    let base = Scenario::single;
     vec![
         base("32MiB 1MiB-margin unthrottled", 32 * M, 0),
         base("256MiB @64MB/s", 256 * M, 64_000_000),

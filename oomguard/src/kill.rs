@@ -235,15 +235,11 @@ fn pread_text<'a>(
     file: Option<&std::fs::File>,
     buf: &'a mut [u8],
 ) -> Result<Option<&'a str>, Outcome> {
-    use std::os::unix::fs::FileExt;
     let Some(file) = file else {
         return Ok(None);
     };
-    let n = file.read_at(buf, 0).map_err(|_| Outcome::Gone)?;
-    if n == 0 || n == buf.len() {
-        return Ok(None);
-    }
-    Ok(std::str::from_utf8(&buf[..n]).ok())
+    let text = crate::sys::pread_whole(file, buf).map_err(|_| Outcome::Gone)?;
+    Ok(text.filter(|t| !t.is_empty()))
 }
 
 /// [`signal_task`] for a task [`pin`]ned before: its pidfd may name a process that has

@@ -4,6 +4,18 @@
 
 use std::io;
 
+/// The whole text of a kernel file kept open, read afresh with one `pread` at offset 0
+/// (cgroupfs and procfs regenerate it there) into `buf`. `Ok(None)`: it filled `buf` (may be
+/// cut) or is not UTF-8.
+pub fn pread_whole<'a>(file: &std::fs::File, buf: &'a mut [u8]) -> io::Result<Option<&'a str>> {
+    use std::os::unix::fs::FileExt;
+    let n = file.read_at(buf, 0)?;
+    if n == buf.len() {
+        return Ok(None);
+    }
+    Ok(std::str::from_utf8(&buf[..n]).ok())
+}
+
 /// Makes the kernel's OOM killer never choose this process.
 pub fn protect_from_oom_killer() -> io::Result<()> {
     std::fs::write("/proc/self/oom_score_adj", "-1000")

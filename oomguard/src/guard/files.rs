@@ -4,7 +4,6 @@
 //! kept file and reads by path, so errors (a removed cgroup) read as before.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::cgroup::{MemCgroup, MemStat, Result};
@@ -53,17 +52,13 @@ fn kept<'a>(
     if slot.is_none() {
         *slot = Some(File::open(path()).ok()?);
     }
-    let n = match slot.as_ref()?.read_at(buf, 0) {
-        Ok(n) => n,
+    match crate::sys::pread_whole(slot.as_ref()?, buf) {
+        Ok(text) => text,
         Err(_) => {
             *slot = None;
-            return None;
+            None
         }
-    };
-    if n == buf.len() {
-        return None;
     }
-    std::str::from_utf8(&buf[..n]).ok()
 }
 
 #[cfg(test)]

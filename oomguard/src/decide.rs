@@ -104,14 +104,37 @@ pub fn recheck_after(
     Duration::from_secs_f64(secs.min(max.as_secs_f64())).clamp(min, max.max(min))
 }
 
-/// Growth of the unreclaimable part between two readings `dt` apart, in bytes per second
-/// (0 when it shrank).
-pub fn growth_rate(before: u64, after: u64, dt: Duration) -> u64 {
+/// Growth of the unreclaimable part between two readings `dt` apart, in bytes per second,
+/// beyond `noise` (0 when it grew by no more than that). Each reading can be off by the
+/// counters' lag and the per-CPU charge batches, so a difference below twice the lag
+/// ([`growth_noise`]) says nothing: a cgroup doing file I/O at a steady anonymous level shows
+/// such jumps, one reading in thirty.
+pub fn growth_rate(before: u64, after: u64, dt: Duration, noise: u64) -> u64 {
     let secs = dt.as_secs_f64();
     if secs <= 0.0 {
         return 0;
     }
-    (after.saturating_sub(before) as f64 / secs) as u64
+    (after.saturating_sub(before).saturating_sub(noise) as f64 / secs) as u64
+}
+
+/// What a difference of two unreclaimable readings can show without any growth: each
+/// reading's file counters may trail by the lag (at most the cache they count), and usage
+/// itself jitters by the charge batches.
+pub fn growth_noise(reclaimable_cache: u64, stat_lag: u64) -> u64 {
+    2 * reclaimable_cache.min(stat_lag)
+}
+
+/// How far ahead growth of the unreclaimable part is projected. Nothing signals that growth
+/// while usage sits at the limit (the kernel reclaims the cache under it), and a task
+/// allocating at 1 GB/s uses a few MiB of cache in a few ms: re-checking at 1 ms, a cgroup
+/// whose measured growth uses up its headroom within this horizon is acted on now, as the
+/// kernel would have to act before the next re-check or the one after.
+pub const ACT_HORIZON: Duration = Duration::from_millis(4);
+
+/// Whether unreclaimable memory growing at `growth_per_s` (measured, beyond the noise) uses
+/// up `headroom` within `horizon`.
+pub fn runs_out_within(headroom: u64, growth_per_s: u64, horizon: Duration) -> bool {
+    growth_per_s > 0 && headroom as f64 <= growth_per_s as f64 * horizon.as_secs_f64()
 }
 
 #[cfg(test)]
@@ -245,8 +268,40 @@ mod tests {
 
     #[test]
     fn growth_is_never_negative() {
-        assert_eq!(growth_rate(10 * M, 5 * M, Duration::from_secs(1)), 0);
-        assert_eq!(growth_rate(0, 10 * M, Duration::from_millis(500)), 20 * M);
-        assert_eq!(growth_rate(0, 10 * M, Duration::ZERO), 0);
+        assert_eq!(growth_rate(10 * M, 5 * M, Duration::from_secs(1), 0), 0);
+        assert_eq!(
+            growth_rate(0, 10 * M, Duration::from_millis(500), 0),
+            20 * M
+        );
+        assert_eq!(growth_rate(0, 10 * M, Duration::ZERO, 0), 0);
     }
+
+    #[test]
+    fn growth_within_the_noise_is_none() {
+        let noise = growth_noise(3 * M, LAG);
+        assert_eq!(noise, 2 * LAG);
+        assert_eq!(
+            growth_noise(4096, LAG),
+            8192,
+            "a little cache hides at most itself"
+        );
+        // A reading one lag high, 1 ms after the last: no growth.
+        assert_eq!(growth_rate(250 * M, 250 * M + LAG, MS, noise), 0);
+        // 5 MiB in 5 ms (a task allocating at 1 GB/s): 4 MiB of it beyond the noise.
+        assert_eq!(growth_rate(240 * M, 245 * M, 5 * MS, noise), 800 * M);
+    }
+
+    #[test]
+    fn the_projection_acts_only_on_measured_growth() {
+        // 3.4 MiB of cache left to reclaim, at 800 MiB/s: gone in about 4 ms.
+        assert!(runs_out_within(3 * M, 800 * M, ACT_HORIZON));
+        assert!(!runs_out_within(4 * M, 800 * M, ACT_HORIZON));
+        // Nothing measured: never projected, however little headroom.
+        assert!(!runs_out_within(0, 0, ACT_HORIZON));
+        // Bursts of 60 MiB at 1 GB/s over 150 MiB of anonymous memory in 256 MiB: 40 MiB
+        // of headroom left at their peak.
+        assert!(!runs_out_within(40 * M, 1024 * M, ACT_HORIZON));
+    }
+
+    const MS: Duration = Duration::from_millis(1);
 }

@@ -2,9 +2,20 @@
 //! (the rule of [`crate::decide`], hysteresis, waiting for a victim, acting again only on
 //! growth, once-per-episode reporting), testable without a kernel.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::decide::{Pressure, pressure, unreclaimable};
+use crate::decide::{
+    ACT_HORIZON, Pressure, growth_noise, growth_rate, pressure, runs_out_within, unreclaimable,
+};
+
+/// Readings kept for the growth rate.
+const HISTORY: usize = 4;
+/// Readings older than this say nothing about the growth now.
+const HISTORY_WINDOW: Duration = Duration::from_secs(1);
+/// Re-checks at [`Step::Reclaimable`]'s fast pace after an episode opens, before any growth
+/// was measured: a task crossing with a few MiB of cache in its cgroup (its own binary's
+/// pages) can use them up in a few ms, and nothing signals it while usage sits at the limit.
+pub const FAST_CHECKS: u8 = 8;
 
 /// What the guard should do after observing a cgroup's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +28,14 @@ pub enum Step {
     /// Above the threshold, but a victim in this subtree is still exiting.
     Waiting,
     /// Above the threshold, but the kernel can still reclaim enough file cache to stay
-    /// below the limit. `report` is true for the first such reading of an episode only.
-    Reclaimable { report: bool, headroom: u64 },
+    /// below the limit. `report` is true for the first such reading of an episode only;
+    /// `soon`: look again at the fast pace, the episode having just opened
+    /// ([`FAST_CHECKS`]).
+    Reclaimable {
+        report: bool,
+        headroom: u64,
+        soon: bool,
+    },
     /// Pressing, but the unreclaimable part has not grown since the last action of this
     /// episode (a kill that did not bring it under, or no kill that could help).
     Held,
@@ -39,10 +56,14 @@ pub struct State {
     floor: Option<u64>,
     /// A kill was made: the next pressing reading (once the victim is gone) sets the floor.
     settle: bool,
-    /// The last unreclaimable reading, for the growth rate.
-    last: Option<(Instant, u64)>,
-    /// How fast the unreclaimable part grew between the last two readings (bytes/s).
+    /// Recent unreclaimable readings, the newest last (the reclaim threshold's crossing
+    /// among them), for the growth rate.
+    history: [Option<(Instant, u64)>; HISTORY],
+    /// How fast the unreclaimable part grew, beyond the counters' noise: the fastest over
+    /// the recent readings (bytes/s).
     pub growth_per_s: u64,
+    /// Fast re-checks left in this episode's opening ([`FAST_CHECKS`]).
+    fast: u8,
 }
 
 impl State {
@@ -74,7 +95,7 @@ impl State {
             self.settle = false;
             return Step::Watch;
         }
-        self.above = true;
+        self.open();
         if busy {
             return Step::Waiting;
         }
@@ -89,18 +110,31 @@ impl State {
         }
         let cache = reclaimable_cache();
         let hard = unreclaimable(usage, cache);
-        if let Some((t, before)) = self.last {
-            self.growth_per_s =
-                crate::decide::growth_rate(before, hard, now.saturating_duration_since(t));
-        }
-        self.last = Some((now, hard));
-        match pressure(usage, cache, kill_threshold, stat_lag) {
+        self.growth_per_s = self.growth(now, hard, growth_noise(cache, stat_lag));
+        self.remember(now, hard);
+        let p = match pressure(usage, cache, kill_threshold, stat_lag) {
+            // The cache is there, but the measured growth uses it up before the next
+            // re-check could see it: the kernel would have to act by then.
+            Pressure::Reclaimable { headroom }
+                if runs_out_within(headroom, self.growth_per_s, ACT_HORIZON) =>
+            {
+                Pressure::Pressing { overshoot: 0 }
+            }
+            p => p,
+        };
+        match p {
             Pressure::Below => Step::Watch,
             Pressure::Reclaimable { headroom } => {
                 self.settle = false;
                 let report = !self.skip_reported;
                 self.skip_reported = true;
-                Step::Reclaimable { report, headroom }
+                let soon = self.fast > 0;
+                self.fast = self.fast.saturating_sub(1);
+                Step::Reclaimable {
+                    report,
+                    headroom,
+                    soon,
+                }
             }
             Pressure::Pressing { overshoot } => {
                 if std::mem::take(&mut self.settle) {
@@ -123,7 +157,41 @@ impl State {
     /// notifier may not have seen that dip and will not signal the same crossing again, so
     /// the cgroup is watched until usage falls a hysteresis band below.
     pub fn crossed(&mut self) {
+        self.open();
+    }
+
+    /// The episode is open; opening it grants its fast re-checks.
+    fn open(&mut self) {
+        if !self.above {
+            self.fast = FAST_CHECKS;
+        }
         self.above = true;
+    }
+
+    /// A reading of the unreclaimable part before the kill threshold (at the reclaim
+    /// threshold's crossing): the first reading at the kill threshold has a growth rate.
+    pub fn approach(&mut self, now: Instant, unreclaimable: u64) {
+        if !self.above {
+            self.remember(now, unreclaimable);
+        }
+    }
+
+    fn remember(&mut self, now: Instant, unreclaimable: u64) {
+        self.history.rotate_left(1);
+        self.history[HISTORY - 1] = Some((now, unreclaimable));
+    }
+
+    /// The fastest growth from any recent reading to `hard` now, beyond `noise`.
+    fn growth(&self, now: Instant, hard: u64, noise: u64) -> u64 {
+        self.history
+            .iter()
+            .flatten()
+            .filter_map(|&(t, before)| {
+                let dt = now.saturating_duration_since(t);
+                (dt <= HISTORY_WINDOW).then(|| growth_rate(before, hard, dt, noise))
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// A kill was made: once its victim is gone, the next pressing reading becomes the
@@ -175,18 +243,90 @@ mod tests {
             obs(&mut s, KILL, 10 * M),
             Step::Reclaimable {
                 report: true,
-                headroom: 10 * M
+                headroom: 10 * M,
+                soon: true,
             }
         );
         assert_eq!(
             obs(&mut s, KILL, 10 * M),
             Step::Reclaimable {
                 report: false,
-                headroom: 10 * M
+                headroom: 10 * M,
+                soon: true,
             },
             "said once per episode"
         );
         assert_eq!(obs(&mut s, KILL + 2 * M, M), Step::Act { overshoot: M });
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+    const LAG: u64 = 512 << 10;
+
+    fn at(s: &mut State, t: Instant, usage: u64, cache: u64, kill: u64) -> Step {
+        s.observe(t, usage, kill, HYST, LAG, false, || cache)
+    }
+
+    #[test]
+    fn a_fast_task_crossing_with_its_cache_is_acted_on_before_the_cache_runs_out() {
+        // 256 MiB, default margins: reclaim threshold 245.76 MiB, kill 250.88 MiB. The task
+        // allocates at 1 GB/s with 3.4 MiB of its own binary's and libraries' pages in the
+        // cgroup: 5 ms from one threshold to the next, then 3.4 MiB of cache the kernel
+        // reclaims in 3 more before it has to kill.
+        let (kill, reclaim, cache) = (263_065_600, 257_698_038, 3565 << 10);
+        let t0 = Instant::now();
+        let mut s = State::default();
+        s.approach(t0, reclaim - cache);
+        assert!(matches!(
+            at(&mut s, t0 + 5 * MS, kill + 4096, cache, kill),
+            Step::Reclaimable { soon: true, .. }
+        ));
+        assert_eq!(
+            at(&mut s, t0 + 6 * MS, kill + M, cache, kill),
+            Step::Act { overshoot: 0 },
+            "its growth since the reclaim threshold uses the cache up within the horizon"
+        );
+        // 32 MiB with a 1 MiB margin: one MiB between the thresholds is within the noise;
+        // the fast re-checks see the growth go on.
+        let (kill, reclaim) = (31 * M, 30 * M);
+        let mut s = State::default();
+        s.approach(t0, reclaim - cache);
+        assert!(matches!(
+            at(&mut s, t0 + MS, kill, cache, kill),
+            Step::Reclaimable { soon: true, .. }
+        ));
+        assert_eq!(
+            at(&mut s, t0 + 2 * MS, 32 * M, cache - 2 * M, kill),
+            Step::Act { overshoot: 0 }
+        );
+    }
+
+    #[test]
+    fn counters_jittering_at_a_steady_level_never_project_a_kill() {
+        // 96% of 256 MiB anonymous and a writer at the limit: the unreclaimable part reads
+        // a lag high now and then, on readings 1-10 ms apart.
+        let kill = 263_065_600;
+        let level = kill - LAG - 200 * 1024;
+        let t0 = Instant::now();
+        let mut s = State::default();
+        s.crossed();
+        let (mut soon, mut t) = (0, t0);
+        for i in 0..100u32 {
+            // Up to twice the lag: each of two readings may be off by it.
+            let jitter = if i % 3 == 1 { 2 * LAG } else { 0 };
+            let cache = 3 * M;
+            t += MS * (1 + i % 10);
+            let step = at(&mut s, t, level + cache + jitter, cache, kill);
+            assert!(
+                matches!(step, Step::Reclaimable { .. }),
+                "reading {i}: {step:?}"
+            );
+            soon += u32::from(matches!(step, Step::Reclaimable { soon: true, .. }));
+        }
+        assert_eq!(
+            soon,
+            u32::from(FAST_CHECKS),
+            "only the opening's fast re-checks"
+        );
     }
 
     #[test]

@@ -119,6 +119,85 @@ fn anonymous_memory_with_file_io_at_the_limit_is_not_killed() {
     );
 }
 
+/// A task allocating as fast as it can crosses the kill threshold with page cache in its
+/// cgroup: 4 MiB of files it wrote (on a node, its own binary's and libraries' pages). At the
+/// crossing the cache is reclaimable, so the rule alone would leave it to the kernel; nothing
+/// signals the cache running out while usage sits at the limit, and the kernel reclaims it
+/// in a few ms and kills. The agent measures the unreclaimable part's growth from the
+/// reclaim threshold on and kills first (default margins, eventfd: no eBPF record comes).
+fn fast_task_with_cache(mode: &str, ready: fn() -> bool) {
+    let tag = format!("decide-fast-{mode}");
+    let Some(sb) = setup(ready, &tag, 256 * M) else {
+        return;
+    };
+    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("oomguard-{tag}-{}", std::process::id()));
+    let _rm = RemoveFile(file.clone());
+    let mut writer = hog(
+        &sb.cg,
+        &[
+            "--file",
+            file.to_str().unwrap(),
+            "--total",
+            "4M",
+            "--rate",
+            "0",
+            "--hold",
+            "0",
+        ],
+    );
+    assert!(wait_exit(&mut writer, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    // Written back: clean pages, which the kernel reclaims at once.
+    std::fs::File::open(&file).unwrap().sync_all().unwrap();
+    let cache = sb.cg.stat().unwrap().reclaimable_cache();
+    assert!(
+        cache >= 3 * M,
+        "only {cache} bytes of page cache in the cgroup"
+    );
+    // The background reclaim at the reclaim threshold would drop this cache first; the
+    // pages of a running binary come back as soon as it drops them. Leave them in place:
+    // the reclaim is skipped while cache is at least 1% of the limit.
+    let agent = start_agent(
+        &sb.cg,
+        &[
+            "--policy",
+            "process",
+            "--mode",
+            mode,
+            "--cache-skip-ratio",
+            "0.01",
+        ],
+    );
+    let mut grow = hog(&sb.cg, &["--rate", "0", "--fast", "--total", "512M"]);
+    let st = wait_exit(&mut grow, Duration::from_secs(30));
+    let d = expect_decision(&agent, "kill", Duration::from_secs(5));
+    assert_agent_won(&sb.cg, st, &d);
+    assert_eq!(
+        killed(&d)[0]["pid"].as_u64(),
+        Some(u64::from(grow.id())),
+        "{d:#}"
+    );
+}
+
+#[test]
+fn a_fast_task_crossing_with_cache_in_its_cgroup_is_killed_before_the_kernel() {
+    fast_task_with_cache("eventfd", kernel_ready);
+}
+
+#[test]
+fn a_fast_task_crossing_with_cache_in_its_cgroup_is_killed_before_the_kernel_ebpf() {
+    fast_task_with_cache("ebpf", ebpf_ready);
+}
+
+/// Removes a file however the test ends.
+struct RemoveFile(PathBuf);
+
+impl Drop for RemoveFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Issue 14, second reproduction: a tmpfs file holds a 128 MiB cgroup just above its kill
 /// threshold; idle tasks started there one after another allocate nothing. The kernel kills
 /// none of them; the agent must not either: killing one frees nothing the overshoot needs.

@@ -14,9 +14,12 @@ use crate::state::CgroupState;
 /// Growth assumed for a cgroup at its limit with reclaimable cache when none was measured:
 /// sets how often its `memory.stat` is read (20 MiB of headroom: every 156 ms).
 const ASSUMED_GROWTH: u64 = 64 << 20;
-/// The shortest: a fast task that crossed with a few MiB of cache in its cgroup (its own
-/// binary's pages) must be seen growing before the kernel runs out of that cache.
+/// The shortest re-check of a pressing cgroup whose victim has not made usage grow.
 pub(super) const RECHECK_MIN: Duration = Duration::from_millis(10);
+/// The fast pace: a cgroup whose episode just opened with cache in it, or whose
+/// unreclaimable part was seen growing (a task allocating at 1 GB/s uses a few MiB of cache
+/// in a few ms, and nothing signals it while usage sits at the limit).
+pub(super) const RECHECK_FAST: Duration = Duration::from_millis(1);
 /// The longest a cgroup with reclaimable cache goes without a re-check.
 const RECHECK_MAX: Duration = Duration::from_secs(1);
 /// What a container kill's worker may take besides the fallback's kill timeout.
@@ -52,14 +55,21 @@ pub(super) fn next_check(
             }
             .min(now + RECHECK_MAX),
         ),
-        Step::Reclaimable { headroom, .. } => Some(
+        Step::Reclaimable { headroom, soon, .. } => Some(
             now + crate::decide::recheck_after(
                 headroom,
                 growth_per_s,
                 ASSUMED_GROWTH,
-                guard_interval.min(RECHECK_MIN),
+                // Measured growth sets the pace itself (at least half the projection's
+                // horizon: closer than that, the cgroup is acted on).
+                if soon || growth_per_s > 0 {
+                    RECHECK_FAST
+                } else {
+                    guard_interval.min(RECHECK_MIN)
+                },
                 RECHECK_MAX,
-            ),
+            )
+            .min(if soon { RECHECK_FAST } else { RECHECK_MAX }),
         ),
         // `act` settles the next step.
         Step::Act { .. } => None,
@@ -187,6 +197,7 @@ impl Guard {
             Step::Reclaimable {
                 report: true,
                 headroom,
+                ..
             } => {
                 let e = &self.reg.entries[path];
                 let mut d = self.decision(e, Action::SkipCache, usage, stats.unwrap_or_default());
@@ -263,6 +274,7 @@ mod tests {
             Step::Reclaimable {
                 report: false,
                 headroom: 1 << 30,
+                soon: false,
             },
             false,
             None,
@@ -273,12 +285,42 @@ mod tests {
             Step::Reclaimable {
                 report: false,
                 headroom: 1 << 20,
+                soon: false,
             },
             false,
             None,
             now,
         );
         assert_eq!(tight, Some(RECHECK_MIN));
+        let opening = next(
+            Step::Reclaimable {
+                report: true,
+                headroom: 1 << 30,
+                soon: true,
+            },
+            false,
+            None,
+            now,
+        );
+        assert_eq!(opening, Some(RECHECK_FAST), "an episode's opening");
+        // Growth measured: the pace it sets, down to the fast one.
+        let growing = next_check(
+            Step::Reclaimable {
+                report: false,
+                headroom: 8 << 20,
+                soon: false,
+            },
+            now,
+            false,
+            None,
+            1 << 30,
+            50 * MS,
+            1000 * MS,
+        );
+        assert_eq!(
+            growing.map(|t| t - now),
+            Some(Duration::from_nanos(3_906_250))
+        );
     }
 
     #[test]

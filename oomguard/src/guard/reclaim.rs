@@ -33,6 +33,15 @@ impl Guard {
         let Some(e) = self.reg.entries.get_mut(path) else {
             return;
         };
+        // Where the unreclaimable part stands now gives the kill threshold's first reading
+        // a growth rate (a fast task can use up the cache in its cgroup before a re-check).
+        let cache = e
+            .files
+            .stat(&e.armed.cgroup)
+            .map(|s| s.reclaimable_cache())
+            .unwrap_or(0);
+        e.state
+            .approach(Instant::now(), crate::decide::unreclaimable(usage, cache));
         let Some(reclaimer) = &self.deps.reclaimer else {
             return;
         };
@@ -43,12 +52,6 @@ impl Guard {
         }
         // Large cache: the kernel reclaims it by itself and the kill threshold would skip
         // anyway. Dropping an I/O-heavy container's cache every interval would only hurt.
-        let cache = e
-            .armed
-            .cgroup
-            .stat()
-            .map(|s| s.reclaimable_cache())
-            .unwrap_or(0);
         if cache_is_large(
             cache,
             e.armed.thresholds.limit,

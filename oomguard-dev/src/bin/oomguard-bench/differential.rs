@@ -288,6 +288,7 @@ pub(crate) fn differential(
         Diff::CacheHeavy(80),
         Diff::CacheHeavy(90),
         Diff::CacheHeavy(95),
+        Diff::CacheHeavy(96),
         Diff::CacheHeavy(97),
         Diff::TmpfsIdle,
         Diff::Bursty,

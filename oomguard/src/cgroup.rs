@@ -394,7 +394,25 @@ impl MemCgroup {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemStat(Box<str>);
 
+/// Page cache on the LRU lists of a v1 cgroup and its descendants, in pages, from
+/// `memory.numa_stat`'s `hierarchical_file` line: the same counters as `memory.stat`'s
+/// `total_inactive_file + total_active_file`, in a file the kernel writes in half the time
+/// (8 lines instead of about 70), which matters on the crossing's path.
+pub fn numa_file_pages(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("hierarchical_file="))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl MemStat {
+    /// Nothing was read into it.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn parse(text: &str) -> Self {
         let mut kept = String::with_capacity(text.len());
         for line in text.lines() {
@@ -585,6 +603,20 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
         let s = MemStat::parse("cache x\nrss 5\nbad\nthree a b\n");
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![("rss", 5)]);
         assert_eq!(s.get("rss"), 5);
+    }
+
+    #[test]
+    fn numa_stat_gives_the_hierarchical_file_pages() {
+        let text = "total=1199376 N0=1199376\nfile=1115385 N0=1115385\nanon=83928 N0=83928\n\
+                    unevictable=63 N0=63\nhierarchical_total=1200352 N0=1200352\n\
+                    hierarchical_file=1116361 N0=1116361\nhierarchical_anon=83928 N0=83928\n";
+        assert_eq!(numa_file_pages(text), Some(1116361));
+        assert_eq!(
+            numa_file_pages("file=3 N0=3\n"),
+            None,
+            "not hierarchical: no answer"
+        );
+        assert_eq!(numa_file_pages("hierarchical_file=x N0=1\n"), None);
     }
 
     #[test]

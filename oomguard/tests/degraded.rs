@@ -345,6 +345,11 @@ fn a_victim_that_does_not_die_is_not_followed_by_a_second_kill() {
             "0.1",
             "--kill-timeout-ms",
             "300",
+            // The stuck victim is waited for longer than the window below: after the wait
+            // a later decision may rightly take the next candidate if usage grew, and
+            // under load the grower can still be growing then.
+            "--cooldown-ms",
+            "10000",
         ],
         &[(libc::SYS_process_mrelease, libc::ENOSYS)],
     );

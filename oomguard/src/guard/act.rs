@@ -28,14 +28,15 @@ const READY_REFRESH: Duration = Duration::from_millis(100);
 
 impl Guard {
     /// Applies the policy to a pressing cgroup whose unreclaimable memory is `overshoot`
-    /// bytes above its kill threshold: at most one victim, and only one whose death frees
-    /// more than that.
+    /// bytes above its kill threshold (`cache`: its reclaimable cache as read): at most one
+    /// victim, and only one whose death frees more than that. The record's `memory.stat` is
+    /// read after the signal (by the kill's worker), off the crossing's path.
     pub(super) fn act(
         &mut self,
         path: &Path,
         usage: u64,
         overshoot: u64,
-        stats: MemStat,
+        cache: u64,
         woke: Instant,
         signal: &'static str,
     ) {
@@ -72,7 +73,7 @@ impl Guard {
         let cg = e.armed.cgroup.clone();
         let limit = e.armed.thresholds.limit;
         let margin = e.armed.thresholds.margin;
-        let hard = decide::unreclaimable(usage, stats.reclaimable_cache());
+        let hard = decide::unreclaimable(usage, cache);
         let container_detail = e.no_container.take();
         let by_runtime = cfg.policy == Policy::Container
             && container_detail.is_none()
@@ -94,7 +95,8 @@ impl Guard {
         let Some(e) = self.reg.entries.get(path) else {
             return;
         };
-        let mut d = self.decision(e, Action::NoCandidate, usage, stats);
+        let mut d = self.decision(e, Action::NoCandidate, usage, MemStat::default());
+        d.reclaimable_cache = cache;
         d.signal = signal;
         if by_runtime {
             // Identifying the container and the runtime's kill may take hundreds of ms: a
@@ -113,6 +115,7 @@ impl Guard {
             if let Some(e) = self.reg.entries.get_mut(path) {
                 e.acting_unreclaimable = hard;
                 e.next_check = Some(Instant::now() + cfg.guard_interval);
+                d.stats = e.files.stat(&cg).unwrap_or_default();
             }
             if let Some(s) = &self.deps.state {
                 s.cgroup_state(path, crate::state::CgroupState::Acting);
@@ -236,7 +239,12 @@ impl Guard {
                 timeout: cfg.kill_timeout,
                 ready_for,
             }),
-            None => self.deps.reporter.send(d),
+            None => {
+                if let Some(e) = self.reg.entries.get_mut(path) {
+                    d.stats = e.files.stat(&cg).unwrap_or_default();
+                }
+                self.deps.reporter.send(d)
+            }
         }
     }
 

@@ -145,15 +145,13 @@ impl Guard {
             e.usage_unreadable = false;
             tracing::info!(cgroup = %path.display(), "usage readable again");
         }
-        let mut stats = None;
+        let mut cache = 0;
         let now = Instant::now();
         let stat_lag = crate::decide::stat_lag(self.cpus);
         let step = e
             .state
             .observe(now, usage, th.kill, e.hysteresis, stat_lag, busy, || {
-                let st = e.files.stat(&cg).unwrap_or_default();
-                let cache = st.reclaimable_cache();
-                stats = Some(st);
+                cache = e.files.reclaimable_cache(&cg).unwrap_or(0);
                 cache
             });
         let watching = e.watch_until.is_some_and(|t| t > now);
@@ -199,8 +197,15 @@ impl Guard {
                 headroom,
                 ..
             } => {
+                let stats = self
+                    .reg
+                    .entries
+                    .get_mut(path)
+                    .and_then(|e| e.files.stat(&cg).ok())
+                    .unwrap_or_default();
                 let e = &self.reg.entries[path];
-                let mut d = self.decision(e, Action::SkipCache, usage, stats.unwrap_or_default());
+                let mut d = self.decision(e, Action::SkipCache, usage, stats);
+                d.reclaimable_cache = cache;
                 d.signal = signal;
                 d.detail = format!(
                     "the kernel can still reclaim page cache: {} reclaimable, {headroom} more \
@@ -209,14 +214,7 @@ impl Guard {
                 );
                 self.deps.reporter.send(d);
             }
-            Step::Act { overshoot } => self.act(
-                path,
-                usage,
-                overshoot,
-                stats.unwrap_or_default(),
-                woke,
-                signal,
-            ),
+            Step::Act { overshoot } => self.act(path, usage, overshoot, cache, woke, signal),
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use crate::cgroup::{MemCgroup, MemStat, Result};
+use crate::cgroup::{MemCgroup, MemStat, Result, numa_file_pages};
 
 /// A guarded cgroup's usage file (opened on the first reading) and `memory.stat` (opened
 /// when its kill threshold comes near, or on the first reading of it).
@@ -14,6 +14,8 @@ use crate::cgroup::{MemCgroup, MemStat, Result};
 pub(super) struct CgroupFiles {
     usage: Option<File>,
     stat: Option<File>,
+    /// v1 `memory.numa_stat`: the reclaimable cache at half the cost of `memory.stat`.
+    numa: Option<File>,
 }
 
 impl CgroupFiles {
@@ -34,10 +36,29 @@ impl CgroupFiles {
         }
     }
 
-    /// Opens `memory.stat` ahead of the crossing that will read it.
+    /// Reclaimable page cache ([`MemStat::reclaimable_cache`]): on v1 from
+    /// `memory.numa_stat` ([`numa_file_pages`]), else (v2, or a kernel without NUMA) from
+    /// `memory.stat`.
+    pub fn reclaimable_cache(&mut self, cg: &MemCgroup) -> Result<u64> {
+        if !cg.is_v2() {
+            let mut buf = [0u8; 2048];
+            let text = kept(&mut self.numa, || cg.file("memory.numa_stat"), &mut buf);
+            if let Some(pages) = text.and_then(numa_file_pages) {
+                return Ok(pages.saturating_mul(crate::decide::PAGE_SIZE));
+            }
+        }
+        self.stat(cg).map(|s| s.reclaimable_cache())
+    }
+
+    /// Opens what the crossing reads ahead of it.
     pub fn keep_stat(&mut self, cg: &MemCgroup) {
-        if self.stat.is_none() {
-            self.stat = File::open(cg.file("memory.stat")).ok();
+        let (slot, name) = if cg.is_v2() {
+            (&mut self.stat, "memory.stat")
+        } else {
+            (&mut self.numa, "memory.numa_stat")
+        };
+        if slot.is_none() {
+            *slot = File::open(cg.file(name)).ok();
         }
     }
 }

@@ -35,11 +35,7 @@ impl Guard {
         };
         // Where the unreclaimable part stands now gives the kill threshold's first reading
         // a growth rate (a fast task can use up the cache in its cgroup before a re-check).
-        let cache = e
-            .files
-            .stat(&e.armed.cgroup)
-            .map(|s| s.reclaimable_cache())
-            .unwrap_or(0);
+        let cache = e.files.reclaimable_cache(&e.armed.cgroup).unwrap_or(0);
         e.state
             .approach(Instant::now(), crate::decide::unreclaimable(usage, cache));
         let Some(reclaimer) = &self.deps.reclaimer else {

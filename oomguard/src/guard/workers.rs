@@ -219,6 +219,11 @@ fn run(ctx: &Context, job: Job) -> Done {
             timeout,
             ready_for,
         } => {
+            if decision.stats.is_empty() {
+                // Read just after the signal, as near the decision as the guard thread
+                // could have without delaying it.
+                decision.stats = cgroup.stat().unwrap_or_default();
+            }
             let (outcome, _fd) = confirm(sent, timeout);
             // Reaped by process_mrelease: its memory is back even before it exits.
             let gone = matches!(

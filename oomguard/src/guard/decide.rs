@@ -76,13 +76,13 @@ pub(super) fn next_check(
     }
 }
 
-/// What the debug view shows for a step (`None`: leave what it shows).
+/// What the debug view shows for a step (`None`: leave what it shows). `act` shows its own
+/// outcome, after the signal: the view's lock and timestamp stay off the crossing's path.
 pub(super) fn shown_state(step: Step) -> Option<CgroupState> {
     match step {
         Step::Idle => Some(CgroupState::Armed),
-        Step::Act { .. } => Some(CgroupState::Acting),
         Step::Waiting => Some(CgroupState::CoolingDown),
-        Step::Watch | Step::Held | Step::Reclaimable { .. } => None,
+        Step::Act { .. } | Step::Watch | Step::Held | Step::Reclaimable { .. } => None,
     }
 }
 
@@ -326,7 +326,8 @@ mod tests {
         assert_eq!(shown_state(Step::Idle), Some(CgroupState::Armed));
         assert_eq!(
             shown_state(Step::Act { overshoot: 1 }),
-            Some(CgroupState::Acting)
+            None,
+            "act shows its outcome after the signal"
         );
         assert_eq!(shown_state(Step::Waiting), Some(CgroupState::CoolingDown));
         assert_eq!(shown_state(Step::Held), None);

@@ -3,7 +3,7 @@
 //! exiting. Plain data: arming (eventfds, eBPF thresholds, the runtime's prefetch) is done
 //! by the guard around it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -127,7 +127,8 @@ impl Entry {
 
 /// Every guarded cgroup, by path, with what names them in wake-ups.
 pub(super) struct Registry {
-    pub entries: HashMap<PathBuf, Entry>,
+    /// Ordered by path (component-wise): a cgroup's descendants follow it in one run.
+    pub entries: BTreeMap<PathBuf, Entry>,
     /// epoll tokens: what woke the guard.
     pub tokens: HashMap<u64, (PathBuf, Kind)>,
     next_token: u64,
@@ -142,7 +143,7 @@ impl Registry {
     /// Token 0 is the guard's command eventfd.
     pub fn new() -> Registry {
         Registry {
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
             tokens: HashMap::from([(0, (PathBuf::new(), Kind::Wake))]),
             next_token: 1,
             by_id: HashMap::new(),
@@ -242,9 +243,11 @@ impl Registry {
     /// The guarded cgroups strictly beneath `path` (innermost first is the rule: they are
     /// evaluated before `path` acts).
     pub fn descendants(&self, path: &Path) -> Vec<PathBuf> {
+        use std::ops::Bound;
         self.entries
-            .keys()
-            .filter(|p| p.as_path() != path && p.starts_with(path))
+            .range::<Path, _>((Bound::Excluded(path), Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(path))
             .cloned()
             .collect()
     }
@@ -490,10 +493,28 @@ pub(super) mod tests {
 
     #[test]
     fn descendants_and_ancestors_by_path_components() {
-        let r = registry(&["/m/pod", "/m/pod/a", "/m/pod/a/x", "/m/pod-2", "/m"]);
+        let r = registry(&[
+            "/m/pod",
+            "/m/pod/a",
+            "/m/pod/a/x",
+            "/m/pod-2",
+            "/m",
+            "/m/pod.x",
+            "/m/pod/a-b",
+            "/m/poc",
+        ]);
         let mut d = r.descendants(Path::new("/m/pod"));
         d.sort();
-        assert_eq!(d, [PathBuf::from("/m/pod/a"), PathBuf::from("/m/pod/a/x")]);
+        assert_eq!(
+            d,
+            ["/m/pod/a", "/m/pod/a/x", "/m/pod/a-b"].map(PathBuf::from),
+            "'.' and '-' sort before '/' byte-wise, not component-wise"
+        );
+        assert_eq!(
+            r.descendants(Path::new("/m/pod/a/x")),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(r.descendants(Path::new("/m")).len(), 7);
         let mut a = r.at_or_above(Path::new("/m/pod/a/x/unguarded"));
         a.sort();
         assert_eq!(

@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod containerd;
+pub mod swap;
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -69,6 +70,31 @@ pub fn kernel_ready() -> bool {
 pub fn not_applicable(why: &str) -> bool {
     record_skip(&format!("not applicable here: {why}"));
     false
+}
+
+/// [`kernel_ready`], swap accounting (the memsw files) in our own memory cgroup, and a swap
+/// file of `bytes` switched on in the first of `dirs` that takes one (all [`require`]d): the
+/// swap, switched off again when it drops. Swap is node-wide: hold it only while the test
+/// runs (root tests run one at a time).
+pub fn swap_ready(dirs: &[&Path], bytes: u64) -> Option<swap::SwapFile> {
+    if !kernel_ready() {
+        return None;
+    }
+    let own = crate::sandbox::own_cgroup().ok()?;
+    if !own.file("memory.memsw.limit_in_bytes").exists() {
+        require(Some(format!(
+            "{} has no memory.memsw.* files: no swap accounting (swapaccount=0, or a kernel without CONFIG_MEMCG_SWAP)",
+            own.path.display()
+        )));
+        return None;
+    }
+    match swap::SwapFile::on(dirs, bytes) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            require(Some(why));
+            None
+        }
+    }
 }
 
 /// eBPF can be used ([`require`]d; the kernel itself is not checked).

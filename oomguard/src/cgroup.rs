@@ -63,6 +63,78 @@ impl Version {
     }
 }
 
+/// The page counter a cgroup is guarded on: the one whose limit the kernel's memcg OOM
+/// comes from (see [`binding_counter`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Counter {
+    /// Memory: `memory.usage_in_bytes` against `memory.limit_in_bytes` (v2 `memory.current`
+    /// against `memory.max`).
+    #[default]
+    Memory,
+    /// Memory and swap together (v1 with swap accounting): `memory.memsw.usage_in_bytes`
+    /// against `memory.memsw.limit_in_bytes`.
+    Memsw,
+}
+
+impl Counter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counter::Memory => "memory",
+            Counter::Memsw => "memsw",
+        }
+    }
+}
+
+/// Which counter the kernel's memcg OOM of a v1 cgroup comes from, and its limit, given the
+/// memory limit `limit` (L), the memsw limit `memsw_limit` (M ≥ L, the kernel refuses less;
+/// `None`: no swap accounting, or unlimited), the node's swap (`swap_total`, bytes) and the
+/// cgroup's `memory.swappiness` (`None`: unknown).
+///
+/// Memsw binds when the cgroup can swap (the node has swap, swappiness is not 0) and
+/// M < L + swap: at L the kernel swaps anonymous memory out instead of killing, which
+/// leaves memsw usage (memory + swap, never below memory usage) unchanged, so usage grows
+/// on until memsw reaches M; reclaim at M may not swap (only page cache counts), and the
+/// OOM comes from there, with memory usage anywhere at or below L. Without swap memsw usage
+/// equals memory usage and M ≥ L: the memory limit is reached first, or both at once. At
+/// swappiness 0 the cgroup's reclaim never swaps: memsw usage grows only with memory usage
+/// (over what was swapped before), so the memory limit binds too. With M ≥ L + swap the memsw limit cannot be reached: the memory
+/// limit binds once swap is full, as without a memsw limit.
+pub fn binding_counter(
+    limit: u64,
+    memsw_limit: Option<u64>,
+    swap_total: u64,
+    swappiness: Option<u64>,
+) -> (Counter, u64) {
+    match memsw_limit {
+        Some(m)
+            if m < UNLIMITED
+                && swap_total > 0
+                && swappiness != Some(0)
+                && m < limit.saturating_add(swap_total) =>
+        {
+            (Counter::Memsw, m)
+        }
+        _ => (Counter::Memory, limit),
+    }
+}
+
+/// `SwapTotal` of `/proc/meminfo`, in bytes (0 when the line is missing).
+pub fn swap_total(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib.saturating_mul(1024))
+}
+
+/// The node's swap in bytes, from `/proc/meminfo` (0 when it cannot be read).
+pub fn node_swap_total() -> u64 {
+    fs::read_to_string("/proc/meminfo").map_or(0, |t| swap_total(&t))
+}
+
 /// `memory.limit_in_bytes` at or above this means "no limit" (the kernel reports
 /// `PAGE_COUNTER_MAX` pages rounded down, 9223372036854771712 on 4 KiB pages).
 pub const UNLIMITED: u64 = 1 << 62;
@@ -190,6 +262,36 @@ impl MemCgroup {
             Version::V1 => "memory.usage_in_bytes",
             Version::V2 => "memory.current",
         }
+    }
+
+    /// The file holding the usage of `counter`.
+    pub fn counter_file(&self, counter: Counter) -> &'static str {
+        match counter {
+            Counter::Memory => self.usage_file(),
+            Counter::Memsw => "memory.memsw.usage_in_bytes",
+        }
+    }
+
+    /// The usage of `counter` in bytes.
+    pub fn counter_usage(&self, counter: Counter) -> Result<u64> {
+        read_u64(&self.file(self.counter_file(counter)))
+    }
+
+    /// The counter the kernel's OOM of this cgroup comes from and its finite limit (see
+    /// [`binding_counter`]); `None` when the cgroup has no memory limit. `swap_total`: the
+    /// node's swap ([`node_swap_total`]). v2 has no memsw counter (its swap has a limit of
+    /// its own, `memory.swap.max`): always [`Counter::Memory`].
+    pub fn guarded_limit(&self, swap_total: u64) -> Result<Option<(Counter, u64)>> {
+        let Some(limit) = self.finite_limit()? else {
+            return Ok(None);
+        };
+        if self.is_v2() || swap_total == 0 {
+            return Ok(Some((Counter::Memory, limit)));
+        }
+        // Without swap accounting (no file) there is no memsw limit.
+        let memsw = read_u64(&self.file("memory.memsw.limit_in_bytes")).ok();
+        let swappiness = read_u64(&self.file("memory.swappiness")).ok();
+        Ok(Some(binding_counter(limit, memsw, swap_total, swappiness)))
     }
 
     pub fn exists(&self) -> bool {
@@ -640,6 +742,71 @@ total_rss 8388608\ntotal_shmem 4096\ntotal_inactive_file 1048576\ntotal_active_f
             !hierarchy_off(Some("")),
             "unreadable: the kernel's default, hierarchical"
         );
+    }
+
+    #[test]
+    fn memsw_binds_only_where_the_cgroup_can_swap_up_to_it() {
+        const M: u64 = 1 << 20;
+        let l = 256 * M;
+        let swap = 1024 * M;
+        assert_eq!(
+            binding_counter(l, Some(512 * M), swap, Some(60)),
+            (Counter::Memsw, 512 * M),
+            "docker's default, memsw = 2 × memory, on a node with swap"
+        );
+        assert_eq!(
+            binding_counter(l, Some(l), swap, Some(60)),
+            (Counter::Memsw, l),
+            "M = L: memsw usage ≥ memory usage reaches it first"
+        );
+        assert_eq!(
+            binding_counter(l, Some(512 * M), swap, None),
+            (Counter::Memsw, 512 * M),
+            "swappiness unknown: the kernel's default swaps"
+        );
+        assert_eq!(
+            binding_counter(l, Some(512 * M), 0, Some(60)),
+            (Counter::Memory, l),
+            "no swap: memsw usage = memory usage, M ≥ L"
+        );
+        assert_eq!(
+            binding_counter(l, Some(512 * M), swap, Some(0)),
+            (Counter::Memory, l),
+            "swappiness 0: the cgroup's memory is never swapped out"
+        );
+        assert_eq!(
+            binding_counter(l, Some(l + swap), swap, Some(60)),
+            (Counter::Memory, l),
+            "M ≥ L + swap cannot be reached"
+        );
+        assert_eq!(
+            binding_counter(l, Some(l + swap - 4096), swap, Some(60)),
+            (Counter::Memsw, l + swap - 4096)
+        );
+        assert_eq!(
+            binding_counter(l, Some(9223372036854771712), swap, Some(60)),
+            (Counter::Memory, l),
+            "unlimited memsw"
+        );
+        assert_eq!(
+            binding_counter(l, None, swap, Some(60)),
+            (Counter::Memory, l)
+        );
+        assert_eq!(
+            binding_counter(u64::MAX - 1, Some(u64::MAX), swap, Some(60)),
+            (Counter::Memory, u64::MAX - 1),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn swap_total_of_meminfo() {
+        let meminfo = "MemTotal:       24568424 kB\nSwapCached:            0 kB\n\
+                       SwapTotal:        131068 kB\nSwapFree:         131068 kB\n";
+        assert_eq!(swap_total(meminfo), 131068 * 1024);
+        assert_eq!(swap_total("SwapTotal:       0 kB\n"), 0);
+        assert_eq!(swap_total("MemTotal: 1 kB\n"), 0, "no such line");
+        assert_eq!(swap_total("SwapTotal: lots kB\n"), 0);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use thiserror::Error;
 
-use crate::cgroup::MemCgroup;
+use crate::cgroup::{Counter, MemCgroup};
 use crate::state::{AgentState, CgroupState, LastAction};
 
 /// The socket's file name inside the state directory.
@@ -88,9 +88,15 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CgroupView {
     pub path: String,
-    /// The limit the thresholds were computed from (`memory.limit_in_bytes`; v2 `memory.max`).
+    /// The counter the cgroup is guarded on: `memory`, or `memsw` (memory and swap, where a
+    /// v1 memsw limit binds). Absent from older agents' answers: `memory`.
+    #[serde(default)]
+    pub counter: Counter,
+    /// The limit the thresholds were computed from (`memory.limit_in_bytes`; v2 `memory.max`;
+    /// `memory.memsw.limit_in_bytes` when guarded on memsw).
     pub limit: u64,
-    /// `memory.usage_in_bytes` (v2: `memory.current`).
+    /// The counter's usage: `memory.usage_in_bytes` (v2: `memory.current`;
+    /// `memory.memsw.usage_in_bytes` when guarded on memsw).
     pub usage: Option<u64>,
     pub margin: u64,
     /// The kill threshold: `limit - margin`, whole pages.
@@ -343,8 +349,9 @@ fn view(cg: crate::state::GuardedCgroup) -> CgroupView {
     let mem = MemCgroup::new(&cg.path);
     CgroupView {
         path: cg.path.display().to_string(),
+        counter: cg.thresholds.counter,
         limit: cg.thresholds.limit,
-        usage: mem.usage().ok(),
+        usage: mem.counter_usage(cg.thresholds.counter).ok(),
         margin: cg.thresholds.margin,
         threshold: cg.thresholds.kill,
         reclaim_threshold: cg.thresholds.reclaim,
@@ -501,6 +508,7 @@ mod tests {
         assert_eq!(cgroups[0].threshold, th.kill);
         assert_eq!(cgroups[0].reclaim_threshold, th.reclaim);
         assert_eq!(cgroups[0].usage, None, "the cgroup does not exist");
+        assert_eq!(cgroups[0].counter, Counter::Memory);
 
         state.decision(&decision("/nonexistent/cg"));
         let mut seen = Vec::new();

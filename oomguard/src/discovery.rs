@@ -49,6 +49,10 @@ pub struct Discovery {
     /// Directories inotify could not watch for want of watches (ENOSPC); said once.
     unwatched: std::collections::HashSet<PathBuf>,
     enospc_said: bool,
+    /// The node's swap (`SwapTotal`), read at each rescan: whether a memsw limit can bind
+    /// ([`crate::cgroup::binding_counter`]). Swap switched on or off between rescans is
+    /// seen by the next one.
+    swap_total: u64,
 }
 
 /// Delays after mkdir at which a cgroup without a limit is looked at again (--no-inotify).
@@ -56,6 +60,14 @@ const LIMIT_RECHECKS: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(10),
     std::time::Duration::from_millis(100),
     std::time::Duration::from_secs(1),
+];
+
+/// Files whose change moves a cgroup's thresholds or the counter it is guarded on.
+const LIMIT_FILES: [&str; 4] = [
+    "memory.limit_in_bytes",
+    "memory.max",
+    "memory.memsw.limit_in_bytes",
+    "memory.swappiness",
 ];
 
 const DIR_EVENTS: WatchMask = WatchMask::CREATE
@@ -85,6 +97,7 @@ impl Discovery {
             watcher: None,
             unwatched: std::collections::HashSet::new(),
             enospc_said: false,
+            swap_total: crate::cgroup::node_swap_total(),
         })
     }
 
@@ -205,8 +218,9 @@ impl Discovery {
         } else if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::DELETE) {
             self.forget_subtree(child);
         } else if mask.contains(EventMask::MODIFY)
-            && (child.file_name() == Some(OsStr::new("memory.limit_in_bytes"))
-                || child.file_name() == Some(OsStr::new("memory.max")))
+            && child
+                .file_name()
+                .is_some_and(|f| LIMIT_FILES.iter().any(|l| f == OsStr::new(l)))
         {
             self.reconcile(&MemCgroup::new(dir));
         }
@@ -322,6 +336,7 @@ impl Discovery {
     /// milliseconds until every kill threshold was armed (the reclaim thresholds follow).
     pub fn rescan(&mut self) -> u64 {
         let t0 = std::time::Instant::now();
+        self.swap_total = crate::cgroup::node_swap_total();
         let (all, unlisted) = self.config.root.walk();
         let walked_ms = t0.elapsed().as_millis() as u64;
         test_pause(&self.config.root.path, "listed, not yet watched");
@@ -458,7 +473,7 @@ impl Discovery {
     /// What `cg` needs: `Some(thresholds)` to (re-)arm; disarming and failures are
     /// handled here.
     fn plan(&mut self, cg: &MemCgroup) -> Option<Thresholds> {
-        let limit = match cg.finite_limit() {
+        let limit = match cg.guarded_limit(self.swap_total) {
             Ok(l) => l,
             Err(e) if e.is_gone() => {
                 self.forget(&cg.path);
@@ -469,7 +484,9 @@ impl Discovery {
                 return None;
             }
         };
-        let Some(thresholds) = limit.and_then(|l| self.config.margins.thresholds(l)) else {
+        let Some(thresholds) =
+            limit.and_then(|(counter, l)| self.config.margins.thresholds_on(counter, l))
+        else {
             self.forget(&cg.path);
             return None;
         };
@@ -510,6 +527,7 @@ impl Discovery {
                 }
                 tracing::info!(
                     cgroup = %cg.path.display(),
+                    counter = thresholds.counter.as_str(),
                     limit = thresholds.limit,
                     margin = thresholds.margin,
                     threshold = thresholds.kill,
@@ -639,7 +657,7 @@ fn arm_all(cg: &MemCgroup, t: Thresholds) -> ArmResult {
 
 /// Arms the reclaim threshold alone (a walk arms it after [`arm_guard`]).
 fn arm_reclaim(cg: &MemCgroup, t: Thresholds) -> Result<std::os::fd::OwnedFd, String> {
-    arm(&cg.path, Notifier::Usage(t.reclaim)).map_err(|e| crate::error_line(&e))
+    arm(&cg.path, Notifier::Usage(t.counter, t.reclaim)).map_err(|e| crate::error_line(&e))
 }
 
 /// Arms the kill threshold (required) and the OOM notifier: what guards the cgroup. A v2
@@ -656,7 +674,7 @@ fn arm_guard(cg: &MemCgroup, t: Thresholds) -> ArmResult {
         return Ok((armed, None));
     }
     let err = |e: crate::threshold::ArmError| crate::error_line(&e);
-    let kill_fd = Some(arm(&cg.path, Notifier::Usage(t.kill)).map_err(err)?);
+    let kill_fd = Some(arm(&cg.path, Notifier::Usage(t.counter, t.kill)).map_err(err)?);
     let (oom_fd, oom_error) = match arm(&cg.path, Notifier::Oom) {
         Ok(fd) => (Some(fd), None),
         Err(e) => (None, Some(err(e))),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use crate::cgroup::MemStat;
+use crate::cgroup::{Counter, MemStat};
 use crate::config::Policy;
 use crate::events::{EventRequest, EventSink, Involved, Reason};
 use crate::kill::Outcome;
@@ -77,6 +77,9 @@ pub struct Decision {
     pub oomcgroup: String,
     /// The cgroup of the (first) victim, if any.
     pub proccgroup: String,
+    /// The counter `limit`, `threshold` and `usage` are of: `memory`, or `memsw` (memory
+    /// and swap, where a v1 memsw limit binds).
+    pub counter: Counter,
     pub limit: u64,
     pub threshold: u64,
     pub usage: u64,
@@ -124,6 +127,7 @@ impl Decision {
             policy,
             oomcgroup: oomcgroup.into(),
             proccgroup: String::new(),
+            counter: Counter::Memory,
             limit: 0,
             threshold: 0,
             usage: 0,
@@ -199,6 +203,7 @@ pub fn log_decision(d: &Decision) {
         timestamp = %d.timestamp,
         oomcgroup = %d.oomcgroup,
         proccgroup = %d.proccgroup,
+        counter = d.counter.as_str(),
         limit = d.limit,
         threshold = d.threshold,
         usage = d.usage,

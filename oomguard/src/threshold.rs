@@ -13,6 +13,8 @@ use std::path::Path;
 use rustix::event::{EventfdFlags, eventfd};
 use thiserror::Error;
 
+use crate::cgroup::Counter;
+
 const PAGE: u64 = 4096;
 
 fn page_floor(bytes: u64) -> u64 {
@@ -37,9 +39,11 @@ impl Default for Margins {
     }
 }
 
-/// The thresholds of one cgroup, all in bytes.
+/// The thresholds of one cgroup, all in bytes, on the usage of `counter`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Thresholds {
+    /// The counter whose usage is compared (its limit is `limit`).
+    pub counter: Counter,
     pub limit: u64,
     pub margin: u64,
     /// At or above this usage the policy acts.
@@ -61,6 +65,12 @@ impl Margins {
     /// threshold that way, and the guard must compare usage against the very value the
     /// kernel signals on, or a crossing inside the last page would read as "below".
     pub fn thresholds(&self, limit: u64) -> Option<Thresholds> {
+        self.thresholds_on(Counter::Memory, limit)
+    }
+
+    /// [`Margins::thresholds`] on the usage of `counter`, whose limit is `limit`: the same
+    /// margin rule whichever counter binds.
+    pub fn thresholds_on(&self, counter: Counter, limit: u64) -> Option<Thresholds> {
         let margin = self.margin(limit);
         let kill = page_floor(limit.checked_sub(margin)?);
         if kill == 0 {
@@ -68,6 +78,7 @@ impl Margins {
         }
         let reclaim = page_floor(kill.saturating_sub(margin)).max(PAGE);
         Some(Thresholds {
+            counter,
             limit,
             margin,
             kill,
@@ -103,8 +114,9 @@ pub enum ArmError {
 /// Which file a notification eventfd is registered against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notifier {
-    /// `memory.usage_in_bytes` crossing a threshold (either direction), or the cgroup's removal.
-    Usage(u64),
+    /// The counter's usage file (`memory.usage_in_bytes`, `memory.memsw.usage_in_bytes`)
+    /// crossing a threshold (either direction), or the cgroup's removal.
+    Usage(Counter, u64),
     /// `memory.oom_control`: the kernel OOM path ran in this cgroup.
     Oom,
 }
@@ -145,7 +157,8 @@ pub fn arm(cgroup: &Path, notifier: Notifier) -> Result<OwnedFd, ArmError> {
         }
     };
     let watched_name = match notifier {
-        Notifier::Usage(_) => "memory.usage_in_bytes",
+        Notifier::Usage(Counter::Memory, _) => "memory.usage_in_bytes",
+        Notifier::Usage(Counter::Memsw, _) => "memory.memsw.usage_in_bytes",
         Notifier::Oom => "memory.oom_control",
     };
     let watched = std::fs::File::open(cgroup.join(watched_name))
@@ -169,7 +182,7 @@ pub fn arm(cgroup: &Path, notifier: Notifier) -> Result<OwnedFd, ArmError> {
         return Err(out_of_fds());
     }
     let line = match notifier {
-        Notifier::Usage(bytes) => {
+        Notifier::Usage(_, bytes) => {
             format!("{} {} {}", efd.as_raw_fd(), watched.as_raw_fd(), bytes)
         }
         Notifier::Oom => format!("{} {}", efd.as_raw_fd(), watched.as_raw_fd()),
@@ -179,7 +192,7 @@ pub fn arm(cgroup: &Path, notifier: Notifier) -> Result<OwnedFd, ArmError> {
         .map_err(|source| ArmError::Register {
             cgroup: name(),
             bytes: match notifier {
-                Notifier::Usage(b) => b,
+                Notifier::Usage(_, b) => b,
                 Notifier::Oom => 0,
             },
             source,
@@ -230,6 +243,20 @@ mod tests {
         assert_eq!(t.kill % 4096, 0);
         assert_eq!(t.reclaim % 4096, 0);
         assert!(t.kill <= 128 * M - t.margin && t.kill > 128 * M - t.margin - 4096);
+    }
+
+    #[test]
+    fn memsw_thresholds_follow_the_same_rule() {
+        let m = Margins::default();
+        let memsw = m.thresholds_on(Counter::Memsw, 1000 * M).unwrap();
+        let memory = m.thresholds(1000 * M).unwrap();
+        assert_eq!(memsw.counter, Counter::Memsw);
+        assert_eq!(memory.counter, Counter::Memory);
+        assert_eq!(
+            (memsw.limit, memsw.margin, memsw.kill, memsw.reclaim),
+            (memory.limit, memory.margin, memory.kill, memory.reclaim)
+        );
+        assert_ne!(memsw, memory, "a change of counter re-arms");
     }
 
     #[test]

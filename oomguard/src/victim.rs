@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::MemCgroup;
+use crate::cgroup::{Counter, MemCgroup};
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const OOM_SCORE_ADJ_MIN: i32 = -1000;
@@ -47,10 +47,17 @@ pub struct Task {
 }
 
 impl Task {
-    /// What killing it gives back to its cgroup: anonymous memory and page tables. Its file
-    /// and shmem pages stay charged (cache, tmpfs) after it dies.
-    pub fn freeable_bytes(&self) -> u64 {
-        self.anon_bytes.saturating_add(self.pgtables_bytes)
+    /// What killing it gives back to its cgroup's `counter`: anonymous memory and page
+    /// tables, and on memsw its swap entries too (freed swap is uncharged from memsw, not
+    /// from memory). Its file and shmem pages stay charged (cache, tmpfs) after it dies.
+    pub fn freeable_bytes(&self, counter: Counter) -> u64 {
+        let swap = match counter {
+            Counter::Memory => 0,
+            Counter::Memsw => self.swap_bytes,
+        };
+        self.anon_bytes
+            .saturating_add(self.pgtables_bytes)
+            .saturating_add(swap)
     }
 }
 
@@ -305,6 +312,15 @@ mod tests {
         assert_eq!(badness(&t, 1000 * M), 500 * 256);
         let t = task(1, 100, -1000 + 1);
         assert!(badness(&t, 1000 * M) < 0);
+    }
+
+    #[test]
+    fn swap_is_freed_on_memsw_only() {
+        let mut t = task(1, 100, 0);
+        t.swap_bytes = 30 * M;
+        t.pgtables_bytes = 4096;
+        assert_eq!(t.freeable_bytes(Counter::Memory), 100 * M + 4096);
+        assert_eq!(t.freeable_bytes(Counter::Memsw), 130 * M + 4096);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `oomguard cgroups [--json]`: every cgroup the running agent guards, from its control
-//! socket.
+//! socket. Where some cgroup is guarded on memsw (a v1 memsw limit binds), column `ON` names
+//! each one's counter (`memory` or `memsw`): LIMIT, USAGE and the thresholds are that
+//! counter's.
 
 use std::process::ExitCode;
 
 use super::args::CgroupsArgs;
 use super::{Align, Paint, Table, bytes, or_dash, short_cgroup};
+use crate::cgroup::Counter;
 use crate::control::{CgroupView, Client};
 
 pub fn main(args: CgroupsArgs) -> ExitCode {
@@ -24,8 +27,14 @@ pub fn main(args: CgroupsArgs) -> ExitCode {
 }
 
 fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
-    let mut t = Table::new(&[
-        ("CGROUP", Align::Left),
+    // The counter column only where some cgroup is guarded on memsw: on most nodes every
+    // cgroup is guarded on memory, and the column would take room from the paths.
+    let memsw = cgroups.iter().any(|c| c.counter != Counter::Memory);
+    let mut headers = vec![("CGROUP", Align::Left)];
+    if memsw {
+        headers.push(("ON", Align::Left));
+    }
+    headers.extend([
         ("LIMIT", Align::Right),
         ("USAGE", Align::Right),
         ("RECLAIM", Align::Right),
@@ -33,8 +42,8 @@ fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
         ("CACHE", Align::Right),
         ("STATE", Align::Left),
         ("LAST ACTION", Align::Left),
-    ])
-    .paint(6, |state| match state {
+    ]);
+    let mut t = Table::new(&headers).paint(headers.len() - 2, |state| match state {
         "acting" => Some(Paint::Red),
         "reclaiming" | "cooling down" => Some(Paint::Yellow),
         _ => None,
@@ -44,8 +53,11 @@ fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
             (Some(comm), Some(pid)) => format!("{} {pid} {comm}", a.action),
             _ => a.action.clone(),
         });
-        t.row(vec![
-            short_cgroup(&c.path, mount),
+        let mut row = vec![short_cgroup(&c.path, mount)];
+        if memsw {
+            row.push(c.counter.as_str().to_string());
+        }
+        row.extend([
             bytes(c.limit),
             or_dash(c.usage.map(bytes)),
             bytes(c.reclaim_threshold),
@@ -54,6 +66,7 @@ fn table(cgroups: &[CgroupView], mount: Option<&std::path::Path>) -> Table {
             c.state.as_str().to_string(),
             or_dash(last),
         ]);
+        t.row(row);
     }
     t
 }
@@ -70,6 +83,7 @@ mod tests {
                 "/sys/fs/cgroup/memory/kubepods/burstable/pod{}",
                 "a".repeat(60)
             ),
+            counter: Counter::Memory,
             limit: 1000 << 20,
             usage: Some(500 << 20),
             margin: 20 << 20,
@@ -85,7 +99,10 @@ mod tests {
                 comm: Some("oomguard-memhog".into()),
             }),
         };
-        let t = table(&[view], Some(std::path::Path::new("/sys/fs/cgroup/memory")));
+        let t = table(
+            std::slice::from_ref(&view),
+            Some(std::path::Path::new("/sys/fs/cgroup/memory")),
+        );
         let lines = t.lines(Some(100));
         assert_eq!(lines.len(), 2);
         assert!(lines.iter().all(|l| l.chars().count() <= 100), "{lines:#?}");
@@ -94,6 +111,25 @@ mod tests {
         let uncut = t.lines(None);
         assert!(uncut[1].starts_with(&format!("/kubepods/burstable/pod{}  ", "a".repeat(60))));
         assert!(lines[1].contains("980.0M") && lines[1].contains("cooling down"));
+        assert!(!uncut[0].contains(" ON "), "no memsw, no counter column");
+
+        let mut memsw = view.clone();
+        memsw.path = "/sys/fs/cgroup/memory/docker/abc".into();
+        memsw.counter = Counter::Memsw;
+        let t = table(
+            &[view, memsw],
+            Some(std::path::Path::new("/sys/fs/cgroup/memory")),
+        );
+        let uncut = t.lines(None);
+        assert!(
+            uncut[0].starts_with("CGROUP") && uncut[0].contains("  ON "),
+            "{uncut:#?}"
+        );
+        assert!(uncut[1].contains("  memory  "), "{uncut:#?}");
+        assert!(
+            uncut[2].starts_with("/docker/abc") && uncut[2].contains("  memsw "),
+            "{uncut:#?}"
+        );
         assert!(uncut[1].ends_with("kill 4242 oomguard-memhog"));
     }
 }

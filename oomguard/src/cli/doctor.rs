@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::args::DoctorArgs;
 use super::{Align, Paint, Table, error_line};
-use crate::cgroup::{MemCgroup, cgroup_of_pid};
+use crate::cgroup::{Counter, MemCgroup, cgroup_of_pid};
 use crate::threshold::{Notifier, arm};
 
 /// How a check came out.
@@ -363,9 +363,11 @@ fn cgroup_checks(checks: &mut Vec<Check>) {
             Ok(format!("present; {tried_on}"))
         } else {
             let outcome = match file {
-                "cgroup.event_control" => arm(&target.path, Notifier::Usage(1 << 40))
-                    .map(drop)
-                    .map_err(|e| error_line(&e)),
+                "cgroup.event_control" => {
+                    arm(&target.path, Notifier::Usage(Counter::Memory, 1 << 40))
+                        .map(drop)
+                        .map_err(|e| error_line(&e))
+                }
                 "memory.oom_control" => arm(&target.path, Notifier::Oom)
                     .map(drop)
                     .map_err(|e| error_line(&e)),

@@ -51,7 +51,7 @@ impl Guard {
                 self.reg.entries.get(p).is_some_and(|e| {
                     e.armed
                         .cgroup
-                        .usage()
+                        .counter_usage(e.armed.thresholds.counter)
                         .is_ok_and(|u| u >= e.armed.thresholds.kill)
                 })
             })
@@ -73,6 +73,7 @@ impl Guard {
         let cg = e.armed.cgroup.clone();
         let limit = e.armed.thresholds.limit;
         let margin = e.armed.thresholds.margin;
+        let counter = e.armed.thresholds.counter;
         let hard = decide::unreclaimable(usage, cache);
         let container_detail = e.no_container.take();
         let by_runtime = cfg.policy == Policy::Container
@@ -149,7 +150,7 @@ impl Guard {
         let any = !ranked.is_empty();
         let helping: Vec<&victim::Candidate> = ranked
             .iter()
-            .filter(|c| decide::can_help(c.task.freeable_bytes(), overshoot, margin))
+            .filter(|c| decide::can_help(c.task.freeable_bytes(counter), overshoot, margin))
             .collect();
         if job.is_some() {
             // Signalled from the victim made ready before the crossing.
@@ -157,7 +158,7 @@ impl Guard {
             d.action = Action::NoHelp;
             let best = ranked
                 .iter()
-                .map(|c| c.task.freeable_bytes())
+                .map(|c| c.task.freeable_bytes(counter))
                 .max()
                 .unwrap_or(0);
             d.detail = format!(
@@ -286,9 +287,11 @@ impl Guard {
 
     /// The victim made ready before the crossing, if it is fresh and its death can help.
     fn take_ready(&mut self, path: &Path, overshoot: u64, margin: u64) -> Option<Ready> {
-        let r = self.reg.entries.get_mut(path)?.ready.take()?;
+        let e = self.reg.entries.get_mut(path)?;
+        let counter = e.armed.thresholds.counter;
+        let r = e.ready.take()?;
         (r.at.elapsed() < READY_FRESH
-            && decide::can_help(r.victim.task.freeable_bytes(), overshoot, margin))
+            && decide::can_help(r.victim.task.freeable_bytes(counter), overshoot, margin))
         .then_some(r)
     }
 

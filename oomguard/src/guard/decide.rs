@@ -121,7 +121,7 @@ impl Guard {
         }
         let cg = e.armed.cgroup.clone();
         let th = e.armed.thresholds;
-        let usage = match e.files.usage(&cg) {
+        let usage = match e.files.usage(&cg, th.counter) {
             Ok(u) => u,
             Err(err) if err.is_gone() => {
                 // Removal also signals the eventfd: forget the cgroup.

@@ -6,10 +6,12 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use crate::cgroup::{MemCgroup, MemStat, Result, numa_file_pages};
+use crate::cgroup::{Counter, MemCgroup, MemStat, Result, numa_file_pages};
 
-/// A guarded cgroup's usage file (opened on the first reading) and `memory.stat` (opened
-/// when its kill threshold comes near, or on the first reading of it).
+/// A guarded cgroup's usage file (of the counter it is guarded on; opened on the first
+/// reading) and `memory.stat` (opened when its kill threshold comes near, or on the first
+/// reading of it). A re-armed cgroup gets a new entry, so a change of counter opens the
+/// other file.
 #[derive(Default)]
 pub(super) struct CgroupFiles {
     usage: Option<File>,
@@ -19,12 +21,12 @@ pub(super) struct CgroupFiles {
 }
 
 impl CgroupFiles {
-    pub fn usage(&mut self, cg: &MemCgroup) -> Result<u64> {
+    pub fn usage(&mut self, cg: &MemCgroup, counter: Counter) -> Result<u64> {
         let mut buf = [0u8; 32];
-        let path = || cg.file(cg.usage_file());
+        let path = || cg.file(cg.counter_file(counter));
         match kept(&mut self.usage, path, &mut buf).and_then(|t| t.trim().parse().ok()) {
             Some(v) => Ok(v),
-            None => cg.usage(),
+            None => cg.counter_usage(counter),
         }
     }
 

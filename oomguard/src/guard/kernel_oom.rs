@@ -188,7 +188,11 @@ impl Guard {
             return;
         }
         e.oom_report = None;
-        let usage = e.armed.cgroup.usage().unwrap_or(0);
+        let usage = e
+            .armed
+            .cgroup
+            .counter_usage(e.armed.thresholds.counter)
+            .unwrap_or(0);
         let stats = e.armed.cgroup.stat().unwrap_or_default();
         let victims = take_victims(&mut self.reg, path);
         let mut d = self.decision(&self.reg.entries[path], Action::KernelOom, usage, stats);

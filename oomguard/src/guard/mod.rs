@@ -533,6 +533,7 @@ impl Guard {
             action,
             e.armed.cgroup.path.display().to_string(),
         );
+        d.counter = e.armed.thresholds.counter;
         d.limit = e.armed.thresholds.limit;
         d.threshold = e.armed.thresholds.kill;
         d.usage = usage;

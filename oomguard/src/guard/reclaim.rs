@@ -21,7 +21,7 @@ impl Guard {
         if let Some(fd) = &e.armed.reclaim_fd {
             drain(fd);
         }
-        let usage = match e.files.usage(&e.armed.cgroup) {
+        let usage = match e.files.usage(&e.armed.cgroup, e.armed.thresholds.counter) {
             Ok(u) => u,
             Err(_) => return,
         };

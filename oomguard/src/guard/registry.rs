@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::kernel_oom::HeldReport;
 use super::{Armed, Guard, Kind};
+use crate::cgroup::Counter;
 use crate::policy::State;
 use crate::report::Killed;
 use crate::threshold::Thresholds;
@@ -307,7 +308,10 @@ impl Guard {
             tokens.extend(self.register(fd, &path, Kind::Oom));
         }
         let oom_kills_seen = armed.cgroup.subtree_oom_kills();
+        // The eBPF programs read the memory page counter, not memsw: a cgroup guarded on
+        // memsw is left to its eventfds.
         if let Some(bpf) = &self.deps.ebpf
+            && armed.thresholds.counter == Counter::Memory
             && let Err(e) = bpf.set_thresholds(id, armed.thresholds.reclaim, armed.thresholds.kill)
         {
             tracing::warn!(cgroup = %path.display(), error = %e, "cannot set the eBPF thresholds; the eventfds still guard it");
@@ -398,6 +402,7 @@ pub(super) mod tests {
         let armed = Armed {
             cgroup: MemCgroup::new(Path::new(path)),
             thresholds: Thresholds {
+                counter: Counter::Memory,
                 limit: 100,
                 margin: 10,
                 kill: 90,

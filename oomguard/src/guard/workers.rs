@@ -235,7 +235,7 @@ fn run(ctx: &Context, job: Job) -> Done {
                     }
             );
             decision.killed.push(Killed::new(&victim, Some(outcome)));
-            if let Ok(after) = cgroup.usage() {
+            if let Ok(after) = cgroup.counter_usage(decision.counter) {
                 // Kept: why the process policy acted (e.g. no container was found).
                 if !decision.detail.is_empty() {
                     decision.detail += "; ";

@@ -26,5 +26,5 @@ fn try_memcg_pressure(ctx: &RawTracePointContext) -> Result<()> {
     if item != offset!(pgpgin) && item != offset!(pgpgout) {
         return Ok(());
     }
-    crossing::check_memcg(ctx, ctx.arg::<u64>(0)).map(drop)
+    crossing::check_memcg(ctx, ctx.arg::<u64>(0), true).map(drop)
 }

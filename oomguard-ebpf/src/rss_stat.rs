@@ -54,7 +54,7 @@ fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
         // SAFETY: a helper without arguments.
         let task = unsafe { bpf_get_current_task() };
         kernel::task_memcg(task)
-            .and_then(|memcg| crossing::check_memcg(ctx, memcg))
+            .and_then(|memcg| crossing::check_memcg(ctx, memcg, false))
             .map(|near| slot.near = u64::from(near))
     } else {
         Ok(())

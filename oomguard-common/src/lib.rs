@@ -43,6 +43,10 @@ pub mod kind {
     pub const CGROUP_MKDIR: u32 = 5;
     /// A cgroup was removed from the memory hierarchy ([`super::CgroupEvent`]).
     pub const CGROUP_RMDIR: u32 = 6;
+    /// A guarded cgroup's usage came within `approach_bytes` of its lowest threshold
+    /// ([`super::Event`], `threshold_bytes`: that threshold): user space attaches the charge
+    /// program (see [`super::state::NEAR`]).
+    pub const APPROACH: u32 = 7;
 }
 
 /// Bits of [`Thresholds::state`].
@@ -51,6 +55,11 @@ pub mod state {
     pub const ABOVE_RECLAIM: u64 = 1;
     /// Usage is above the kill threshold.
     pub const ABOVE_KILL: u64 = 2;
+    /// Usage came within `approach_bytes` of the lowest threshold (an
+    /// [`super::kind::APPROACH`] record was sent); cleared by the charge program once usage
+    /// is `approach_bytes + rearm_bytes` below it. User space keeps the charge program
+    /// attached while any guarded cgroup has this bit.
+    pub const NEAR: u64 = 4;
 }
 
 /// Kernel layout the programs need, computed by user space from BTF and tracefs and written
@@ -71,6 +80,10 @@ pub struct Offsets {
     /// its usage is within this many bytes of the lowest one: more than one charge can move
     /// usage (a huge page plus a charge batch), so no crossing or re-arm is skipped.
     pub near_bytes: u64,
+    /// Usage this close to a guarded cgroup's lowest threshold sets its [`state::NEAR`] bit
+    /// and sends a [`kind::APPROACH`] record; 0: no approach records (the charge program, if
+    /// any, is attached all the time).
+    pub approach_bytes: u64,
     /// `struct mem_cgroup`: `css` (a `struct cgroup_subsys_state`) and `memory` (a
     /// `struct page_counter`).
     pub memcg_css: u32,
@@ -205,7 +218,7 @@ pub struct CgroupEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Offsets>() == 5 * 8 + 34 * 4);
+    assert!(core::mem::size_of::<Offsets>() == 6 * 8 + 34 * 4);
     assert!(core::mem::size_of::<Thresholds>() == 32);
     assert!(core::mem::size_of::<TaskScore>() == 56);
     assert!(core::mem::size_of::<Event>() == 72);

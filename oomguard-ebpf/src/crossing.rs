@@ -13,6 +13,13 @@
 //! Crossings are edge-triggered: the first CPU to see usage at or above a threshold sets the
 //! cgroup's "above" bit with an atomic `fetch_or` and sends the one record; the bit is cleared
 //! once usage falls `rearm_bytes` below.
+//!
+//! Approach (where user space sets `approach_bytes`: the charge program is attached on
+//! demand): usage within `approach_bytes` of the lowest threshold sets the cgroup's `NEAR` bit
+//! the same way and sends one `APPROACH` record, on which user space attaches the charge
+//! program. The charge program (`on_charge`), which sees every charge and uncharge while it is
+//! attached, clears the bit once usage is `approach_bytes + rearm_bytes` below; user space
+//! detaches it when no guarded cgroup has the bit.
 
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
@@ -43,9 +50,10 @@ struct Guarded {
 }
 
 /// Checks the guarded ancestors of `memcg` (a `struct mem_cgroup *`) for crossings; true when
-/// one of them is within `near_bytes` of (or above) its lowest threshold.
+/// one of them is within `near_bytes` of (or above) its lowest threshold. `on_charge`: the
+/// caller is the charge program, which also clears the `NEAR` bits of cgroups gone far.
 #[inline(always)]
-pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<bool> {
+pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64, on_charge: bool) -> Result<bool> {
     let page = kernel::page_size()?;
     let serial = kernel::memcg_serial(memcg)?;
     let generation = GENERATION.get(0).copied().unwrap_or(0);
@@ -66,16 +74,41 @@ pub fn check_memcg<C: EbpfContext>(ctx: &C, memcg: u64) -> Result<bool> {
             break;
         }
         let guarded = cache.guarded[i];
+        // At most half the threshold: a small cgroup is not near from its first page on.
+        let approach = offset!(approach_bytes).min(guarded.lowest / 2);
+        let watch = if approach > near { approach } else { near };
         let usage = kernel::memcg_usage(guarded.memcg)? * page;
-        if usage.saturating_add(near) < guarded.lowest {
+        if usage.saturating_add(watch) < guarded.lowest {
+            if on_charge && approach != 0 {
+                leave(guarded, usage, approach);
+            }
             continue;
         }
-        any_near = true;
+        any_near |= usage.saturating_add(near) >= guarded.lowest;
         if let Some(thresholds) = THRESHOLDS.get_ptr_mut(guarded.id) {
-            check(ctx, thresholds, guarded.id, usage)?;
+            check(ctx, thresholds, guarded, usage, approach)?;
         }
     }
     Ok(any_near)
+}
+
+/// Clears the `NEAR` bit of a guarded cgroup whose usage is `approach + rearm_bytes` below its
+/// lowest threshold (the charge program only: it runs while some cgroup is near, and sees
+/// the uncharges that take usage down).
+#[inline(always)]
+fn leave(guarded: Guarded, usage: u64, approach: u64) {
+    if usage.saturating_add(approach + offset!(rearm_bytes)) >= guarded.lowest {
+        return;
+    }
+    let Some(thresholds) = THRESHOLDS.get_ptr_mut(guarded.id) else {
+        return;
+    };
+    // SAFETY: a field of the live map value, shared only through atomic operations.
+    let bits = unsafe { core::ptr::addr_of_mut!((*thresholds).state) };
+    // SAFETY: `bits` points into the live map value.
+    if unsafe { atomic::load_u64(bits) } & state::NEAR != 0 {
+        unsafe { atomic::fetch_and(bits, !state::NEAR) };
+    }
 }
 
 /// Fills `cache` with the guarded memcgs from `memcg` up.
@@ -113,9 +146,11 @@ fn walk(cache: &mut WalkCache, mut memcg: u64) -> Result<()> {
 fn check<C: EbpfContext>(
     ctx: &C,
     thresholds: *mut Thresholds,
-    cgroup_id: u64,
+    guarded: Guarded,
     usage: u64,
+    approach: u64,
 ) -> Result<()> {
+    let cgroup_id = guarded.id;
     // SAFETY: the map value stays valid for this program run; the thresholds are only written
     // by user space, which replaces the whole value.
     let (reclaim, kill) = unsafe { ((*thresholds).reclaim_bytes, (*thresholds).kill_bytes) };
@@ -124,6 +159,27 @@ fn check<C: EbpfContext>(
     // SAFETY: a field of the live map value.
     let bits = unsafe { core::ptr::addr_of_mut!((*thresholds).state) };
     let rearm = offset!(rearm_bytes);
+
+    if approach != 0 && usage.saturating_add(approach) >= guarded.lowest {
+        // SAFETY: `bits` points into the live map value.
+        let before = unsafe { atomic::fetch_or(bits, state::NEAR) };
+        if before & state::NEAR == 0 {
+            let sent = kernel::emit(&Event {
+                kind: kind::APPROACH,
+                pid: (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32,
+                cgroup_id,
+                ktime_ns: kernel::now_ns(),
+                usage_bytes: usage,
+                threshold_bytes: guarded.lowest,
+                ..Event::default()
+            });
+            if sent.is_err() {
+                // Not sent: the next charge tries again.
+                // SAFETY: as above.
+                unsafe { atomic::fetch_and(bits, !state::NEAR) };
+            }
+        }
+    }
 
     let crossed = if kill != 0 && usage >= kill {
         // SAFETY (all atomics below): `bits` points into the live map value.

@@ -43,6 +43,7 @@ static OFFSETS: Offsets = Offsets {
     at_limit_interval_ns: 0,
     at_limit_slack_bytes: 0,
     near_bytes: 0,
+    approach_bytes: 0,
     memcg_css: 0,
     memcg_memory: 0,
     counter_usage: 0,

@@ -4,9 +4,11 @@
 //! for every uncharge) through `count_memcg_events(struct mem_cgroup *, item, val)`, after the
 //! page counter moved and before the v1 threshold notifier runs: every charge, page cache and
 //! kernel memory included, and never later than the eventfd. The tracepoint is new (about
-//! 6.13) and fires about 2.6 times per faulted page (against about once for `rss_stat`), so
-//! it is the crossing program on v1 where it exists, `rss_stat` elsewhere. The check is in
-//! [`crate::crossing`].
+//! 6.13) and fires about 2.7 times per faulted page on every memcg of the node (against about
+//! 1.3 times for `rss_stat`), so on v1 user space attaches it only while a guarded cgroup is
+//! near its thresholds (`oomguard::bpf::on_demand`): `rss_stat` carries the crossings the
+//! rest of the time. While attached, it also clears the `NEAR` bit of cgroups gone far again.
+//! The check is in [`crate::crossing`].
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
@@ -26,5 +28,5 @@ fn try_memcg_pressure(ctx: &RawTracePointContext) -> Result<()> {
     if item != offset!(pgpgin) && item != offset!(pgpgout) {
         return Ok(());
     }
-    crossing::check_memcg(ctx, ctx.arg::<u64>(0)).map(drop)
+    crossing::check_memcg(ctx, ctx.arg::<u64>(0), true).map(drop)
 }

@@ -4,8 +4,9 @@
 //! The jobs are chosen by user space in `RSS_ROLES` after attaching (so a crossing program
 //! that failed to attach can fall back to this one):
 //!
-//! - **Crossings** (kernel 5.5+, v1 and v2; the crossing program on v2 and where
-//!   `count_memcg_events` is missing): the event fires in the faulting task for anonymous, file and
+//! - **Crossings** (kernel 5.5+, v1 and v2; the crossing program everywhere, joined on v1 by
+//!   `count_memcg_events` while a guarded cgroup is near, on its `APPROACH` record sent from
+//!   here): the event fires in the faulting task for anonymous, file and
 //!   shmem faults, the charges that grow a cgroup to its OOM, so the current task's memory
 //!   cgroup (`task->cgroups->subsys[memory]`) and its guarded ancestors are checked
 //!   ([`crate::crossing`]). Page cache filled by `read`/`write` and kernel memory are charged
@@ -54,7 +55,7 @@ fn try_rss_stat(ctx: &RawTracePointContext) -> Result<()> {
         // SAFETY: a helper without arguments.
         let task = unsafe { bpf_get_current_task() };
         kernel::task_memcg(task)
-            .and_then(|memcg| crossing::check_memcg(ctx, memcg))
+            .and_then(|memcg| crossing::check_memcg(ctx, memcg, false))
             .map(|near| slot.near = u64::from(near))
     } else {
         Ok(())

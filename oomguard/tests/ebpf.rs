@@ -256,10 +256,13 @@ fn crossing_rounds(program: &str) {
     let attached: Vec<&str> = guard
         .programs()
         .iter()
-        .filter(|p| p.role == Role::Crossing && p.wanted())
+        .filter(|p| p.role == Role::Crossing && p.wanted() && !p.on_demand)
         .map(|p| p.program)
         .collect();
-    eprintln!("crossing program: {attached:?}");
+    eprintln!(
+        "crossing program: {attached:?}, charge program on demand: {:?}",
+        guard.charge_hook_state()
+    );
     assert_eq!(attached.len(), 1, "exactly one crossing program runs");
     if program != "preferred" {
         assert_eq!(attached, [program]);
@@ -290,9 +293,30 @@ fn crossing_rounds(program: &str) {
             (r[0].0 - reclaim) / 1024,
             (k[0].0 - kill_at) / 1024
         );
+        if let Some((attached, attaches)) = guard.charge_hook_state() {
+            eprintln!("round {round}: charge program attached {attached}, {attaches} attaches");
+            assert!(attached, "attached on the approach, still near");
+            assert_eq!(attaches, round + 1, "attached once per approach");
+        }
         // Usage falls to nothing: both thresholds re-arm for the next round.
         kill(&mut hog_child);
         collect(guard, Duration::from_millis(200), |_| false);
+        if guard.charge_hook_state().is_some() {
+            // Far again: detached within the hold time and a check or two.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while guard
+                .charge_hook_state()
+                .is_some_and(|(attached, _)| attached)
+                && Instant::now() < deadline
+            {
+                collect(guard, Duration::from_millis(100), |_| false);
+            }
+            assert_eq!(
+                guard.charge_hook_state().map(|(attached, _)| attached),
+                Some(false),
+                "detached once no cgroup is near"
+            );
+        }
     }
     guard.remove_cgroup(id).unwrap();
     assert_eq!(guard.thresholds(id).unwrap(), None);

@@ -59,6 +59,19 @@ fn kills_before_the_kernel(rate: &str, mode: &str) {
     if mode == "ebpf" && charge_path_crossings() {
         // The eBPF crossing record is emitted at the charge that crosses; the eventfd
         // notifier trails it (rate-limited per CPU): the record must be what woke the guard.
+        // The charge program is attached on demand, when the cgroup came within 64 MiB (at
+        // most half) of its reclaim threshold: that attach came first.
+        let attached = agent
+            .records()
+            .into_iter()
+            .find(|r| {
+                r["message"] == "a guarded cgroup is near its thresholds: charge program attached"
+            })
+            .unwrap_or_else(|| panic!("no attach record: {:#?}", agent.records()));
+        eprintln!(
+            "{mode} rate {rate}: charge program attached in {} us, {} us after the approach record",
+            attached["attach_us"], attached["since_record_us"]
+        );
         // Where only rss_stat carries crossings (kernels without count_memcg_events), the
         // record follows the mm's rss counters, which pre-6.2 kernels fold in only every 64
         // page events per thread: either signal may come first there.

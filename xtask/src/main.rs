@@ -114,6 +114,10 @@ enum Cmd {
         /// With --vm: only these layouts.
         #[arg(long = "cgroup", value_enum, requires = "vm")]
         layout: Vec<vm::Layout>,
+        /// With --vm: only these test binaries of the matrix (e.g. `--binary ebpf --binary
+        /// guard`; default: all of them).
+        #[arg(long = "binary", requires = "vm")]
+        binaries: Vec<String>,
         /// Instead of the suite: every fuzz target in fuzz/ (cargo-fuzz, nightly) for a while.
         #[arg(long)]
         fuzz: bool,
@@ -288,11 +292,12 @@ fn main() -> Result<()> {
             vm: true,
             kernel,
             layout,
+            binaries,
             args,
             ..
         } => {
             setup::run(false)?;
-            matrix::run(&target_dir(&root), &kernel, &layout, &args)
+            matrix::run(&target_dir(&root), &kernel, &layout, &binaries, &args)
         }
         Cmd::Test { host, args, .. } => {
             setup::run(false)?;
@@ -300,7 +305,7 @@ fn main() -> Result<()> {
             if host {
                 return Ok(());
             }
-            matrix::run(&target_dir(&root), &[], &[], &[])
+            matrix::run(&target_dir(&root), &[], &[], &[], &[])
         }
     }
 }

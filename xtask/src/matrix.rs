@@ -197,7 +197,15 @@ struct Cell {
     trouble: Vec<String>,
 }
 
-pub fn run(target: &Path, kernels: &[Series], layouts: &[Layout], extra: &[String]) -> Result<()> {
+/// The guests of `kernels` and `layouts` (empty: all), each running the test binaries named in
+/// `binaries` (empty: all of [`TESTS`]) with `extra` arguments.
+pub fn run(
+    target: &Path,
+    kernels: &[Series],
+    layouts: &[Layout],
+    binaries: &[String],
+    extra: &[String],
+) -> Result<()> {
     let cells: Vec<(Series, Layout)> = CELLS
         .iter()
         .copied()
@@ -209,12 +217,23 @@ pub fn run(target: &Path, kernels: &[Series], layouts: &[Layout], extra: &[Strin
     if cells.is_empty() {
         bail!("no guest of the matrix matches (the matrix: 6.1/v1, 6.1/v2, 6.12/v2)");
     }
-    let (tests, bins) = build(TESTS)?;
-    if tests.len() != TESTS.len() || bins.len() < 2 {
+    if let Some(unknown) = binaries.iter().find(|b| !TESTS.contains(&b.as_str())) {
+        bail!(
+            "no test binary {unknown} in the matrix (it has {})",
+            TESTS.join(", ")
+        );
+    }
+    let wanted: Vec<&str> = TESTS
+        .iter()
+        .copied()
+        .filter(|t| binaries.is_empty() || binaries.iter().any(|b| b == t))
+        .collect();
+    let (tests, bins) = build(&wanted)?;
+    if tests.len() != wanted.len() || bins.len() < 2 {
         bail!(
             "cargo built {} of {} test binaries and {} of 2 agent binaries",
             tests.len(),
-            TESTS.len(),
+            wanted.len(),
             bins.len()
         );
     }

@@ -22,6 +22,7 @@
 pub mod btf;
 pub mod mount;
 pub mod offsets;
+pub mod on_demand;
 pub mod records;
 pub mod sys;
 pub mod tasks;
@@ -304,6 +305,9 @@ pub struct ProgramCheck {
     pub problem: Option<String>,
     /// Usable, but another program does its job here (the crossing programs).
     pub standby: Option<String>,
+    /// Loaded, and attached only while a guarded cgroup is near its thresholds (the charge
+    /// program on v1: see [`on_demand`]).
+    pub on_demand: bool,
     /// What the agent does without it.
     pub lost: &'static str,
 }
@@ -442,15 +446,18 @@ fn program_check(
         role: program.role,
         problem,
         standby: None,
+        on_demand: false,
         lost: program.lost,
     }
 }
 
-/// Checks every program against this kernel, and picks the crossing program: on a v1 memory
-/// hierarchy `memcg_pressure` where it can load (it sees every charge, page cache too, at the
-/// charge itself, so its record comes no later than the v1 threshold eventfd), else
-/// `rss_pressure` (which costs a quarter as much per fault, but is checked after the charge:
-/// the eventfd can be a few microseconds ahead).
+/// Checks every program against this kernel, and picks the crossing program: `rss_pressure`
+/// where it can load (about 70 ns per faulted page), else `memcg_pressure`. On a v1 memory
+/// hierarchy, `memcg_pressure` joins it on demand where it can load: it sees every charge at
+/// the charge itself, so its record comes no later than the v1 threshold eventfd (the
+/// `rss_stat` one can be a few microseconds behind), but costs about 360 ns per faulted page
+/// on the whole node, so it is attached only while a guarded cgroup is near its thresholds
+/// ([`on_demand`]).
 fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<ProgramCheck> {
     let hidden = hidden_hooks();
     let mut checks: Vec<ProgramCheck> = PROGRAMS
@@ -476,6 +483,15 @@ fn program_checks(btf: &Btf, layout: &Layout, tracefs: Option<&Path>) -> Vec<Pro
             chosen = Some(check.program);
         }
     }
+    if !on_v2
+        && chosen == Some("rss_pressure")
+        && let Some(charge) = checks
+            .iter_mut()
+            .find(|c| c.program == "memcg_pressure" && c.problem.is_none())
+    {
+        charge.standby = None;
+        charge.on_demand = true;
+    }
     checks
 }
 
@@ -489,11 +505,7 @@ fn memory_on_v2() -> bool {
 
 /// The crossing programs, preferred first (see [`program_checks`]).
 fn crossing_preference() -> [&'static str; 2] {
-    if memory_on_v2() {
-        ["rss_pressure", "memcg_pressure"]
-    } else {
-        ["memcg_pressure", "rss_pressure"]
-    }
+    ["rss_pressure", "memcg_pressure"]
 }
 
 /// Probes, without changing anything, what [`EbpfGuard::load`] needs: the eBPF object,
@@ -602,6 +614,8 @@ pub struct EbpfGuard {
     /// The programs' aya-log records (a dropped record, say), passed to `log`, which the
     /// agent's tracing subscriber receives.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The charge program where it is attached on demand.
+    charge_hook: Option<on_demand::ChargeHook>,
     // Owns the programs and their attachments.
     ebpf: Ebpf,
 }
@@ -626,9 +640,12 @@ impl EbpfGuard {
             })
             .ok();
         let btf = offsets::vmlinux_btf()?;
-        let layout = offsets::compute(&btf, tracefs.as_deref());
+        let mut layout = offsets::compute(&btf, tracefs.as_deref());
         let mut programs = program_checks(&btf, &layout, tracefs.as_deref());
         drop(btf);
+        if programs.iter().any(|p| p.on_demand) {
+            layout.offsets.approach_bytes = on_demand::APPROACH_BYTES;
+        }
         let tasks_max = tasks_map_size();
 
         let mut ebpf = EbpfLoader::new()
@@ -698,8 +715,15 @@ impl EbpfGuard {
             }
         };
         let generation = map_fd(&ebpf, GENERATION_MAP)?;
+        let charge_hook = charge_hook(&ebpf, &programs, &thresholds)?;
+        let on_demand: Vec<&'static str> = programs
+            .iter()
+            .filter(|p| p.wanted() && p.on_demand)
+            .map(|p| p.program)
+            .collect();
         tracing::info!(
             programs = %attached.join(","),
+            on_demand = %on_demand.join(","),
             tasks_map_entries = tasks_max,
             pin_dir = %pin_dir.display(),
             "eBPF programs attached"
@@ -713,6 +737,7 @@ impl EbpfGuard {
             programs,
             pin_dir: pin_dir.to_path_buf(),
             logger,
+            charge_hook,
             ebpf,
         })
     }
@@ -776,6 +801,14 @@ impl EbpfGuard {
         &self.programs
     }
 
+    /// Where the charge program is attached on demand: whether it is attached now, and how
+    /// many times it was attached.
+    pub fn charge_hook_state(&self) -> Option<(bool, u64)> {
+        self.charge_hook
+            .as_ref()
+            .map(|h| (h.attached(), h.attaches()))
+    }
+
     /// Stops guarding `cgroup_id`; fine when it was not guarded.
     pub fn remove_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let removed = sys::delete(self.thresholds.as_fd(), &cgroup_id)
@@ -818,9 +851,16 @@ impl EbpfGuard {
 
     /// Hands every pending record to `f`, without blocking; returns how many. Records of a kind
     /// this build does not know are skipped.
+    /// Approach records attach the charge program ([`on_demand`]) and are not passed on.
     pub fn drain(&mut self, mut f: impl FnMut(Record)) -> usize {
         let mut n = 0;
         while let Some(item) = self.events.next() {
+            if let Some(approach) = records::approach(&item) {
+                if let Some(hook) = &self.charge_hook {
+                    hook.approach(approach.cgroup_id, approach.ktime_ns);
+                }
+                continue;
+            }
             if let Some(record) = Record::decode(&item) {
                 n += 1;
                 f(record);
@@ -955,7 +995,8 @@ fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
         {
             Some((_, failed)) => failed.clone(),
             None => {
-                let failed = attach(ebpf, program.object, program.hook)
+                let on_demand = checks[i].on_demand;
+                let failed = attach(ebpf, program.object, program.hook, !on_demand)
                     .err()
                     .map(|e| error_chain(&e));
                 attached.push((program.object, failed.clone()));
@@ -966,12 +1007,13 @@ fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
         checks[i].problem = Some(failed);
         if checks[i].role == Role::Crossing {
             let next = crossing_preference().into_iter().find_map(|name| {
-                checks
-                    .iter()
-                    .position(|c| c.program == name && c.problem.is_none() && c.standby.is_some())
+                checks.iter().position(|c| {
+                    c.program == name && c.problem.is_none() && (c.standby.is_some() || c.on_demand)
+                })
             });
             if let Some(next) = next {
                 checks[next].standby = None;
+                checks[next].on_demand = false;
                 // An earlier one is attached here; a later one in the loop.
                 if next < i {
                     attach_later.push(next);
@@ -986,10 +1028,53 @@ fn attach_all(ebpf: &mut Ebpf, checks: &mut [ProgramCheck]) {
         let done = attached
             .iter()
             .any(|(object, failed)| *object == program.object && failed.is_none());
-        if !done && let Err(e) = attach(ebpf, program.object, program.hook) {
+        if !done && let Err(e) = attach(ebpf, program.object, program.hook, true) {
             checks[i].problem = Some(error_chain(&e));
         }
     }
+}
+
+/// The on-demand attachment of the charge program, where [`program_checks`] chose it.
+fn charge_hook(
+    ebpf: &Ebpf,
+    checks: &[ProgramCheck],
+    thresholds: &OwnedFd,
+) -> Result<Option<on_demand::ChargeHook>, BpfError> {
+    let Some(check) = checks.iter().find(|c| c.wanted() && c.on_demand) else {
+        return Ok(None);
+    };
+    let Some(program) = PROGRAMS.iter().find(|p| p.name == check.program) else {
+        return Ok(None);
+    };
+    let Hook::Raw(hook) = program.hook else {
+        return Ok(None);
+    };
+    let error = |source| BpfError::Program {
+        program: program.name,
+        hook,
+        source,
+    };
+    let prog = ebpf
+        .program(program.object)
+        .ok_or(BpfError::ProgramMissing {
+            program: program.object,
+        })?;
+    let fd = prog
+        .fd()
+        .map_err(error)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| error(ProgramError::IOError(e)))?;
+    let thresholds = thresholds.try_clone().map_err(|source| BpfError::Syscall {
+        what: "duplicating the fd",
+        map: THRESHOLDS_MAP,
+        source,
+    })?;
+    let name = match hook {
+        "count_memcg_events" => c"count_memcg_events",
+        _ => return Ok(None),
+    };
+    Ok(Some(on_demand::ChargeHook::new(fd, name, thresholds)))
 }
 
 /// What the `rss_stat` function does here: the [`oomguard_common::rss_roles`] of the wanted
@@ -1006,7 +1091,13 @@ fn rss_stat_roles(checks: &[ProgramCheck]) -> u32 {
     roles
 }
 
-fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {
+/// Loads `program` (unless loaded) and, when `attach`, attaches it to `hook`.
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    hook: Hook,
+    attach: bool,
+) -> Result<(), BpfError> {
     let error = |source| BpfError::Program {
         program,
         hook: hook.name(),
@@ -1018,16 +1109,32 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfE
     match hook {
         Hook::Raw(name) => {
             let prog: &mut RawTracePoint = prog.try_into().map_err(error)?;
-            prog.load().map_err(error)?;
-            prog.attach(name).map_err(error)?;
+            if prog.fd().is_err() {
+                prog.load().map_err(error)?;
+            }
+            if attach {
+                prog.attach(name).map_err(error)?;
+            }
         }
         Hook::TracePoint(category, name) => {
             let prog: &mut TracePoint = prog.try_into().map_err(error)?;
-            prog.load().map_err(error)?;
-            prog.attach(category, name).map_err(error)?;
+            if prog.fd().is_err() {
+                prog.load().map_err(error)?;
+            }
+            if attach {
+                prog.attach(category, name).map_err(error)?;
+            }
         }
     }
-    tracing::debug!(program, hook = hook.name(), "attached eBPF program");
+    if attach {
+        tracing::debug!(program, hook = hook.name(), "attached eBPF program");
+    } else {
+        tracing::debug!(
+            program,
+            hook = hook.name(),
+            "loaded eBPF program, attached on demand"
+        );
+    }
     Ok(())
 }
 

@@ -69,6 +69,14 @@ pub enum Record {
     CgroupRmdir(CgroupDir),
 }
 
+/// An approach record (`kind::APPROACH`): only the loader reads these ([`super::on_demand`]).
+pub(crate) fn approach(bytes: &[u8]) -> Option<Event> {
+    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    (kind == kind::APPROACH)
+        .then(|| read::<Event>(bytes))
+        .flatten()
+}
+
 impl Record {
     /// Decodes one ring-buffer item; `None` for an unknown kind or a short item.
     pub fn decode(bytes: &[u8]) -> Option<Record> {

@@ -10,6 +10,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 
 /// `BPF_ANY`, `BPF_NOEXIST`: update flags.
@@ -100,6 +101,27 @@ pub fn delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+/// `union bpf_attr` for `BPF_RAW_TRACEPOINT_OPEN`.
+#[repr(C)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    _pad: u32,
+}
+
+/// Attaches the loaded raw tracepoint program `prog` to tracepoint `name`; the returned link
+/// fd keeps it attached, closing it detaches.
+pub fn raw_tracepoint_open(prog: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    let mut attr = RawTracepointAttr {
+        name: name.as_ptr() as u64,
+        prog_fd: prog.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    let fd = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr)?;
+    // SAFETY: BPF_RAW_TRACEPOINT_OPEN returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Creates (and closes) a one-page ring buffer map: proves that `bpf()` exists, is permitted,

@@ -228,6 +228,11 @@ pub fn probe(args: &DoctorArgs) -> Report {
         let result = match (&p.problem, &p.standby) {
             (Some(problem), _) => Err(missing(format!("{problem}; {}", p.lost))),
             (None, Some(why)) => Ok(format!("usable, not attached: {why}")),
+            (None, None) if p.on_demand => Ok(format!(
+                "on {}, attached on demand: while a guarded cgroup is within {} MiB (at most half) of its thresholds",
+                p.hook,
+                crate::bpf::on_demand::APPROACH_BYTES >> 20
+            )),
             (None, None) => Ok(format!("on {}", p.hook)),
         };
         checks.push(check("ebpf program", p.program, false, result));

@@ -546,6 +546,7 @@ impl State {
             let Some(w) = self.wires.get(&id) else {
                 continue;
             };
+            let mut woke = 0usize;
             for &key in &w.members {
                 let Some(e) = self.entries.get_mut(&key) else {
                     continue;
@@ -554,6 +555,7 @@ impl State {
                     continue;
                 }
                 e.quiet = false;
+                woke += 1;
                 let Some((at, usage)) = e.last else { continue };
                 let interval = poll_interval(usage, e.thresholds.kill, e.rate, above, false);
                 e.generation += 1;
@@ -563,6 +565,13 @@ impl State {
                     e.generation,
                     interval / EARLY_DIVISOR,
                 )));
+            }
+            if woke > 0 {
+                tracing::debug!(
+                    tripwire = %w.path.display(),
+                    woke,
+                    "tripwire tripped: its quiet cgroups are back on the normal schedule"
+                );
             }
         }
     }

@@ -56,6 +56,57 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
     fallback_kills_before_the_kernel("200M");
 }
 
+/// A cgroup idle long enough for the fallback to read it on the quiet schedule (its
+/// tripwire, the sandbox's top-level ancestor, still for a second; reads up to 10 s apart),
+/// then growing at 200 MB/s: the tripwire trips, puts it back on the normal schedule, and the
+/// fallback still kills before the kernel.
+#[test]
+fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
+    let Some(sb) = setup(v2_ready, "v2-quiet", 256 * M) else {
+        return;
+    };
+    // The agent's debug records of the watcher (Agent::spawn sets RUST_LOG=info; `env`
+    // overrides it for the agent).
+    let agent_cmd = launch(&sb.cg.path).args(WINNABLE).command();
+    let mut cmd = std::process::Command::new("env");
+    cmd.arg("RUST_LOG=info,oomguard::headroom=debug")
+        .arg(agent_cmd.get_program())
+        .args(agent_cmd.get_args());
+    let agent = Agent::spawn(cmd, None).expect("start the agent");
+    agent.expect_armed(&sb.cg.path, Duration::from_secs(60));
+    // Quiet after 1 s of a still tripwire, from the cgroup's next read (within 2 s).
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        agent.count(message(
+            "tripwire tripped: its quiet cgroups are back on the normal schedule"
+        )),
+        0,
+        "the idle sandbox tripped its tripwire: {:#?}",
+        agent.records()
+    );
+    let mut hog = hog(&sb.cg, &["--rate", "200M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, LONG);
+    let decision = expect_decision(&agent, "kill", Duration::from_secs(30));
+    assert_agent_won(&sb.cg, st, &decision);
+    let tripped = agent
+        .records()
+        .into_iter()
+        .find(|r| {
+            r["message"] == "tripwire tripped: its quiet cgroups are back on the normal schedule"
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the cgroup was never on the quiet schedule: {:#?}",
+                agent.records()
+            )
+        });
+    assert!(tripped["woke"].as_u64() >= Some(1), "{tripped:#}");
+    eprintln!(
+        "v2 fallback after a quiet spell: signal {}, usage at decision {}, threshold {}",
+        decision["signal"], decision["usage"], decision["threshold"]
+    );
+}
+
 /// noop: the agent says what it would kill, the kernel kills, and the kill is reported
 /// from `memory.events` `oom_kill`.
 #[test]

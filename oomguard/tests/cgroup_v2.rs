@@ -63,8 +63,9 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
 /// top-level cgroup (the sandbox itself where the test runs in the root cgroup, as in the
 /// guests) has no tripwire.
 #[test]
-#[ignore = "in the 6.12/v2 guest the agent won 3 of 3 runs but logged no tripwire trip that \
-            woke a quiet cgroup: the quiet path is not shown to run here (not yet understood)"]
+#[ignore = "not yet passed in a guest: before the warm-up the agent won 4 of 4 runs on 6.12/v2 \
+            but the first exec of the debug memhog grew the cgroup too slowly to trip the \
+            tripwire; the version with the warm-up has not finished a guest run yet"]
 fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
     let Some(sb) = setup(v2_ready, "v2-quiet", 512 * M) else {
         return;
@@ -80,16 +81,15 @@ fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
         .args(agent_cmd.get_args());
     let agent = Agent::spawn(cmd, None).expect("start the agent");
     agent.expect_armed(&cg.path, Duration::from_secs(60));
+    // The hog's binary in the page cache first: in a TCG guest its first exec reads it from
+    // disk for tens of seconds, growth too slow to trip the tripwire (the quiet schedule's
+    // own reads see it then, and the cgroup leaves the quiet schedule before the hog grows).
+    let mut warm = hog(&cg, &["--total", "1M"]);
+    assert!(wait_exit(&mut warm, LONG).is_some_and(|s| s.success()));
     // Quiet after 1 s of a still tripwire, from the cgroup's next read (within 2 s).
-    std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(
-        agent.count(message(
-            "tripwire tripped: its quiet cgroups are back on the normal schedule"
-        )),
-        0,
-        "the idle sandbox tripped its tripwire: {:#?}",
-        agent.records()
-    );
+    std::thread::sleep(Duration::from_secs(6));
+    const TRIPPED: &str = "tripwire tripped: its quiet cgroups are back on the normal schedule";
+    let trips_before = agent.count(message(TRIPPED));
     let mut hog = hog(&cg, &["--rate", "200M", "--total", "1G"]);
     let st = wait_exit(&mut hog, LONG);
     let decision = expect_decision(&agent, "kill", Duration::from_secs(30));
@@ -99,19 +99,12 @@ fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
         Some(cg.path.display().to_string().as_str()),
         "{decision:#}"
     );
-    let tripped = agent
-        .records()
-        .into_iter()
-        .find(|r| {
-            r["message"] == "tripwire tripped: its quiet cgroups are back on the normal schedule"
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the cgroup was never on the quiet schedule: {:#?}",
-                agent.records()
-            )
-        });
-    assert!(tripped["woke"].as_u64() >= Some(1), "{tripped:#}");
+    // Only trips that woke a quiet cgroup are logged.
+    assert!(
+        agent.count(message(TRIPPED)) > trips_before,
+        "the hog's growth woke no quiet cgroup: {:#?}",
+        agent.records()
+    );
     eprintln!(
         "v2 fallback after a quiet spell: signal {}, usage at decision {}, threshold {}",
         decision["signal"], decision["usage"], decision["threshold"]

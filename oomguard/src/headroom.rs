@@ -19,18 +19,24 @@
 //!
 //! **Quiet subtrees are read less often.** Each watched cgroup belongs to a *tripwire*: its
 //! top-level ancestor (the directory right below the cgroup2 mount, e.g. `kubepods.slice`),
-//! whose `memory.current` (hierarchical: the sum of everything beneath it) is read every
-//! [`WIRE_INTERVAL`]. While that sum moved by less than [`WIRE_TRIP`] per read (less than
-//! 20 MiB/s in either direction) for [`WIRE_QUIET`], the cgroups under it are read on the
-//! quiet schedule ([`QUIET_FLOOR_RATE`], at most every [`QUIET_MAX_POLL`]); any larger move
-//! puts every cgroup under it back on the normal schedule ([`FLOOR_RATE`], [`MAX_POLL`]) at
-//! once, counted from each cgroup's last read, exactly as if it had never left it. So a
-//! cgroup growing from idle at up to 128 MiB/s is still read before its kill threshold,
-//! unless its growth is hidden in the sum by siblings freeing as fast at the same time; it is
-//! then still read before the threshold at up to [`QUIET_FLOOR_RATE`] (and `memory.events`
-//! `max` and PSI remain). On a node whose pods keep changing the tripwire keeps tripping and
-//! the cost is that of the normal schedule plus one read per tripwire per
-//! [`WIRE_INTERVAL`]; on a quiet node it is about a quarter.
+//! whose `memory.current` (hierarchical: the sum of everything beneath it) is read at most
+//! every [`WIRE_INTERVAL`] and at least [`WIRE_INTERVAL`] − [`WIRE_EARLY`] apart: on a
+//! wake-up the watcher has anyway when one comes in that window, else on its own. While that
+//! sum moved by less than [`WIRE_TRIP`] per read (under 21.3 MiB/s in either direction) for
+//! [`WIRE_QUIET`], the cgroups under it with at least [`QUIET_MIN_HEADROOM`] left below their
+//! kill threshold are read on the quiet schedule ([`QUIET_FLOOR_RATE`], at most every
+//! [`QUIET_MAX_POLL`]); any larger move puts every cgroup under it back on the normal
+//! schedule ([`FLOOR_RATE`], [`MAX_POLL`]) at once, counted from each cgroup's last read,
+//! exactly as if it had never left it. A cgroup that starts growing at up to 128 MiB/s trips
+//! its wire within [`WIRE_TRIP`] / 128 MiB/s + [`WIRE_INTERVAL`] (72 MiB of growth), before
+//! the normal schedule's read falls due, because a quiet cgroup has at least
+//! [`QUIET_MIN_HEADROOM`] left: so it is still read before its kill threshold, unless its
+//! growth is hidden in the sum by siblings freeing as fast at the same time; it is then still
+//! read before the threshold at up to [`QUIET_FLOOR_RATE`] (and `memory.events` `max` and PSI
+//! remain). Quiet cgroups' reads come early enough (an eighth of their interval) to share the
+//! tripwire's wake-ups, so on a quiet node the watcher wakes about twice a second. On a node
+//! whose pods keep changing the tripwire keeps tripping and the cost is that of the normal
+//! schedule plus one read per tripwire per [`WIRE_INTERVAL`].
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -63,15 +69,24 @@ pub const MIN_POLL: Duration = Duration::from_millis(2);
 pub const MAX_POLL: Duration = Duration::from_secs(2);
 /// The floor rate while the cgroup's tripwire is quiet: growth up to this is seen before
 /// the kill threshold even when siblings' frees hide it from the tripwire.
-pub const QUIET_FLOOR_RATE: u64 = 32 << 20;
+pub const QUIET_FLOOR_RATE: u64 = 24 << 20;
 /// The longest interval between two reads while the tripwire is quiet.
 pub const QUIET_MAX_POLL: Duration = Duration::from_secs(10);
-/// How often each tripwire (a top-level ancestor's `memory.current`) is read.
-pub const WIRE_INTERVAL: Duration = Duration::from_millis(100);
-/// A move of the tripwire's sum by this much between two of its reads trips it (2 MiB per
-/// 100 ms: 20 MiB/s, below [`QUIET_FLOOR_RATE`], so slower growth is covered by the quiet
-/// schedule itself).
-pub const WIRE_TRIP: u64 = 2 << 20;
+/// The longest time between two reads of each tripwire (a top-level ancestor's
+/// `memory.current`): it has its own wake-up then, if no other came first...
+pub const WIRE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...and it is read on any wake-up this much before that: two reads of a tripwire are at
+/// least [`WIRE_INTERVAL`] − [`WIRE_EARLY`] (375 ms) apart.
+pub const WIRE_EARLY: Duration = Duration::from_millis(125);
+/// A move of the tripwire's sum by this much between two of its reads trips it (8 MiB per
+/// at least 375 ms: at most 21.3 MiB/s, below [`QUIET_FLOOR_RATE`], so slower growth is
+/// covered by the quiet schedule itself).
+pub const WIRE_TRIP: u64 = 8 << 20;
+/// Only cgroups with at least this much headroom go on the quiet schedule: growth at
+/// [`FLOOR_RATE`] trips the wire within [`WIRE_TRIP`] + [`FLOOR_RATE`] × [`WIRE_INTERVAL`]
+/// (72 MiB; the rest is for a late wake-up), before the normal schedule's read is due. A
+/// cgroup nearer its threshold stays on the normal schedule.
+pub const QUIET_MIN_HEADROOM: u64 = 96 << 20;
 /// How long a tripwire must stay still before its cgroups go on the quiet schedule.
 pub const WIRE_QUIET: Duration = Duration::from_secs(1);
 /// Reads due within this much of each other are done in one wake-up...
@@ -97,7 +112,7 @@ pub fn next_poll(usage: u64, kill: u64, rate: u64, above: Duration) -> Duration 
 }
 
 /// [`next_poll`], or with `quiet` the quiet schedule ([`QUIET_FLOOR_RATE`],
-/// [`QUIET_MAX_POLL`]).
+/// [`QUIET_MAX_POLL`]) when at least [`QUIET_MIN_HEADROOM`] is left (else the normal one).
 pub fn poll_interval(usage: u64, kill: u64, rate: u64, above: Duration, quiet: bool) -> Duration {
     let (floor, max) = if quiet {
         (QUIET_FLOOR_RATE, QUIET_MAX_POLL)
@@ -107,6 +122,11 @@ pub fn poll_interval(usage: u64, kill: u64, rate: u64, above: Duration, quiet: b
     if usage >= kill {
         return above.clamp(MIN_POLL, MAX_POLL);
     }
+    let (floor, max) = if quiet && kill - usage < QUIET_MIN_HEADROOM {
+        (FLOOR_RATE, MAX_POLL)
+    } else {
+        (floor, max)
+    };
     let assumed = floor.max(rate.saturating_mul(2)) as f64;
     let secs = (kill - usage) as f64 / assumed;
     Duration::from_secs_f64(secs.min(max.as_secs_f64())).clamp(MIN_POLL, max)
@@ -186,7 +206,9 @@ impl Watcher {
             stats: stats.clone(),
             throttle_failed: false,
             wires: HashMap::new(),
-            next_wire: Instant::now() + WIRE_INTERVAL,
+            wire_ids: HashMap::new(),
+            next_wire_id: 0,
+            wire_read: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("oomguard-v2watch".into())
@@ -247,13 +269,15 @@ struct Entry {
     /// `memory.high` as it was before `--v2-throttle` set it (restored on unwatch).
     high_before: Option<u64>,
     /// Its tripwire (a key of `State::wires`), if it has one.
-    wire: Option<PathBuf>,
+    wire: Option<u64>,
     /// Read on the quiet schedule: the next read may be brought forward when the wire trips.
     quiet: bool,
 }
 
-/// A tripwire: a top-level ancestor's `memory.current`, read every [`WIRE_INTERVAL`].
+/// A tripwire: a top-level ancestor's `memory.current`, read every [`WIRE_INTERVAL`] at
+/// most.
 struct Wire {
+    path: PathBuf,
     current: File,
     last: u64,
     /// Since when it has not tripped (None: it just tripped).
@@ -283,8 +307,13 @@ struct State {
     next_key: u64,
     stats: Arc<WatcherStats>,
     throttle_failed: bool,
-    wires: HashMap<PathBuf, Wire>,
-    next_wire: Instant,
+    /// Tripwires by id...
+    wires: HashMap<u64, Wire>,
+    /// ...and their ids by path.
+    wire_ids: HashMap<PathBuf, u64>,
+    next_wire_id: u64,
+    /// When the tripwires were last read (all at once).
+    wire_read: Instant,
 }
 
 impl State {
@@ -314,7 +343,8 @@ impl State {
                 .map(|Reverse((t, _, _, _))| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(60));
             if !self.wires.is_empty() {
-                wait = wait.min(self.next_wire.saturating_duration_since(Instant::now()));
+                let next_wire = self.wire_read + WIRE_INTERVAL;
+                wait = wait.min(next_wire.saturating_duration_since(Instant::now()));
             }
             let ts = Timespec {
                 tv_sec: wait.as_secs() as i64,
@@ -347,8 +377,9 @@ impl State {
                 }
             }
             let now = Instant::now();
-            if !self.wires.is_empty() && now + SLACK >= self.next_wire {
-                self.next_wire = now + WIRE_INTERVAL;
+            // On this wake-up if it is in the tripwires' window, whatever woke the thread.
+            if !self.wires.is_empty() && now >= self.wire_read + (WIRE_INTERVAL - WIRE_EARLY) {
+                self.wire_read = now;
                 self.check_wires(now);
             }
             while let Some(Reverse((t, key, generation, early))) = self.due.peek().copied() {
@@ -448,54 +479,61 @@ impl State {
 
     /// The tripwire of the cgroup at `path` (its ancestor right below the mount), opened
     /// on first use; `key` joins it. None for a top-level cgroup or without a mount.
-    fn join_wire(&mut self, path: &Path, key: u64) -> Option<PathBuf> {
+    fn join_wire(&mut self, path: &Path, key: u64) -> Option<u64> {
         let mount = self.options.mount.as_ref()?;
         let rel = path.strip_prefix(mount).ok()?;
         let mut parts = rel.components();
         let top = parts.next()?;
         parts.next()?;
         let wire_path = mount.join(top);
-        if let Some(w) = self.wires.get_mut(&wire_path) {
+        if let Some(&id) = self.wire_ids.get(&wire_path)
+            && let Some(w) = self.wires.get_mut(&id)
+        {
             w.members.push(key);
-            return Some(wire_path);
+            return Some(id);
         }
         let current = File::open(wire_path.join("memory.current")).ok()?;
         let last = read_u64_at(&current)?;
+        let id = self.next_wire_id;
+        self.next_wire_id += 1;
+        self.wire_ids.insert(wire_path.clone(), id);
         self.wires.insert(
-            wire_path.clone(),
+            id,
             Wire {
+                path: wire_path,
                 current,
                 last,
                 still_since: Some(Instant::now()),
                 members: vec![key],
             },
         );
-        Some(wire_path)
+        Some(id)
     }
 
     /// Reads every tripwire; one that moved puts its quiet members back on the normal
     /// schedule, counted from their last read.
     fn check_wires(&mut self, now: Instant) {
         let above = self.options.above_interval;
-        let mut tripped: Vec<PathBuf> = Vec::new();
-        let mut gone: Vec<PathBuf> = Vec::new();
-        for (path, w) in &mut self.wires {
+        let mut tripped: Vec<u64> = Vec::new();
+        let mut gone: Vec<u64> = Vec::new();
+        for (&id, w) in &mut self.wires {
             self.stats.wire_reads.fetch_add(1, Ordering::Relaxed);
             let Some(v) = read_u64_at(&w.current) else {
-                gone.push(path.clone());
+                gone.push(id);
                 continue;
             };
             let moved = v.abs_diff(w.last);
             w.last = v;
             if moved >= WIRE_TRIP {
                 w.still_since = None;
-                tripped.push(path.clone());
+                tripped.push(id);
             } else if w.still_since.is_none() {
                 w.still_since = Some(now);
             }
         }
-        for path in gone {
-            if let Some(w) = self.wires.remove(&path) {
+        for id in gone {
+            if let Some(w) = self.wires.remove(&id) {
+                self.wire_ids.remove(&w.path);
                 for key in w.members {
                     if let Some(e) = self.entries.get_mut(&key) {
                         e.wire = None;
@@ -503,11 +541,12 @@ impl State {
                 }
             }
         }
-        for path in tripped {
+        for id in tripped {
             self.stats.wire_trips.fetch_add(1, Ordering::Relaxed);
-            let Some(w) = self.wires.get(&path) else {
+            let Some(w) = self.wires.get(&id) else {
                 continue;
             };
+            let mut woke = 0usize;
             for &key in &w.members {
                 let Some(e) = self.entries.get_mut(&key) else {
                     continue;
@@ -516,6 +555,7 @@ impl State {
                     continue;
                 }
                 e.quiet = false;
+                woke += 1;
                 let Some((at, usage)) = e.last else { continue };
                 let interval = poll_interval(usage, e.thresholds.kill, e.rate, above, false);
                 e.generation += 1;
@@ -526,18 +566,27 @@ impl State {
                     interval / EARLY_DIVISOR,
                 )));
             }
+            if woke > 0 {
+                tracing::debug!(
+                    tripwire = %w.path.display(),
+                    woke,
+                    "tripwire tripped: its quiet cgroups are back on the normal schedule"
+                );
+            }
         }
     }
 
     fn remove(&mut self, key: u64) {
         self.restore_high(key);
         if let Some(e) = self.entries.get(&key)
-            && let Some(wire) = &e.wire
-            && let Some(w) = self.wires.get_mut(wire)
+            && let Some(id) = e.wire
+            && let Some(w) = self.wires.get_mut(&id)
         {
             w.members.retain(|&k| k != key);
-            if w.members.is_empty() {
-                self.wires.remove(wire);
+            if w.members.is_empty()
+                && let Some(w) = self.wires.remove(&id)
+            {
+                self.wire_ids.remove(&w.path);
             }
         }
         if let Some(e) = self.entries.remove(&key) {
@@ -704,11 +753,11 @@ impl State {
             e.psi = None;
         }
         e.generation += 1;
-        let now_quiet = e
-            .wire
-            .as_ref()
-            .and_then(|w| self.wires.get(w))
-            .is_some_and(|w| w.quiet(now));
+        // Quiet only with the headroom the tripwire's lateness needs (see poll_interval).
+        let now_quiet = t.kill.saturating_sub(usage) >= QUIET_MIN_HEADROOM
+            && e.wire
+                .and_then(|id| self.wires.get(&id))
+                .is_some_and(|w| w.quiet(now));
         e.quiet = now_quiet;
         let interval = poll_interval(usage, t.kill, e.rate, above_interval, now_quiet);
         self.due.push(Reverse((
@@ -717,6 +766,9 @@ impl State {
             e.generation,
             interval / EARLY_DIVISOR,
         )));
+        if signals.is_empty() {
+            return;
+        }
         let path = e.cg.path.clone();
         for threshold in signals {
             self.stats.crossings.fetch_add(1, Ordering::Relaxed);
@@ -789,11 +841,70 @@ mod tests {
             poll_interval(100 * M, 250 * M, 512 * M, ABOVE, true),
             poll_interval(100 * M, 250 * M, 512 * M, ABOVE, false)
         );
-        // The trip threshold per wire read is slower than the quiet floor.
+        // The trip threshold over the shortest span between two wire reads is slower than
+        // the quiet floor.
         assert!(
-            (WIRE_TRIP as f64 / WIRE_INTERVAL.as_secs_f64()) < QUIET_FLOOR_RATE as f64,
+            (WIRE_TRIP as f64 / (WIRE_INTERVAL - WIRE_EARLY).as_secs_f64())
+                < QUIET_FLOOR_RATE as f64,
             "growth too slow to trip a wire must be covered by the quiet floor"
         );
+        // Too near the threshold for the tripwire's lateness: the normal schedule.
+        let near = 250 * M - QUIET_MIN_HEADROOM + M;
+        assert_eq!(
+            poll_interval(near, 250 * M, 0, ABOVE, true),
+            poll_interval(near, 250 * M, 0, ABOVE, false)
+        );
+        assert!(
+            QUIET_MIN_HEADROOM as f64
+                >= WIRE_TRIP as f64 + FLOOR_RATE as f64 * WIRE_INTERVAL.as_secs_f64()
+        );
+    }
+
+    /// A quiet cgroup (read at 0 s) that starts growing at `g` at `rate`, its tripwire read
+    /// every `spacing` from `phase`: the time of its next read, by the watcher's rules.
+    fn quiet_then_grows(usage: u64, kill: u64, rate: f64, g: f64, phase: f64, spacing: f64) -> f64 {
+        let quiet = poll_interval(usage, kill, 0, ABOVE, true).as_secs_f64();
+        let normal = poll_interval(usage, kill, 0, ABOVE, false).as_secs_f64();
+        let grown = |t: f64| rate * (t - g).max(0.0);
+        let mut prev = phase - spacing;
+        let mut r = phase;
+        while r < quiet {
+            if grown(r) - grown(prev) >= WIRE_TRIP as f64 {
+                return quiet.min(normal.max(r));
+            }
+            prev = r;
+            r += spacing;
+        }
+        quiet
+    }
+
+    #[test]
+    fn a_quiet_cgroup_growing_at_up_to_the_floor_rate_is_read_before_its_threshold() {
+        let kill = 250 * M;
+        for usage in (0..kill).step_by((7 * M) as usize) {
+            for rate_mib in [8u64, 16, 22, 24, 32, 64, 100, 128] {
+                let rate = (rate_mib * M) as f64;
+                let cross_after = (kill - usage) as f64 / rate;
+                for spacing in [WIRE_INTERVAL - WIRE_EARLY, WIRE_INTERVAL] {
+                    let spacing = spacing.as_secs_f64();
+                    for phase_step in 0..5 {
+                        let phase = spacing * f64::from(phase_step) / 5.0;
+                        for g_step in 0..40 {
+                            let g = 12.0 * f64::from(g_step) / 40.0;
+                            let read = quiet_then_grows(usage, kill, rate, g, phase, spacing);
+                            assert!(
+                                read <= g + cross_after + 1e-6,
+                                "usage {} MiB, {rate_mib} MiB/s from {g:.2} s, wire every \
+                                 {spacing} s from {phase:.2} s: read at {read:.3} s, \
+                                 crossed at {:.3} s",
+                                usage / M,
+                                g + cross_after
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

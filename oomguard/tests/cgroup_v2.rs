@@ -56,6 +56,61 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
     fallback_kills_before_the_kernel("200M");
 }
 
+/// A cgroup idle long enough for the fallback to read it on the quiet schedule (its
+/// tripwire, the sandbox's top-level ancestor, still for a second; reads up to 10 s apart),
+/// then growing at 200 MB/s: the tripwire trips, puts it back on the normal schedule, and the
+/// fallback still kills before the kernel. The hog runs in a child of the sandbox: a
+/// top-level cgroup (the sandbox itself where the test runs in the root cgroup, as in the
+/// guests) has no tripwire.
+#[test]
+#[ignore = "not yet passed in a guest: before the warm-up the agent won 4 of 4 runs on 6.12/v2 \
+            but the first exec of the debug memhog grew the cgroup too slowly to trip the \
+            tripwire; the version with the warm-up has not finished a guest run yet"]
+fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
+    let Some(sb) = setup(v2_ready, "v2-quiet", 512 * M) else {
+        return;
+    };
+    let cg = sb.child("c").expect("make the child cgroup");
+    cg.set_limit(256 * M).expect("set the child's limit");
+    // The agent's debug records of the watcher (Agent::spawn sets RUST_LOG=info; `env`
+    // overrides it for the agent).
+    let agent_cmd = launch(&sb.cg.path).args(WINNABLE).command();
+    let mut cmd = std::process::Command::new("env");
+    cmd.arg("RUST_LOG=info,oomguard::headroom=debug")
+        .arg(agent_cmd.get_program())
+        .args(agent_cmd.get_args());
+    let agent = Agent::spawn(cmd, None).expect("start the agent");
+    agent.expect_armed(&cg.path, Duration::from_secs(60));
+    // The hog's binary in the page cache first: in a TCG guest its first exec reads it from
+    // disk for tens of seconds, growth too slow to trip the tripwire (the quiet schedule's
+    // own reads see it then, and the cgroup leaves the quiet schedule before the hog grows).
+    let mut warm = hog(&cg, &["--total", "1M"]);
+    assert!(wait_exit(&mut warm, LONG).is_some_and(|s| s.success()));
+    // Quiet after 1 s of a still tripwire, from the cgroup's next read (within 2 s).
+    std::thread::sleep(Duration::from_secs(6));
+    const TRIPPED: &str = "tripwire tripped: its quiet cgroups are back on the normal schedule";
+    let trips_before = agent.count(message(TRIPPED));
+    let mut hog = hog(&cg, &["--rate", "200M", "--total", "1G"]);
+    let st = wait_exit(&mut hog, LONG);
+    let decision = expect_decision(&agent, "kill", Duration::from_secs(30));
+    assert_agent_won(&cg, st, &decision);
+    assert_eq!(
+        decision["oomcgroup"].as_str(),
+        Some(cg.path.display().to_string().as_str()),
+        "{decision:#}"
+    );
+    // Only trips that woke a quiet cgroup are logged.
+    assert!(
+        agent.count(message(TRIPPED)) > trips_before,
+        "the hog's growth woke no quiet cgroup: {:#?}",
+        agent.records()
+    );
+    eprintln!(
+        "v2 fallback after a quiet spell: signal {}, usage at decision {}, threshold {}",
+        decision["signal"], decision["usage"], decision["threshold"]
+    );
+}
+
 /// noop: the agent says what it would kill, the kernel kills, and the kill is reported
 /// from `memory.events` `oom_kill`.
 #[test]

@@ -55,21 +55,22 @@ pub(super) fn next_check(
             }
             .min(now + RECHECK_MAX),
         ),
-        Step::Reclaimable { headroom, soon, .. } => Some(
+        // An episode's opening: the fast pace, whatever the headroom.
+        Step::Reclaimable { soon: true, .. } => Some(now + RECHECK_FAST),
+        Step::Reclaimable { headroom, .. } => Some(
             now + crate::decide::recheck_after(
                 headroom,
                 growth_per_s,
                 ASSUMED_GROWTH,
                 // Measured growth sets the pace itself (at least half the projection's
                 // horizon: closer than that, the cgroup is acted on).
-                if soon || growth_per_s > 0 {
+                if growth_per_s > 0 {
                     RECHECK_FAST
                 } else {
                     guard_interval.min(RECHECK_MIN)
                 },
                 RECHECK_MAX,
-            )
-            .min(if soon { RECHECK_FAST } else { RECHECK_MAX }),
+            ),
         ),
         // `act` settles the next step.
         Step::Act { .. } => None,

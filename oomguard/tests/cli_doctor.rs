@@ -37,6 +37,25 @@ fn json_report_agrees_with_the_kernel() {
     }
     assert_eq!(v["can_run"], true);
     assert_eq!(code, 0);
+    // Swap accounting: on when the kernel made the memsw files for our cgroup, and the
+    // node's swap as /proc/meminfo has it.
+    let swap = checks
+        .iter()
+        .find(|c| c["name"] == "swap accounting")
+        .unwrap_or_else(|| panic!("no swap accounting check in {out}"));
+    assert_eq!(swap["status"], "ok");
+    let own_memsw = oomguard::cgroup::cgroup_of_pid(
+        std::path::Path::new(oomguard::cgroup::DEFAULT_MEMORY_ROOT),
+        "self",
+    )
+    .unwrap()
+    .file("memory.memsw.limit_in_bytes")
+    .exists();
+    let detail = swap["detail"].as_str().unwrap();
+    assert_eq!(detail.starts_with("on"), own_memsw, "{detail}");
+    if oomguard::cgroup::node_swap_total() == 0 {
+        assert!(detail.contains("no swap"), "{detail}");
+    }
     let caps = oomguard::bpf::capabilities();
     assert_eq!(
         v["auto_mode"],

@@ -384,6 +384,44 @@ fn cgroup_checks(checks: &mut Vec<Check>) {
         };
         checks.push(check("cgroup", file, required, result));
     }
+    let swap = crate::cgroup::node_swap_total();
+    let swappiness = std::fs::read_to_string("/proc/sys/vm/swappiness")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    checks.push(check(
+        "cgroup",
+        "swap accounting",
+        false,
+        Ok(swap_accounting(
+            target.file("memory.memsw.limit_in_bytes").exists(),
+            swap,
+            swappiness,
+        )),
+    ));
+}
+
+/// What swap accounting means for the guard here: which counter a cgroup is guarded on.
+/// Informational: either way the agent runs.
+fn swap_accounting(memsw_files: bool, swap_total: u64, swappiness: Option<u64>) -> String {
+    let swap = if swap_total == 0 {
+        "the node has no swap".to_string()
+    } else {
+        format!("swap {} MiB", swap_total >> 20)
+    };
+    let node_swappiness = swappiness.map_or(String::new(), |s| format!(", vm.swappiness {s}"));
+    if !memsw_files {
+        return format!(
+            "off (no memory.memsw.* files; swapaccount=0 or not built in): guarded on memory limits; {swap}{node_swappiness}"
+        );
+    }
+    if swap_total == 0 {
+        return format!(
+            "on; {swap}, so memory+swap usage equals memory usage: guarded on memory limits"
+        );
+    }
+    format!(
+        "on; {swap}{node_swappiness}: a cgroup whose memory+swap limit is below its memory limit + swap (and swappiness not 0) is guarded on memory.memsw (column ON of `oomguard cgroups`)"
+    )
 }
 
 /// An empty child of our own memory cgroup, removed on drop.
@@ -647,6 +685,21 @@ mod tests {
         let lines = wrap(text.trim(), Some(20));
         assert!(lines.iter().all(|l| l.len() <= 20));
         assert_eq!(lines.join(" "), text.trim());
+    }
+
+    #[test]
+    fn swap_accounting_says_which_counter_guards() {
+        let off = swap_accounting(false, 1 << 30, Some(60));
+        assert!(off.starts_with("off"), "{off}");
+        assert!(off.contains("memory limits"), "{off}");
+        let no_swap = swap_accounting(true, 0, Some(60));
+        assert!(no_swap.starts_with("on"), "{no_swap}");
+        assert!(no_swap.contains("no swap"), "{no_swap}");
+        assert!(no_swap.contains("memory limits"), "{no_swap}");
+        let memsw = swap_accounting(true, 2 << 30, Some(60));
+        assert!(memsw.contains("swap 2048 MiB"), "{memsw}");
+        assert!(memsw.contains("vm.swappiness 60"), "{memsw}");
+        assert!(memsw.contains("memory.memsw"), "{memsw}");
     }
 
     #[test]

@@ -116,8 +116,8 @@ impl Guard {
             if let Some(e) = self.reg.entries.get_mut(path) {
                 e.acting_unreclaimable = hard;
                 e.next_check = Some(Instant::now() + cfg.guard_interval);
-                d.stats = e.files.stat(&cg).unwrap_or_default();
             }
+            d.stats = self.record_stat(path);
             if let Some(s) = &self.deps.state {
                 s.cgroup_state(path, crate::state::CgroupState::Acting);
             }
@@ -241,9 +241,7 @@ impl Guard {
                 ready_for,
             }),
             None => {
-                if let Some(e) = self.reg.entries.get_mut(path) {
-                    d.stats = e.files.stat(&cg).unwrap_or_default();
-                }
+                d.stats = self.record_stat(path);
                 self.deps.reporter.send(d)
             }
         }

@@ -198,12 +198,7 @@ impl Guard {
                 headroom,
                 ..
             } => {
-                let stats = self
-                    .reg
-                    .entries
-                    .get_mut(path)
-                    .and_then(|e| e.files.stat(&cg).ok())
-                    .unwrap_or_default();
+                let stats = self.record_stat(path);
                 let e = &self.reg.entries[path];
                 let mut d = self.decision(e, Action::SkipCache, usage, stats);
                 d.reclaimable_cache = cache;

@@ -519,6 +519,16 @@ impl Guard {
         }
     }
 
+    /// The record's `memory.stat`, read through the entry's kept file: after the signal,
+    /// never on the crossing's path (empty when the cgroup is gone or unreadable).
+    fn record_stat(&mut self, path: &Path) -> MemStat {
+        self.reg
+            .entries
+            .get_mut(path)
+            .and_then(|e| e.files.stat(&e.armed.cgroup).ok())
+            .unwrap_or_default()
+    }
+
     fn decision(
         &self,
         e: &registry::Entry,

@@ -21,19 +21,21 @@
 //! top-level ancestor (the directory right below the cgroup2 mount, e.g. `kubepods.slice`),
 //! whose `memory.current` (hierarchical: the sum of everything beneath it) is read at most
 //! every [`WIRE_INTERVAL`] and at least [`WIRE_INTERVAL`] − [`WIRE_EARLY`] apart: on a
-//! wake-up the watcher has anyway when one comes in that window, else on its own. While that
-//! sum moved by less than [`WIRE_TRIP`] per read (under 21.3 MiB/s in either direction) for
-//! [`WIRE_QUIET`], the cgroups under it with at least [`QUIET_MIN_HEADROOM`] left below their
-//! kill threshold are read on the quiet schedule ([`QUIET_FLOOR_RATE`], at most every
-//! [`QUIET_MAX_POLL`]); any larger move puts every cgroup under it back on the normal
-//! schedule ([`FLOOR_RATE`], [`MAX_POLL`]) at once, counted from each cgroup's last read,
-//! exactly as if it had never left it. A cgroup that starts growing at up to 128 MiB/s trips
-//! its wire within [`WIRE_TRIP`] / 128 MiB/s + [`WIRE_INTERVAL`] (72 MiB of growth), before
-//! the normal schedule's read falls due, because a quiet cgroup has at least
+//! wake-up the watcher has anyway when one comes in that window, else on its own. The wire
+//! *trips* when that sum has moved by [`WIRE_TRIP`] or more, in either direction, since it
+//! last tripped (or was first read), however slowly it got there. Once it has not tripped
+//! for [`WIRE_QUIET`], the cgroups under it with at least [`QUIET_MIN_HEADROOM`] left below
+//! their kill threshold are read on the quiet schedule ([`QUIET_FLOOR_RATE`], at most every
+//! [`QUIET_MAX_POLL`]); a trip puts every cgroup under it back on the normal schedule
+//! ([`FLOOR_RATE`], [`MAX_POLL`]) at once, counted from each cgroup's last read, exactly as
+//! if it had never left it. A quiet cgroup that starts growing, at any rate up to 128 MiB/s,
+//! trips its wire within [`WIRE_TRIP`] of growth plus one [`WIRE_INTERVAL`] (at most 72 MiB),
+//! before the normal schedule's read falls due, because a quiet cgroup has at least
 //! [`QUIET_MIN_HEADROOM`] left: so it is still read before its kill threshold, unless its
-//! growth is hidden in the sum by siblings freeing as fast at the same time; it is then still
+//! growth is hidden in the sum by siblings freeing as much at the same time; it is then still
 //! read before the threshold at up to [`QUIET_FLOOR_RATE`] (and `memory.events` `max` and PSI
-//! remain). Quiet cgroups' reads come early enough (an eighth of their interval) to share the
+//! remain). Because the trip counts the drift since the last trip, not the move per read,
+//! slow growth trips the wire too, and the quiet floor only has that masked case to cover. Quiet cgroups' reads come early enough (an eighth of their interval) to share the
 //! tripwire's wake-ups, so on a quiet node the watcher wakes about twice a second. On a node
 //! whose pods keep changing the tripwire keeps tripping and the cost is that of the normal
 //! schedule plus one read per tripwire per [`WIRE_INTERVAL`].
@@ -68,19 +70,18 @@ pub const MIN_POLL: Duration = Duration::from_millis(2);
 /// The longest interval between two reads of one cgroup (an idle cgroup far from its limit).
 pub const MAX_POLL: Duration = Duration::from_secs(2);
 /// The floor rate while the cgroup's tripwire is quiet: growth up to this is seen before
-/// the kill threshold even when siblings' frees hide it from the tripwire.
-pub const QUIET_FLOOR_RATE: u64 = 24 << 20;
+/// the kill threshold even when siblings' frees hide it from the tripwire (any growth the
+/// sum shows trips the wire, however slow).
+pub const QUIET_FLOOR_RATE: u64 = 12 << 20;
 /// The longest interval between two reads while the tripwire is quiet.
-pub const QUIET_MAX_POLL: Duration = Duration::from_secs(10);
+pub const QUIET_MAX_POLL: Duration = Duration::from_secs(30);
 /// The longest time between two reads of each tripwire (a top-level ancestor's
 /// `memory.current`): it has its own wake-up then, if no other came first...
 pub const WIRE_INTERVAL: Duration = Duration::from_millis(500);
 /// ...and it is read on any wake-up this much before that: two reads of a tripwire are at
 /// least [`WIRE_INTERVAL`] − [`WIRE_EARLY`] (375 ms) apart.
 pub const WIRE_EARLY: Duration = Duration::from_millis(125);
-/// A move of the tripwire's sum by this much between two of its reads trips it (8 MiB per
-/// at least 375 ms: at most 21.3 MiB/s, below [`QUIET_FLOOR_RATE`], so slower growth is
-/// covered by the quiet schedule itself).
+/// A move of the tripwire's sum by this much since it last tripped trips it again.
 pub const WIRE_TRIP: u64 = 8 << 20;
 /// Only cgroups with at least this much headroom go on the quiet schedule: growth at
 /// [`FLOOR_RATE`] trips the wire within [`WIRE_TRIP`] + [`FLOOR_RATE`] × [`WIRE_INTERVAL`]
@@ -279,13 +280,27 @@ struct Entry {
 struct Wire {
     path: PathBuf,
     current: File,
-    last: u64,
+    /// The sum when it last tripped (or was first read): a drift of [`WIRE_TRIP`] from
+    /// here trips it.
+    base: u64,
     /// Since when it has not tripped (None: it just tripped).
     still_since: Option<Instant>,
     members: Vec<u64>,
 }
 
 impl Wire {
+    /// A new reading of the sum: whether it trips the wire (then the drift counts from it).
+    fn read(&mut self, now: Instant, sum: u64) -> bool {
+        if sum.abs_diff(self.base) >= WIRE_TRIP {
+            self.base = sum;
+            self.still_since = None;
+            true
+        } else {
+            self.still_since.get_or_insert(now);
+            false
+        }
+    }
+
     fn quiet(&self, now: Instant) -> bool {
         self.still_since
             .is_some_and(|t| now.duration_since(t) >= WIRE_QUIET)
@@ -502,7 +517,7 @@ impl State {
             Wire {
                 path: wire_path,
                 current,
-                last,
+                base: last,
                 still_since: Some(Instant::now()),
                 members: vec![key],
             },
@@ -522,13 +537,8 @@ impl State {
                 gone.push(id);
                 continue;
             };
-            let moved = v.abs_diff(w.last);
-            w.last = v;
-            if moved >= WIRE_TRIP {
-                w.still_since = None;
+            if w.read(now, v) {
                 tripped.push(id);
-            } else if w.still_since.is_none() {
-                w.still_since = Some(now);
             }
         }
         for id in gone {
@@ -841,13 +851,6 @@ mod tests {
             poll_interval(100 * M, 250 * M, 512 * M, ABOVE, true),
             poll_interval(100 * M, 250 * M, 512 * M, ABOVE, false)
         );
-        // The trip threshold over the shortest span between two wire reads is slower than
-        // the quiet floor.
-        assert!(
-            (WIRE_TRIP as f64 / (WIRE_INTERVAL - WIRE_EARLY).as_secs_f64())
-                < QUIET_FLOOR_RATE as f64,
-            "growth too slow to trip a wire must be covered by the quiet floor"
-        );
         // Too near the threshold for the tripwire's lateness: the normal schedule.
         let near = 250 * M - QUIET_MIN_HEADROOM + M;
         assert_eq!(
@@ -866,13 +869,12 @@ mod tests {
         let quiet = poll_interval(usage, kill, 0, ABOVE, true).as_secs_f64();
         let normal = poll_interval(usage, kill, 0, ABOVE, false).as_secs_f64();
         let grown = |t: f64| rate * (t - g).max(0.0);
-        let mut prev = phase - spacing;
+        // The wire was still (its drift counted) from before 0 s, when the cgroup was read.
         let mut r = phase;
         while r < quiet {
-            if grown(r) - grown(prev) >= WIRE_TRIP as f64 {
+            if grown(r) >= WIRE_TRIP as f64 {
                 return quiet.min(normal.max(r));
             }
-            prev = r;
             r += spacing;
         }
         quiet
@@ -882,7 +884,7 @@ mod tests {
     fn a_quiet_cgroup_growing_at_up_to_the_floor_rate_is_read_before_its_threshold() {
         let kill = 250 * M;
         for usage in (0..kill).step_by((7 * M) as usize) {
-            for rate_mib in [8u64, 16, 22, 24, 32, 64, 100, 128] {
+            for rate_mib in [1u64, 2, 4, 8, 12, 16, 22, 24, 32, 64, 100, 128] {
                 let rate = (rate_mib * M) as f64;
                 let cross_after = (kill - usage) as f64 / rate;
                 for spacing in [WIRE_INTERVAL - WIRE_EARLY, WIRE_INTERVAL] {
@@ -904,6 +906,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_wire_trips_on_its_drift_since_the_last_trip_however_slow() {
+        let t0 = Instant::now();
+        let mut w = Wire {
+            path: PathBuf::from("/dev/null"),
+            current: File::open("/dev/null").unwrap(),
+            base: 100 * M,
+            still_since: Some(t0),
+            members: Vec::new(),
+        };
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 1 MiB per read, up: still for seven reads, tripped at the eighth MiB.
+        for i in 1..8u64 {
+            assert!(!w.read(at(500 * i), 100 * M + i * M), "read {i}");
+        }
+        assert!(w.quiet(at(3500)));
+        assert!(w.read(at(4000), 108 * M));
+        assert!(!w.quiet(at(4000)));
+        // The drift counts from the trip: 7 MiB down does not trip, 8 does.
+        assert!(!w.read(at(4500), 101 * M));
+        assert!(!w.quiet(at(5000)), "still for half a second only");
+        assert!(w.quiet(at(5500)));
+        assert!(w.read(at(6000), 100 * M));
+        // Jitter around the base never trips.
+        for i in 0..100u64 {
+            let sum = 100 * M + (i % 7) * M - 3 * M;
+            assert!(!w.read(at(6500 + 500 * i), sum), "read {i}");
         }
     }
 

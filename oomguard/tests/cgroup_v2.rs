@@ -57,7 +57,7 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
 }
 
 /// A cgroup idle long enough for the fallback to read it on the quiet schedule (its
-/// tripwire, the sandbox's top-level ancestor, still for a second; reads up to 10 s apart),
+/// tripwire, the sandbox's top-level ancestor, still for a second; reads up to 30 s apart),
 /// then growing at 200 MB/s: the tripwire trips, puts it back on the normal schedule, and the
 /// fallback still kills before the kernel. The hog runs in a child of the sandbox: a
 /// top-level cgroup (the sandbox itself where the test runs in the root cgroup, as in the

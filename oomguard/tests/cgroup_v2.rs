@@ -84,7 +84,7 @@ fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
     // The hog's binary in the page cache first: in a TCG guest its first exec reads it from
     // disk for tens of seconds, growth too slow to trip the tripwire (the quiet schedule's
     // own reads see it then, and the cgroup leaves the quiet schedule before the hog grows).
-    let mut warm = hog(&cg, &["--total", "1M"]);
+    let mut warm = hog(&cg, &["--total", "1M", "--hold", "0"]);
     assert!(wait_exit(&mut warm, LONG).is_some_and(|s| s.success()));
     // Quiet after 1 s of a still tripwire, from the cgroup's next read (within 2 s).
     std::thread::sleep(Duration::from_secs(6));

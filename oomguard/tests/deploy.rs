@@ -579,4 +579,16 @@ fn the_dockerfile_is_multi_stage_and_ships_the_agent() {
     assert!(froms.len() >= 2, "multi-stage: {froms:?}");
     assert!(text.contains("COPY --from=build"));
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/oomguard\"]"));
+    // The shipped binary is the LTO build, and the profile it names exists.
+    assert!(text.contains("--profile dist"), "{text}");
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+            .unwrap();
+    let dist = manifest
+        .split("[profile.dist]")
+        .nth(1)
+        .expect("[profile.dist] in Cargo.toml");
+    let dist = dist.split("\n[").next().unwrap_or(dist);
+    assert!(dist.contains("inherits = \"release\""), "{dist}");
+    assert!(dist.contains("lto = \"fat\""), "{dist}");
 }

@@ -63,9 +63,6 @@ fn v2_fallback_kills_before_the_kernel_at_200_mb_per_s() {
 /// top-level cgroup (the sandbox itself where the test runs in the root cgroup, as in the
 /// guests) has no tripwire.
 #[test]
-#[ignore = "not yet passed in a guest: before the warm-up the agent won 4 of 4 runs on 6.12/v2 \
-            but the first exec of the debug memhog grew the cgroup too slowly to trip the \
-            tripwire; the version with the warm-up has not finished a guest run yet"]
 fn v2_fallback_kills_before_the_kernel_after_a_quiet_spell() {
     let Some(sb) = setup(v2_ready, "v2-quiet", 512 * M) else {
         return;

@@ -172,31 +172,33 @@ pub(crate) fn avoid(
     };
     let th = margins.thresholds(sc.limit).ok_or("limit too small")?;
     let pins = format!("/sys/fs/bpf/oomguard-bench-{}", std::process::id());
+    // `MODE+throttle`: the agent in MODE with `--v2-throttle` (v2 only).
+    let (agent_mode, throttle) = match mode.split_once('+') {
+        Some((m, "throttle")) => (m, true),
+        _ => (mode, false),
+    };
     let agent = if mode != "kernel-only" {
         let ratio = sc.margin_ratio.to_string();
-        Some(
-            Agent::start(
-                agent_exe,
-                &[
-                    "--root",
-                    &root,
-                    "--policy",
-                    "process",
-                    "--margin-ratio",
-                    &ratio,
-                    "--min-margin",
-                    sc.min_margin,
-                    "--walk-interval",
-                    "3600",
-                    "--mode",
-                    mode,
-                    "--bpf-pin-dir",
-                    &pins,
-                ],
-                None,
-            )
-            .map_err(|e| e.to_string())?,
-        )
+        let mut flags = vec![
+            "--root",
+            &root,
+            "--policy",
+            "process",
+            "--margin-ratio",
+            &ratio,
+            "--min-margin",
+            sc.min_margin,
+            "--walk-interval",
+            "3600",
+            "--mode",
+            agent_mode,
+            "--bpf-pin-dir",
+            &pins,
+        ];
+        if throttle {
+            flags.push("--v2-throttle");
+        }
+        Some(Agent::start(agent_exe, &flags, None).map_err(|e| e.to_string())?)
     } else {
         None
     };

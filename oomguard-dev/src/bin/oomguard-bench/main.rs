@@ -200,13 +200,16 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         return write_report(&report, &out);
     }
     if args.vm {
-        let avoidance = vm::avoidance(
-            &machine.modes,
-            args.trials,
-            args.only.as_deref(),
-            &agent,
-            &memhog,
-        )?;
+        // On v2, the fallback also with `--v2-throttle` (opt-in, measured beside it).
+        let mut modes = machine.modes.clone();
+        if oomguard::cgroup::Layout::read()
+            .ok()
+            .and_then(|l| l.memory_version())
+            == Some(oomguard::cgroup::Version::V2)
+        {
+            modes.push("eventfd+throttle".into());
+        }
+        let avoidance = vm::avoidance(&modes, args.trials, args.only.as_deref(), &agent, &memhog)?;
         let mut idle = Vec::new();
         if let Some(n) = args.idle_cgroups {
             // Without the tripwires (the same-run baseline), then with them.

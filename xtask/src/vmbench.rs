@@ -207,6 +207,7 @@ fn mode_name(mode: &str, layout: &str) -> &'static str {
         ("ebpf", _) => "eBPF",
         ("eventfd", "v2") => "fallback alone",
         ("eventfd", _) => "eventfd",
+        ("eventfd+throttle", _) => "fallback + --v2-throttle",
         _ => "?",
     }
 }

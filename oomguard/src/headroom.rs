@@ -35,7 +35,8 @@
 //! growth is hidden in the sum by siblings freeing as much at the same time; it is then still
 //! read before the threshold at up to [`QUIET_FLOOR_RATE`] (and `memory.events` `max` and PSI
 //! remain). Because the trip counts the drift since the last trip, not the move per read,
-//! slow growth trips the wire too, and the quiet floor only has that masked case to cover. Quiet cgroups' reads come early enough (an eighth of their interval) to share the
+//! slow growth trips the wire too, and the quiet floor only has that masked case to cover.
+//! Quiet cgroups' reads come early enough (an eighth of their interval) to share the
 //! tripwire's wake-ups, so on a quiet node the watcher wakes about twice a second. On a node
 //! whose pods keep changing the tripwire keeps tripping and the cost is that of the normal
 //! schedule plus one read per tripwire per [`WIRE_INTERVAL`].

@@ -110,7 +110,7 @@ fn pins_decode_into_the_cgroup_and_task_the_test_made() {
     // TASKS: the memhog, by pid, with its comm and its anonymous memory. /proc's rss above
     // counts the binary's file pages too, so the hog may still be touching its last
     // megabytes: read the map until its anon reaches 30 MiB (bounded), then check the range.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + fixture::patience(Duration::from_secs(10));
     let task = loop {
         let tasks = json(&[
             "bpf",
